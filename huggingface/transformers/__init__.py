@@ -1,0 +1,1 @@
+"""Patched modules of Hugging Face `transformers`, laid out like upstream."""

@@ -1,0 +1,1 @@
+"""Tree-draft generation for Speculative Streaming (see `utils.py`)."""

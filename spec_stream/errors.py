@@ -1,0 +1,39 @@
+"""User-facing errors: one line that names the problem and the fix, exit code 2, no traceback."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+
+class UserError(ValueError):
+    """Bad input from the user (unknown name, missing file, wrong column, ...).
+
+    The message must say what is wrong *and* what to change. Command-line entry points
+    wrapped in :func:`exit_on_user_error` print it as one line and exit with status 2
+    (set ``SPEC_STREAM_DEBUG=1`` to see the traceback instead).
+    """
+
+
+def exit_on_user_error(main: F) -> F:
+    """Decorator for CLI entry points: a `UserError` (or any `ValueError` raised for bad
+    input by the model code) becomes ``error: <message>`` on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (UserError, ValueError) as error:
+            if os.environ.get("SPEC_STREAM_DEBUG"):
+                raise
+            message = " ".join(str(error).split())
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper  # type: ignore[return-value]

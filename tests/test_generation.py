@@ -1,0 +1,193 @@
+"""Tree-draft generation: token-for-token identical to greedy decoding, and faster in calls."""
+import pytest
+import torch
+from transformers import TextStreamer
+
+from huggingface.transformers.generation.utils import build_tree_buffers, evaluate_paths
+from tests.conftest import TINY, tiny_model, upstream_twin
+
+NEW = 30
+
+
+def prompts(count, seed=0, low=1, high=40):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (count,), generator=generator)
+    return [torch.randint(1, TINY["vocab_size"], (1, int(n)), generator=generator) for n in lengths]
+
+
+def speculative(model, ids, **kwargs):
+    kwargs.setdefault("max_new_tokens", NEW)
+    kwargs.setdefault("eos_token_id", None)
+    return model.generate(ids, speculative_streaming=True, return_dict_in_generate=True, **kwargs)
+
+
+def greedy(model, ids, **kwargs):
+    kwargs.setdefault("max_new_tokens", NEW)
+    kwargs.setdefault("eos_token_id", None)
+    return model.generate(ids, do_sample=False, **kwargs)
+
+
+PHRASES = torch.randint(2, TINY["vocab_size"], (10, 6), generator=torch.Generator().manual_seed(1))
+
+
+def phrase_text(count, length, generator):
+    """The training domain: random sequences of 10 fixed 6-token phrases."""
+    choice = torch.randint(0, len(PHRASES), (count, -(-length // 6)), generator=generator)
+    return PHRASES[choice].reshape(count, -1)[:, :length]
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    """A tiny model briefly fine-tuned with the Speculative Streaming loss, so its streams
+    are right often on its domain."""
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2, hidden_size=64, attn_implementation="sdpa").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(160):
+        ids = phrase_text(16, 48, generator)
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_random_weights_identical_to_greedy_ours_and_upstream(implementation):
+    model = tiny_model(attn_implementation=implementation, num_spec_streams=3, num_stream_layers=2)
+    upstream = upstream_twin(model)
+    for ids in prompts(50, seed=1):
+        out = speculative(model, ids, tree_widths=(4, 3, 2))
+        assert torch.equal(out.sequences, greedy(model, ids))
+        assert torch.equal(out.sequences, greedy(upstream, ids))
+        assert out.num_forward_calls == 1 + len(out.accepted_lengths)
+        assert out.sequences.shape[1] - ids.shape[1] == NEW <= 1 + sum(out.accepted_lengths)
+
+
+def test_fine_tuned_model_identical_and_gains_tokens_per_call(trained_model):
+    calls = tokens = 0
+    generator = torch.Generator().manual_seed(3)
+    for i in range(50):
+        ids = phrase_text(1, 2 + i % 20, generator)
+        out = speculative(trained_model, ids)
+        assert torch.equal(out.sequences, greedy(trained_model, ids))
+        calls += out.num_forward_calls
+        tokens += NEW
+    per_call = tokens / calls
+    print(f"fine-tuned tiny model: {per_call:.2f} tokens per forward call (tree 4x3x2)")
+    assert per_call > 1.5
+
+
+def test_model_without_streams_is_plain_greedy():
+    model = tiny_model(num_spec_streams=0)
+    for ids in prompts(10, seed=2):
+        out = speculative(model, ids, tree_widths=())
+        assert torch.equal(out.sequences, greedy(model, ids))
+        assert out.num_forward_calls == NEW
+
+
+def test_eos_inside_an_accepted_path_ends_there(trained_model):
+    generator = torch.Generator().manual_seed(4)
+    checked = 0
+    for _ in range(20):
+        ids = phrase_text(1, 7, generator)
+        out = speculative(trained_model, ids)
+        new = out.sequences[0, ids.shape[1]:].tolist()
+        emitted = 1
+        for gained in out.accepted_lengths:  # a token strictly inside a multi-token step
+            if gained >= 3:
+                eos = new[emitted + 1]
+                if eos not in new[: emitted + 1]:
+                    break
+            emitted += gained
+        else:
+            continue
+        stopped = speculative(trained_model, ids, eos_token_id=eos)
+        assert torch.equal(stopped.sequences, greedy(trained_model, ids, eos_token_id=eos))
+        assert stopped.sequences[0, -1] == eos and stopped.sequences.shape[1] == ids.shape[1] + emitted + 2
+        checked += 1
+    assert checked >= 5
+
+
+def test_max_new_tokens_is_exact_mid_path(trained_model):
+    ids = phrase_text(1, 9, torch.Generator().manual_seed(5))
+    for max_new in range(1, 25):
+        out = speculative(trained_model, ids, max_new_tokens=max_new)
+        assert out.sequences.shape[1] == ids.shape[1] + max_new
+        assert torch.equal(out.sequences, greedy(trained_model, ids, max_new_tokens=max_new))
+
+
+def test_prompt_ending_near_the_context_limit():
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    limit = TINY["max_position_embeddings"]
+    for prompt_len, max_new in [(limit - 6, 7), (limit - 1, 2), (limit, 1)]:
+        ids = prompts(1, seed=prompt_len, low=prompt_len, high=prompt_len + 1)[0]
+        out = speculative(model, ids, max_new_tokens=max_new)
+        assert torch.equal(out.sequences, greedy(upstream_twin(model), ids, max_new_tokens=max_new))
+    with pytest.raises(ValueError, match="context"):
+        speculative(model, ids, max_new_tokens=2)
+
+
+def test_streamer_sees_every_token_in_order(capsys):
+    class Collect(TextStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    ids = prompts(1, seed=6)[0]
+    streamer = Collect()
+    out = speculative(model, ids, streamer=streamer)
+    assert streamer.chunks[0] == ids[0].tolist() and streamer.chunks[-1] == "end"
+    streamed = [t for chunk in streamer.chunks[1:-1] for t in chunk]
+    assert streamed == out.sequences[0, ids.shape[1]:].tolist()
+    assert len(streamer.chunks) == 2 + out.num_forward_calls
+
+
+def test_left_padding_is_ignored_for_a_single_prompt():
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    ids = prompts(1, seed=7)[0]
+    padded = torch.cat([torch.full((1, 4), 3), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    out = speculative(model, padded, attention_mask=mask)
+    assert torch.equal(out.sequences[:, 4:], greedy(model, ids))
+
+
+def test_unsupported_modes_raise_clear_errors():
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    ids = prompts(2, seed=8, low=5, high=6)
+    with pytest.raises(ValueError, match="greedy only"):
+        speculative(model, ids[0], do_sample=True)
+    with pytest.raises(ValueError, match="greedy only"):
+        speculative(model, ids[0], num_beams=2)
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        speculative(model, torch.cat(ids))
+    with pytest.raises(ValueError, match="levels"):
+        speculative(model, ids[0], tree_widths=(2, 2, 2, 2))
+
+
+def test_upstream_sampling_and_beam_search_still_match_upstream():
+    model = tiny_model(attn_implementation="sdpa", num_spec_streams=3, num_stream_layers=2)
+    upstream = upstream_twin(model)
+    ids = prompts(1, seed=9)[0]
+    beams = dict(num_beams=3, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(model.generate(ids, **beams), upstream.generate(ids, **beams))
+    sampled = []
+    for m in (model, upstream):
+        torch.manual_seed(11)
+        sampled.append(m.generate(ids, do_sample=True, top_k=20, max_new_tokens=12, eos_token_id=None))
+    assert torch.equal(*sampled)
+
+
+def test_evaluate_paths_takes_the_longest_matching_path():
+    tree = build_tree_buffers((2, 2))  # nodes: 0 | 1 2 | 3 4 (children of 1) 5 6 (children of 2)
+    tokens = torch.tensor([10, 11, 12, 13, 14, 15, 16])
+    predictions = torch.tensor([12, 0, 16, 0, 0, 0, 0, 99])[:7]  # root -> 12 (node 2) -> 16 (node 6)
+    best, accepted = evaluate_paths(tokens, predictions, tree)
+    assert int(accepted) == 2 and tree.paths[best].tolist() == [0, 2, 6]
+    assert tree.size == 7 and tree.tree_mask[6].nonzero().flatten().tolist() == [0, 2, 6]
