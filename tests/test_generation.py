@@ -4,6 +4,7 @@ import torch
 from transformers import TextStreamer
 
 from huggingface.transformers.generation.utils import build_tree_buffers, evaluate_paths
+from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import shifted_cross_entropy
 from tests.conftest import TINY, tiny_model, upstream_twin
 
 NEW = 30
@@ -38,14 +39,15 @@ def phrase_text(count, length, generator):
 
 @pytest.fixture(scope="module")
 def trained_model():
-    """A tiny model briefly fine-tuned with the Speculative Streaming loss, so its streams
-    are right often on its domain."""
+    """A tiny model briefly fine-tuned with the Speculative Streaming loss (plus the
+    pruning adapter's early-exit loss), so its streams are right often on its domain."""
     model = tiny_model(num_spec_streams=3, num_stream_layers=2, hidden_size=64, attn_implementation="sdpa").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(2)
     for _ in range(160):
         ids = phrase_text(16, 48, generator)
-        loss = model(ids, labels=ids).loss
+        out = model(ids, labels=ids, early_exit=True)
+        loss = out.loss + 0.1 * shifted_cross_entropy(out.early_exit_logits, ids, 1)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -76,6 +78,24 @@ def test_fine_tuned_model_identical_and_gains_tokens_per_call(trained_model):
     per_call = tokens / calls
     print(f"fine-tuned tiny model: {per_call:.2f} tokens per forward call (tree 4x3x2)")
     assert per_call > 1.5
+
+
+def test_pruning_changes_the_work_not_the_output(trained_model):
+    generator = torch.Generator().manual_seed(12)
+    full_tree = build_tree_buffers((4, 3, 2)).size
+    sizes, calls = [], 0
+    for i in range(20):
+        ids = phrase_text(1, 2 + i, generator)
+        out = speculative(trained_model, ids, prune_threshold=0.05)
+        assert torch.equal(out.sequences, greedy(trained_model, ids))
+        sizes += out.tree_sizes
+        calls += out.num_forward_calls
+    mean_size = sum(sizes) / len(sizes)
+    print(f"pruned trees: {mean_size:.1f} of {full_tree} nodes on average, {20 * NEW / calls:.2f} tokens per call")
+    assert mean_size < full_tree / 2
+    untrained = tiny_model(num_spec_streams=3, num_stream_layers=2)  # pruner at init: still exact
+    for ids in prompts(10, seed=13):
+        assert torch.equal(speculative(untrained, ids, prune_threshold=0.2).sequences, greedy(untrained, ids))
 
 
 def test_model_without_streams_is_plain_greedy():

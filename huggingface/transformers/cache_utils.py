@@ -67,6 +67,14 @@ class StaticKVCache:
         self.positions[:, self.length : self.length + new] = position_ids
         self.length += new
 
+    def keep_new_rows(self, rows: torch.Tensor, layers: int) -> None:
+        """Mid-forward tree pruning: in the first ``layers`` layers (already written), move
+        the new entries ``rows`` (indices among the uncommitted new tokens, ascending) to
+        the front of the new block, so the remaining layers continue with those alone."""
+        slots = self.length + rows
+        for buffer in (self.keys, self.values):
+            buffer[:layers, :, :, self.length : self.length + rows.numel()] = buffer[:layers].index_select(3, slots)
+
     def compact(self, start: int, slots: torch.Tensor) -> None:
         """Keep slots ``[0, start)`` plus the given ``slots`` (1-D, absolute slot indices, in
         order), moved to ``[start, start + len(slots))``; drop everything after."""

@@ -41,6 +41,7 @@ class TreeBuffers:
     """A static draft tree, nodes in breadth-first order (node 0 = root).
 
     depths (n,): 0 for the root, j for a token of stream j.
+    parents (n,): index of each node's parent (0 for the root itself).
     topk_ranks (n,): which of stream j's top-k tokens the node holds (0 for the root).
     tree_mask (n, n): node i may attend to node k iff k is i or an ancestor of i.
     paths (num_leaves, max_depth + 1): node indices from the root to each leaf.
@@ -48,6 +49,7 @@ class TreeBuffers:
 
     widths: tuple
     depths: torch.Tensor
+    parents: torch.Tensor
     topk_ranks: torch.Tensor
     tree_mask: torch.Tensor
     paths: torch.Tensor
@@ -67,7 +69,8 @@ class TreeBuffers:
         size = int((self.depths <= max_depth).sum())
         paths = torch.unique(self.paths[:, : max_depth + 1], dim=0)
         return TreeBuffers(
-            self.widths[:max_depth], self.depths[:size], self.topk_ranks[:size], self.tree_mask[:size, :size], paths
+            self.widths[:max_depth], self.depths[:size], self.parents[:size], self.topk_ranks[:size],
+            self.tree_mask[:size, :size], paths,
         )
 
 
@@ -89,6 +92,7 @@ def build_tree_buffers(tree_widths, device=None) -> TreeBuffers:
     return TreeBuffers(
         widths=tuple(int(k) for k in tree_widths),
         depths=torch.tensor([len(name) for name in names], device=device),
+        parents=torch.tensor([index[name[:-1]] if name else 0 for name in names], device=device),
         topk_ranks=torch.tensor([name[-1] if name else 0 for name in names], device=device),
         tree_mask=tree_mask.to(device),
         paths=paths.to(device),
@@ -117,6 +121,18 @@ def evaluate_paths(tree_tokens: torch.Tensor, predictions: torch.Tensor, buffers
     matches = (path_tokens[:, 1:] == path_predictions[:, :-1]).int().cumprod(dim=1).sum(dim=1)
     best = matches.argmax()
     return best, matches[best]
+
+
+def prune_mask(tree_tokens: torch.Tensor, early_exit_logits: torch.Tensor, buffers: TreeBuffers,
+               threshold: float) -> torch.Tensor:
+    """Which nodes survive pruning (bool, (n,)): a node is dropped when the early-exit
+    probability of its token under its parent's early-exit distribution is below
+    ``threshold``, and so is everything below it. Dropping drafts only shortens what can
+    be accepted, never what is accepted from the nodes kept: output is unchanged."""
+    probabilities = early_exit_logits.float().softmax(dim=-1)
+    likely = torch.ones_like(tree_tokens, dtype=torch.bool)
+    likely[1:] = probabilities[buffers.parents[1:], tree_tokens[1:]] >= threshold
+    return ~(buffers.tree_mask & ~likely[None, :]).any(dim=1)  # every ancestor-or-self is likely
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,11 +167,13 @@ class SpeculativeStreamingOutput(ModelOutput):
     """sequences: (1, prompt + new). num_forward_calls: prefill + tree steps.
     accepted_lengths: tokens gained by each tree step (accepted drafts + correction); the
     prefill's single token is not in it, so ``1 + sum(accepted_lengths) >= new tokens``
-    (equal unless EOS or max_new_tokens cut the last step)."""
+    (equal unless EOS or max_new_tokens cut the last step). tree_sizes: tree nodes that
+    went through the top layers in each step (fewer than the tree when pruning)."""
 
     sequences: torch.Tensor | None = None
     num_forward_calls: int | None = None
     accepted_lengths: list | None = None
+    tree_sizes: list | None = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -170,6 +188,7 @@ def speculative_streaming_decode(
     tree_widths=DEFAULT_TREE_WIDTHS,
     streamer=None,
     timer=None,
+    prune_threshold: float = 0.0,
 ) -> SpeculativeStreamingOutput:
     """Batch-1 greedy decoding with tree drafts; see the module docstring."""
     config = model.config
@@ -185,6 +204,8 @@ def speculative_streaming_decode(
             f"tree_widths={tuple(tree_widths)} has {len(tree_widths)} levels but the model has "
             f"{config.num_spec_streams} speculative streams; pass at most that many widths."
         )
+    if prune_threshold and (config.num_spec_streams == 0 or not config.pruner_rank):
+        raise ValueError("prune_threshold needs a model with streams and a pruning adapter (pruner_rank > 0).")
     device = input_ids.device
     buffers = build_tree_buffers(tree_widths, device)
     trees_by_depth = [buffers.truncated(depth) for depth in range(buffers.max_depth + 1)]
@@ -199,7 +220,7 @@ def speculative_streaming_decode(
         root = model.lm_head(hidden[0, -1]).argmax()
     node_stream_hidden = stream_hidden[0, :, 0] if streams else None
     generated = [int(root)]
-    accepted_lengths = []
+    accepted_lengths, tree_sizes = [], []
     if streamer is not None:
         streamer.put(input_ids.cpu())
         streamer.put(torch.tensor(generated))
@@ -212,14 +233,31 @@ def speculative_streaming_decode(
             stream_logits = model.lm_head(node_stream_hidden) if tree.size > 1 else None
             tokens = draft_tree(root, stream_logits, tree)
             position_ids = (prefix + tree.depths)[None]
+        kept = None  # indices of the nodes that survive pruning (None: all of them)
+
+        def prune(early_exit_hidden):
+            nonlocal kept
+            kept = prune_mask(tokens, model.lm_head(early_exit_hidden[0]), tree, prune_threshold).nonzero().flatten()
+            return kept
+
         with timer("forward"):
             hidden, stream_hidden, _ = model.transformer(
                 tokens[None], cache, position_ids=position_ids, tree_mask=tree.tree_mask,
                 stream_positions="all" if streams else None,
+                node_filter=prune if prune_threshold and tree.size > 1 else None,
             )
             predictions = model.lm_head(hidden[0]).argmax(dim=-1)
         with timer("verify"):
-            best, accepted = evaluate_paths(tokens, predictions, tree)
+            slot_of_node = None
+            if kept is not None:  # back to full-tree indexing; pruned nodes can never match
+                tree_sizes.append(kept.numel())
+                slot_of_node = torch.full_like(tokens, -1).index_put_((kept,), torch.arange(kept.numel(), device=device))
+                predictions = torch.full_like(tokens, -1).index_put_((kept,), predictions)
+                tokens_seen = torch.where(slot_of_node >= 0, tokens, -2)
+            else:
+                tree_sizes.append(tree.size)
+                tokens_seen = tokens
+            best, accepted = evaluate_paths(tokens_seen, predictions, tree)
             path = tree.paths[best]
             # the one device-to-host copy of the step: accepted count, path tokens, correction
             summary = torch.cat([accepted.reshape(1), tokens[path], predictions[path]]).tolist()
@@ -227,12 +265,12 @@ def speculative_streaming_decode(
             path_tokens, path_predictions = summary[1 : 2 + tree.max_depth], summary[2 + tree.max_depth :]
             new_tokens = path_tokens[1 : accepted + 1] + [path_predictions[accepted]]
             accepted_lengths.append(len(new_tokens))
-            kept = path[: accepted + 1]
-            cache.compact(prefix, prefix + kept)
-            last = kept[-1]
-            root = predictions[last]
+            accepted_nodes = path[: accepted + 1]
+            slots = accepted_nodes if slot_of_node is None else slot_of_node[accepted_nodes]
+            cache.compact(prefix, prefix + slots)
+            root = predictions[accepted_nodes[-1]]
             if streams:
-                node_stream_hidden = stream_hidden[0, :, last]
+                node_stream_hidden = stream_hidden[0, :, slots[-1]]
         emitted_before = len(generated)
         for token in new_tokens:
             generated.append(token)
@@ -244,14 +282,15 @@ def speculative_streaming_decode(
         streamer.end()
     sequences = torch.cat([input_ids, torch.tensor([generated], device=device, dtype=input_ids.dtype)], dim=1)
     return SpeculativeStreamingOutput(
-        sequences=sequences, num_forward_calls=1 + len(accepted_lengths), accepted_lengths=accepted_lengths
+        sequences=sequences, num_forward_calls=1 + len(accepted_lengths), accepted_lengths=accepted_lengths,
+        tree_sizes=tree_sizes,
     )
 
 
 class SpeculativeStreamingGenerationMixin(GenerationMixin):
     """Upstream `generate`, plus ``speculative_streaming=True`` for tree-draft decoding."""
 
-    _SUPPORTED = {"attention_mask", "streamer", "tree_widths", "step_timer"}
+    _SUPPORTED = {"attention_mask", "streamer", "tree_widths", "step_timer", "prune_threshold"}
 
     def generate(self, inputs=None, generation_config=None, speculative_streaming: bool = False, **kwargs):
         if not speculative_streaming:
@@ -292,6 +331,7 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
             self, prompt, max_new_tokens, eos_ids,
             tree_widths=tuple(extra.get("tree_widths") or DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams]),
             streamer=extra.get("streamer"), timer=extra.get("step_timer"),
+            prune_threshold=float(extra.get("prune_threshold") or 0.0),
         )
         if prompt is not input_ids:
             output.sequences = torch.cat([input_ids, output.sequences[:, prompt.shape[1]:]], dim=1)

@@ -332,6 +332,7 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         tree_mask: torch.Tensor | None = None,
         stream_positions: torch.Tensor | str | None = None,
         early_exit: bool = False,
+        node_filter=None,
     ):
         """Returns (main hidden states (B, T, H), stream hidden states (B, gamma, n, H) or
         None, early-exit hidden states (B, T, H) or None), all after ``ln_f``.
@@ -340,6 +341,10 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         ``position_ids``: required with a `StaticKVCache` and a tree; default: past + index.
         ``tree_mask`` (T, T) bool: which new tokens each new token sees (default causal).
         ``stream_positions``: None (no streams), "all", or indices into the new tokens.
+        ``node_filter``: tree pruning (batch 1, `StaticKVCache`, streams "all"): called at
+        the first stream layer with the early-exit hidden states (1, T, H); returns the
+        ascending indices of the new tokens to keep (ancestors of kept ones included). Only
+        those go through the top layers and into the cache; outputs cover them alone.
         """
         batch, new = input_ids.shape
         cache = past_key_values
@@ -359,35 +364,45 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
                 f"position id {int(position_ids.max())} >= max_position_embeddings="
                 f"{self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens."
             )
-        if static:
-            query_positions, key_positions = position_ids, cache.key_positions(position_ids)
-        else:  # upstream caches: positions by index (position_ids only feed the embedding)
-            key_positions = torch.arange(past + new, device=input_ids.device).expand(batch, -1)
-            query_positions = key_positions[:, past:]
+        if node_filter is not None and not (static and batch == 1 and stream_positions in (None, "all")):
+            raise ValueError("tree pruning (node_filter) needs batch 1, a StaticKVCache and stream_positions='all'.")
         key_valid = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_valid = attention_mask[:, -(past + new):].bool()
-        masks = build_attention_masks(
-            query_positions, key_positions, key_valid, tree_mask, self.config.window_size,
-            set(self.config.attention_layers),
-        )
 
+        def make_masks(position_ids, tree_mask):
+            if static:
+                query_positions, key_positions = position_ids, cache.key_positions(position_ids)
+            else:  # upstream caches: positions by index (position_ids only feed the embedding)
+                key_positions = torch.arange(past + new, device=input_ids.device).expand(batch, -1)
+                query_positions = key_positions[:, past:]
+            return build_attention_masks(
+                query_positions, key_positions, key_valid, tree_mask, self.config.window_size,
+                set(self.config.attention_layers),
+            )
+
+        masks = make_masks(position_ids, tree_mask)
         hidden = self.drop(self.wte(input_ids) + self.wpe(position_ids))
-        streams_wanted = stream_positions is not None and self.streams is not None
         first_stream_layer = self.config.first_stream_layer
-        early_exit_hidden, num_main = None, new
+        early_exit_hidden = None
         for index, block in enumerate(self.h):
             if index == first_stream_layer:
-                if early_exit:
+                if early_exit or node_filter is not None:
                     early_exit_hidden = self.ln_f(self.streams.pruner(hidden))
-                if streams_wanted:
+                if node_filter is not None:
+                    keep = node_filter(early_exit_hidden)
+                    cache.keep_new_rows(keep, layers=index)
+                    new, hidden, position_ids = keep.numel(), hidden[:, keep], position_ids[:, keep]
+                    tree_mask = tree_mask[keep][:, keep] if tree_mask is not None else None
+                    masks = make_masks(position_ids, tree_mask)
+                if stream_positions is not None and self.streams is not None:
                     anchors = (
                         torch.arange(new, device=hidden.device) if isinstance(stream_positions, str)
                         else stream_positions.to(hidden.device)
                     )
                     hidden = torch.cat([hidden, self.streams.initial_states(hidden[:, anchors])], dim=1)
                     masks = masks.with_streams(anchors, self.config.num_spec_streams)
-            hidden = block(hidden, masks, cache, num_main)
+            hidden = block(hidden, masks, cache, new)
         if static:
             cache.commit(position_ids)
         hidden = self.ln_f(hidden)
