@@ -1,0 +1,363 @@
+"""Benchmark tasks, their prompts, and loading them from a local folder or the hub.
+
+Three tasks: ``spider`` (text-to-SQL), ``dialogsum`` (dialogue summarisation) and
+``e2e_nlg`` (restaurant data-to-text). Each :class:`Example` holds a ``prompt`` and a
+``target``: the prompt never ends with a space and the target always starts with one, so a
+BPE tokenizer sees the first target word as `` word``, as in running text. The target holds
+no end-of-sequence token; :func:`tokenize_example` appends the tokenizer's eos.
+
+Prompt formats (``{...}`` is a row's field; ``\\n`` a newline)::
+
+    spider     Schema:\\n{table}({col}, {col}, ...)\\n...\\nQuestion: {question}\\nSQL:
+               target " {query}"  (query whitespace collapsed to single spaces)
+    dialogsum  Summarize the dialogue.\\n{dialogue}\\nSummary:
+               target " {summary}"
+    e2e_nlg    Describe the restaurant: {meaning_representation}\\nDescription:
+               target " {human_reference}"
+
+The Spider schema is one line per table from the official ``tables.json``, with the
+original table and column names (``table_names_original``, ``column_names_original``),
+without types or keys, to keep prompts short. The DialogSum dialogue is stripped (its turns stay on
+separate lines); every other field has its whitespace collapsed to single spaces.
+
+References (for the metrics): on every split but the fine-tuning one, E2E-NLG rows that
+share a meaning representation become one example with all its human references (in
+order of first appearance); DialogSum's test split has ``summary``, ``summary2`` and
+``summary3``; Spider has its query. On the fine-tuning split every row is one example.
+
+Local data: ``DIR/{spider,dialogsum,e2e_nlg}/{split}.jsonl`` plus ``DIR/spider/tables.json``,
+read with plain :mod:`json`, where ``DIR`` is ``data_dir`` or ``$SPEC_STREAM_DATA_DIR``.
+Without either, rows come from the Hugging Face hub through :mod:`datasets` (imported only
+there), and Spider's schemas from the file named by ``$SPEC_STREAM_SPIDER_TABLES``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from spec_stream.errors import UserError
+
+DATA_DIR_ENV = "SPEC_STREAM_DATA_DIR"
+SPIDER_TABLES_ENV = "SPEC_STREAM_SPIDER_TABLES"
+LAYOUT_HINT = (
+    "a folder laid out like DIR/e2e_nlg/test.jsonl, DIR/dialogsum/test.jsonl, "
+    "DIR/spider/validation.jsonl + DIR/spider/tables.json"
+)
+
+# A row and where it came from ("path line N" or "hub ID split S row N"), for error messages.
+Row = tuple[str, Mapping[str, Any]]
+
+
+@dataclass
+class Example:
+    """One prompt/target pair with every reference text the metrics should compare with."""
+
+    prompt: str
+    target: str
+    references: list[str]
+    id: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benchmark task: where its data lives and how rows become examples."""
+
+    name: str
+    hub_id: str
+    folder: str
+    columns: tuple[str, ...]
+    train_split: str
+    benchmark_split: str
+    prompt_format: str
+    build: Callable[..., Iterator[Example]]
+
+
+def _clean(text: str) -> str:
+    """Collapse every run of whitespace to one space and strip the ends."""
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _e2e_examples(rows: Iterable[Row], split: str, evaluation: bool, **_: Any) -> Iterator[Example]:
+    """E2E-NLG: one example per row, or per distinct MR (first appearance order) when evaluating."""
+    def prompt(mr: str) -> str:
+        return f"Describe the restaurant: {mr}\nDescription:"
+
+    if not evaluation:
+        for index, (_, row) in enumerate(rows):
+            reference = _clean(row["human_reference"])
+            example_id = f"e2e_nlg/{split}/{index}"
+            yield Example(prompt(_clean(row["meaning_representation"])), " " + reference, [reference], example_id)
+        return
+    groups: dict[str, list[str]] = {}
+    for _, row in rows:
+        groups.setdefault(_clean(row["meaning_representation"]), []).append(_clean(row["human_reference"]))
+    for index, (mr, references) in enumerate(groups.items()):
+        yield Example(prompt(mr), " " + references[0], references, f"e2e_nlg/{split}/{index}")
+
+
+_HUB_DIALOGSUM_TEST_ID = re.compile(r"(test_\d+)_\d+")
+
+
+def _dialogsum_examples(rows: Iterable[Row], split: str, evaluation: bool, **_: Any) -> Iterator[Example]:
+    """DialogSum: one example per dialogue with ``summary`` (+ ``summary2``, ``summary3``).
+
+    The hub's test split spreads each dialogue over three rows ``test_N_1`` .. ``test_N_3``
+    with one summary each; those are merged back into one example with three references.
+    """
+    merged: dict[str, Example] = {}
+    for _, row in rows:
+        references = [
+            _clean(row[key]) for key in ("summary", "summary2", "summary3")
+            if isinstance(row.get(key), str) and row[key].strip()
+        ]
+        hub_test = _HUB_DIALOGSUM_TEST_ID.fullmatch(row["id"])
+        if hub_test:
+            key = hub_test.group(1)
+            if key in merged:
+                merged[key].references.extend(references)
+                continue
+        else:
+            key = row["id"]
+        prompt = f"Summarize the dialogue.\n{row['dialogue'].strip()}\nSummary:"
+        example = Example(prompt, (" " + references[0]) if references else " ", references, key)
+        if not hub_test:
+            yield example
+        else:
+            merged[key] = example
+    yield from merged.values()
+
+
+def _spider_examples(
+    rows: Iterable[Row], split: str, schemas: Mapping[str, str], tables_path: str, **_: Any
+) -> Iterator[Example]:
+    """Spider: schema of the row's database, then the question, then ``SQL:``."""
+    for index, (where, row) in enumerate(rows):
+        schema = schemas.get(row["db_id"])
+        if schema is None:
+            raise UserError(
+                f"{where}: db_id {row['db_id']!r} is not in {tables_path}; "
+                "use the official Spider tables.json that covers every database of this split"
+            )
+        query = _clean(row["query"])
+        prompt = f"Schema:\n{schema}\nQuestion: {_clean(row['question'])}\nSQL:"
+        yield Example(prompt, " " + query, [query], f"spider/{split}/{index}")
+
+
+TASKS: dict[str, Task] = {
+    "spider": Task(
+        "spider", "xlangai/spider", "spider", ("db_id", "query", "question"), "train", "validation",
+        "Schema:\n{table}({col}, ...)\n...\nQuestion: {question}\nSQL:", _spider_examples,
+    ),
+    "dialogsum": Task(
+        "dialogsum", "knkarthick/dialogsum", "dialogsum", ("id", "dialogue", "summary"), "train", "test",
+        "Summarize the dialogue.\n{dialogue}\nSummary:", _dialogsum_examples,
+    ),
+    "e2e_nlg": Task(
+        "e2e_nlg", "e2e_nlg", "e2e_nlg", ("meaning_representation", "human_reference"), "train", "test",
+        "Describe the restaurant: {meaning_representation}\nDescription:", _e2e_examples,
+    ),
+}
+
+
+def task_names() -> list[str]:
+    """Names of the known tasks, in registry order."""
+    return list(TASKS)
+
+
+def get_task(name: str) -> Task:
+    """The :class:`Task` called ``name`` (case-insensitive, ``-`` accepted for ``_``)."""
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in TASKS:
+        raise UserError(f"unknown task {name!r}; use one of: {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+def resolve_tasks(name: str) -> list[str]:
+    """``"all"`` -> every task name; a single valid name -> ``[name]``; otherwise UserError."""
+    if str(name).strip().lower() == "all":
+        return task_names()
+    if str(name).strip().lower().replace("-", "_") not in TASKS:
+        raise UserError(f"unknown task {name!r}; use one of: {', '.join(TASKS)}, or 'all' for every task")
+    return [get_task(name).name]
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
+    """Rows of a JSON-lines file, skipping blank lines; bad JSON is a UserError."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                message = f"{path} line {number}: not valid JSON ({error.msg}); fix or remove that line"
+                raise UserError(message) from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {number}: expected a JSON object per line; fix or remove that line")
+            yield f"{path} line {number}", row
+
+
+def _checked(rows: Iterable[Row], task: Task) -> Iterator[Row]:
+    """Pass rows through, raising a UserError for a missing or non-text required column."""
+    for where, row in rows:
+        for column in task.columns:
+            if not isinstance(row.get(column), str):
+                problem = "lacks column" if row.get(column) is None else "has a non-text value in column"
+                raise UserError(
+                    f"{where}: row {problem} {column!r}; "
+                    f"every {task.name} row needs text columns {', '.join(task.columns)}"
+                )
+        yield where, row
+
+
+def _split_file(task: Task, split: str, data_dir: Path) -> Path:
+    """The JSON-lines file of ``split``, with UserErrors naming the expected layout."""
+    if not data_dir.is_dir():
+        raise UserError(f"data directory {data_dir} does not exist; pass --data-dir DIR with {LAYOUT_HINT}")
+    folder = data_dir / task.folder
+    if not folder.is_dir():
+        raise UserError(
+            f"no folder {folder} for task {task.name}; "
+            f"expected {folder}/{{train,{task.benchmark_split}}}.jsonl ({LAYOUT_HINT})"
+        )
+    available = sorted(path.stem for path in folder.glob("*.jsonl"))
+    path = folder / f"{split}.jsonl"
+    if not re.fullmatch(r"\w[\w-]*", split) or not path.is_file():
+        raise UserError(
+            f"no split {split!r} for task {task.name}: {path} not found; available splits in {folder}: "
+            f"{', '.join(available) or 'none'} (expected {task.train_split} and {task.benchmark_split})"
+        )
+    return path
+
+
+def load_spider_schemas(tables_path: str | os.PathLike) -> dict[str, str]:
+    """Map each ``db_id`` of a Spider ``tables.json`` to its one-line-per-table schema text."""
+    path = Path(tables_path)
+    if not path.is_file():
+        raise UserError(f"Spider schema file {path} not found; put the official Spider tables.json there")
+    try:
+        databases = json.loads(path.read_text(encoding="utf-8"))
+        schemas = {}
+        for database in databases:
+            columns: list[list[str]] = [[] for _ in database["table_names_original"]]
+            for table_index, column in database["column_names_original"]:
+                if table_index >= 0:
+                    columns[table_index].append(column)
+            lines = [f"{table}({', '.join(cols)})" for table, cols in zip(database["table_names_original"], columns)]
+            schemas[database["db_id"]] = "\n".join(lines)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise UserError(
+            f"{path} is not a Spider tables.json ({type(error).__name__}: {error}); use the official Spider tables.json"
+        ) from None
+    return schemas
+
+
+def _hub_rows(task: Task, split: str) -> Iterator[Row]:
+    """Rows of the hub dataset; any failure (no network, no `datasets`) is a UserError."""
+    hint = f"pass --data-dir DIR ({LAYOUT_HINT}) or set {DATA_DIR_ENV}"
+    try:
+        import datasets  # noqa: PLC0415  (optional: the GPU machine lacks it)
+    except ImportError:
+        raise UserError(
+            f"cannot load {task.hub_id!r} from the Hugging Face hub: the `datasets` package is not installed; {hint}"
+        ) from None
+    try:
+        dataset = datasets.load_dataset(task.hub_id, split=split)
+    except Exception as error:  # noqa: BLE001  (network, offline mode, unknown split, ...)
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"could not load {task.hub_id!r} split {split!r} from the Hugging Face hub "
+            f"({type(error).__name__}: {reason}); {hint}"
+        ) from None
+    return ((f"hub {task.hub_id} split {split} row {index}", row) for index, row in enumerate(dataset))
+
+
+def load_examples(
+    task: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+) -> list[Example]:
+    """Load the examples of ``task``'s ``split`` (at most ``limit`` of them).
+
+    ``data_dir`` (or ``$SPEC_STREAM_DATA_DIR``) is a local folder laid out like
+    ``shared/datasets``; without one, rows come from the hub. ``limit`` counts examples,
+    so on grouped E2E-NLG splits it counts distinct meaning representations.
+    Every bad input (unknown task or split, missing file or column, unknown Spider
+    database, unreachable hub) raises :class:`UserError`.
+    """
+    spec = get_task(task)
+    if limit is not None and limit < 0:
+        raise UserError(f"limit must be >= 0, got {limit}; pass a non-negative --limit or none")
+    if data_dir is None:
+        data_dir = os.environ.get(DATA_DIR_ENV) or None
+    extra: dict[str, Any] = {}
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        path = _split_file(spec, split, root)
+        rows: Iterable[Row] = _read_jsonl(path)
+        if spec.name == "spider":
+            tables = root / spec.folder / "tables.json"
+            extra = {"schemas": load_spider_schemas(tables), "tables_path": str(tables)}
+    else:
+        if spec.name == "spider":
+            tables_env = os.environ.get(SPIDER_TABLES_ENV)
+            if not tables_env:
+                raise UserError(
+                    f"Spider from the hub needs its schemas: "
+                    f"set {SPIDER_TABLES_ENV} to the official Spider tables.json, "
+                    f"or pass --data-dir DIR ({LAYOUT_HINT})"
+                )
+            extra = {"schemas": load_spider_schemas(tables_env), "tables_path": tables_env}
+        rows = _hub_rows(spec, split)
+    examples = spec.build(_checked(rows, spec), split=split, evaluation=split != spec.train_split, **extra)
+    return list(itertools.islice(examples, limit))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens, for any HF-style tokenizer."""
+    if not text:
+        return []
+    if callable(tokenizer):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def tokenize_example(tokenizer: Any, example: Example, max_length: int) -> dict[str, list[int]]:
+    """Causal-LM features: ``input_ids`` = prompt + target + eos, ``labels`` -100 over the prompt.
+
+    Prompt and target are tokenized separately, so the boundary is exact. When the whole
+    does not fit in ``max_length`` tokens, the prompt loses tokens from its start (its end,
+    next to the target, is kept). When even target + eos does not fit, only the prompt's
+    last token is kept (the first target token is still predicted from context) and the
+    target's end is cut, eos included: the text does not end there.
+    """
+    if max_length < 1:
+        raise UserError(f"max_length must be >= 1, got {max_length}; pass a positive --max-length")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise UserError("the tokenizer has no eos token; set tokenizer.eos_token (GPT-Neo uses '<|endoftext|>')")
+    prompt_ids = _encode(tokenizer, example.prompt)
+    target_ids = _encode(tokenizer, example.target) + [eos]
+    if len(prompt_ids) + len(target_ids) > max_length:
+        if len(target_ids) < max_length:
+            prompt_ids = prompt_ids[len(prompt_ids) + len(target_ids) - max_length:]
+        else:
+            keep = 1 if prompt_ids and max_length > 1 else 0
+            prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+            target_ids = target_ids[: max_length - keep]
+    return {"input_ids": prompt_ids + target_ids, "labels": [-100] * len(prompt_ids) + target_ids}

@@ -1,0 +1,276 @@
+"""Tests of spec_stream.data: prompts on real rows, grouping, errors, hub fallback, tokenization."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from spec_stream.data import (
+    TASKS,
+    Example,
+    load_examples,
+    resolve_tasks,
+    task_names,
+    tokenize_example,
+)
+from spec_stream.errors import UserError
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared local copies (``shared/`` beside the checkout) or ``$SPEC_STREAM_DATA_DIR``."""
+    candidates = [Path(__file__).resolve().parents[1].parent / "shared" / "datasets"]
+    if os.environ.get("SPEC_STREAM_DATA_DIR"):
+        candidates.append(Path(os.environ["SPEC_STREAM_DATA_DIR"]))
+    for candidate in candidates:
+        if (candidate / "e2e_nlg" / "test.jsonl").is_file():
+            return candidate
+    pytest.skip("local datasets not found: expected ../shared/datasets beside the checkout or $SPEC_STREAM_DATA_DIR")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+def test_registry_and_resolve_tasks():
+    assert task_names() == ["spider", "dialogsum", "e2e_nlg"]
+    assert resolve_tasks("all") == task_names()
+    assert resolve_tasks("e2e-nlg") == ["e2e_nlg"]
+    assert {name: task.benchmark_split for name, task in TASKS.items()} == {
+        "spider": "validation", "dialogsum": "test", "e2e_nlg": "test"
+    }
+    assert all(task.train_split == "train" for task in TASKS.values())
+    assert TASKS["spider"].hub_id == "xlangai/spider" and TASKS["dialogsum"].hub_id == "knkarthick/dialogsum"
+    with pytest.raises(UserError, match=r"unknown task 'squad'.*spider, dialogsum, e2e_nlg, or 'all'"):
+        resolve_tasks("squad")
+
+
+# ------------------------------------------------------------------------------- prompts
+
+
+def test_e2e_prompt_and_grouping(data_dir):
+    examples = load_examples("e2e_nlg", "test", data_dir)
+    assert len(examples) == 630
+    first = examples[0]
+    assert first.prompt == (
+        "Describe the restaurant: name[Blue Spice], eatType[coffee shop], area[city centre]\nDescription:"
+    )
+    assert first.target == " A coffee shop in the city centre area called Blue Spice."
+    assert first.references[:2] == [
+        "A coffee shop in the city centre area called Blue Spice.",
+        "Blue Spice is a coffee shop in city centre.",
+    ]
+    assert sum(len(example.references) for example in examples) == 4693
+    assert len({example.prompt for example in examples}) == 630
+    assert len({example.id for example in examples}) == 630
+    # limit counts grouped examples; the training split keeps one example per row
+    assert [e.prompt for e in load_examples("e2e_nlg", "test", data_dir, limit=3)] == [e.prompt for e in examples[:3]]
+    train = load_examples("e2e_nlg", "train", data_dir, limit=5)
+    assert len(train) == 5 and all(len(example.references) == 1 for example in train)
+
+
+def test_dialogsum_prompt_and_three_references(data_dir):
+    test = load_examples("dialogsum", "test", data_dir)
+    assert len(test) == 500
+    assert all(len(example.references) == 3 for example in test)
+    assert test[0].id == "test_0" and test[0].target == " " + test[0].references[0]
+    validation = load_examples("dialogsum", "validation", data_dir, limit=1)[0]
+    assert validation.prompt.startswith(
+        "Summarize the dialogue.\n#Person1#: Hello, how are you doing today?\n#Person2#: I ' Ve been having"
+    )
+    assert validation.prompt.endswith("\nSummary:") and validation.prompt.count("\n#Person") > 3
+    assert validation.target == (
+        " #Person2# has trouble breathing. The doctor asks #Person2# about it and will send #Person2# to a "
+        "pulmonary specialist."
+    )
+    assert validation.references == [validation.target[1:]]
+
+
+def test_spider_prompt_has_schema_and_question(data_dir):
+    first = load_examples("spider", "validation", data_dir, limit=1)[0]
+    assert first.prompt.startswith("Schema:\nstadium(Stadium_ID, Location, Name, Capacity, Highest, Lowest, Average)\n")
+    assert "\nsinger(Singer_ID, Name, Country, Song_Name, Song_release_year, Age, Is_male)\n" in first.prompt
+    assert "\nsinger_in_concert(concert_ID, Singer_ID)\n" in first.prompt
+    assert first.prompt.endswith("\nQuestion: How many singers do we have?\nSQL:")
+    assert first.target == " SELECT count(*) FROM singer" and first.references == ["SELECT count(*) FROM singer"]
+    train = load_examples("spider", "train", data_dir, limit=1)[0]
+    assert train.target == " SELECT count(*) FROM head WHERE age > 56"  # whitespace collapsed
+    assert train.prompt.startswith("Schema:\ndepartment(") and "\nhead(" in train.prompt
+
+
+def test_every_prompt_ends_without_space_and_targets_start_with_one(data_dir):
+    for task in task_names():
+        for example in load_examples(task, TASKS[task].benchmark_split, data_dir, limit=50):
+            assert not example.prompt[-1].isspace() and example.target.startswith(" ")
+            assert not example.target.startswith("  ") and example.references
+
+
+# -------------------------------------------------------------------------------- errors
+
+
+def test_unknown_task_lists_valid_ones(data_dir):
+    with pytest.raises(UserError, match="unknown task 'cnn'.*e2e_nlg"):
+        load_examples("cnn", "test", data_dir)
+
+
+def test_missing_data_dir(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(UserError, match=rf"data directory {missing} does not exist.*--data-dir"):
+        load_examples("e2e_nlg", "test", missing)
+
+
+def test_missing_task_folder(tmp_path):
+    with pytest.raises(UserError, match=rf"no folder {tmp_path / 'dialogsum'} for task dialogsum"):
+        load_examples("dialogsum", "test", tmp_path)
+
+
+def test_missing_split_names_available_ones(tmp_path):
+    _write_jsonl(tmp_path / "e2e_nlg" / "train.jsonl", [{"meaning_representation": "name[A]", "human_reference": "A."}])
+    with pytest.raises(UserError, match=r"no split 'dev'.*dev\.jsonl not found.*available splits.*: train"):
+        load_examples("e2e_nlg", "dev", tmp_path)
+
+
+def test_missing_column_names_file_line_and_column(tmp_path):
+    path = tmp_path / "dialogsum" / "test.jsonl"
+    _write_jsonl(path, [
+        {"id": "a", "dialogue": "#Person1#: Hi.", "summary": "They greet."},
+        {"id": "b", "dialogue": "#Person1#: Bye."},
+    ])
+    with pytest.raises(UserError) as error:
+        load_examples("dialogsum", "test", tmp_path)
+    assert f"{path} line 2" in str(error.value) and "'summary'" in str(error.value)
+
+
+def test_bad_json_line(tmp_path):
+    path = tmp_path / "e2e_nlg" / "test.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"meaning_representation": "name[A]"\n', encoding="utf-8")
+    with pytest.raises(UserError, match=rf"{path} line 1: not valid JSON"):
+        load_examples("e2e_nlg", "test", tmp_path)
+
+
+def test_unknown_spider_db_id(tmp_path):
+    split_file = tmp_path / "spider" / "validation.jsonl"
+    _write_jsonl(split_file, [{"db_id": "no_such_db", "query": "SELECT 1", "question": "?"}])
+    tables = [{
+        "db_id": "shop", "table_names_original": ["item"], "column_names_original": [[-1, "*"], [0, "id"], [0, "name"]],
+        "column_types": ["text", "number", "text"], "primary_keys": [1], "foreign_keys": [],
+    }]
+    (tmp_path / "spider" / "tables.json").write_text(json.dumps(tables), encoding="utf-8")
+    with pytest.raises(UserError, match=r"db_id 'no_such_db' is not in .*tables\.json"):
+        load_examples("spider", "validation", tmp_path)
+    _write_jsonl(split_file, [{"db_id": "shop", "query": "SELECT  1 ;", "question": "Q ?"}])
+    assert load_examples("spider", "validation", tmp_path)[0].prompt == "Schema:\nitem(id, name)\nQuestion: Q ?\nSQL:"
+
+
+def test_negative_limit(data_dir):
+    with pytest.raises(UserError, match="limit"):
+        load_examples("e2e_nlg", "test", data_dir, limit=-1)
+
+
+def test_data_dir_from_environment(data_dir, monkeypatch):
+    monkeypatch.setenv("SPEC_STREAM_DATA_DIR", str(data_dir))
+    assert len(load_examples("e2e_nlg", "validation", limit=2)) == 2
+
+
+def test_hub_without_network_fails_fast(monkeypatch):
+    monkeypatch.delenv("SPEC_STREAM_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The hub libraries read HF_HUB_OFFLINE when first imported; patch their copies too.
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"knkarthick/dialogsum.*--data-dir DIR.*SPEC_STREAM_DATA_DIR"):
+        load_examples("dialogsum", "test")
+    assert time.monotonic() - start < 15
+
+
+def test_spider_from_hub_needs_tables_json(monkeypatch):
+    monkeypatch.delenv("SPEC_STREAM_DATA_DIR", raising=False)
+    monkeypatch.delenv("SPEC_STREAM_SPIDER_TABLES", raising=False)
+    with pytest.raises(UserError, match=r"SPEC_STREAM_SPIDER_TABLES.*tables\.json.*--data-dir"):
+        load_examples("spider", "validation")
+
+
+# -------------------------------------------------------------------------- tokenization
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A tiny byte-level BPE wrapped as a transformers fast tokenizer with GPT-Neo's eos."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    texts = ["Describe the restaurant: name[Blue Spice]\nDescription: A coffee shop called Blue Spice."] * 5
+    bpe.train_from_iterator(
+        texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
+def _example() -> Example:
+    prompt = "Describe the restaurant: name[Blue Spice]\nDescription:"
+    return Example(prompt, " A coffee shop called Blue Spice.", ["A coffee shop called Blue Spice."], "x")
+
+
+def test_tokenize_example_labels_prompt_and_eos(tokenizer):
+    example = _example()
+    prompt_ids = tokenizer.encode(example.prompt, add_special_tokens=False)
+    target_ids = tokenizer.encode(example.target, add_special_tokens=False)
+    features = tokenize_example(tokenizer, example, max_length=512)
+    assert features["input_ids"] == prompt_ids + target_ids + [tokenizer.eos_token_id]
+    assert features["labels"] == [-100] * len(prompt_ids) + target_ids + [tokenizer.eos_token_id]
+    assert tokenizer.decode(features["input_ids"][len(prompt_ids):-1]) == example.target
+
+
+def test_tokenize_example_truncates_prompt_from_the_left(tokenizer):
+    example = _example()
+    prompt_ids = tokenizer.encode(example.prompt, add_special_tokens=False)
+    target_ids = tokenizer.encode(example.target, add_special_tokens=False) + [tokenizer.eos_token_id]
+    max_length = len(target_ids) + 3
+    assert len(prompt_ids) > 3
+    features = tokenize_example(tokenizer, example, max_length=max_length)
+    assert len(features["input_ids"]) == max_length
+    assert features["input_ids"] == prompt_ids[-3:] + target_ids
+    assert features["labels"] == [-100] * 3 + target_ids
+
+
+def test_tokenize_example_cuts_target_end_when_it_alone_does_not_fit(tokenizer):
+    example = _example()
+    prompt_ids = tokenizer.encode(example.prompt, add_special_tokens=False)
+    target_ids = tokenizer.encode(example.target, add_special_tokens=False)
+    assert len(target_ids) > 3
+    features = tokenize_example(tokenizer, example, max_length=4)
+    assert features["input_ids"] == prompt_ids[-1:] + target_ids[:3]
+    assert features["labels"] == [-100] + target_ids[:3]
+    with pytest.raises(UserError, match="max_length"):
+        tokenize_example(tokenizer, example, max_length=0)
+
+
+def test_hub_rows_are_used_and_dialogsum_test_rows_merged(monkeypatch):
+    """The hub path with `datasets.load_dataset` replaced: its test_N_k rows become one example."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.delenv("SPEC_STREAM_DATA_DIR", raising=False)
+    rows = [
+        {"id": f"test_{n}_{k}", "dialogue": f"#Person1#: Hi {n}.", "summary": f"Summary {n}.{k}", "topic": "t"}
+        for n in range(2) for k in (1, 2, 3)
+    ]
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, split: calls.append((hub_id, split)) or rows)
+    examples = load_examples("dialogsum", "test", limit=1)
+    assert calls == [("knkarthick/dialogsum", "test")]
+    assert [(e.id, e.references) for e in examples] == [("test_0", ["Summary 0.1", "Summary 0.2", "Summary 0.3"])]
+    assert examples[0].prompt == "Summarize the dialogue.\n#Person1#: Hi 0.\nSummary:"
+    rows.append({"id": "test_9_1", "dialogue": "x"})
+    with pytest.raises(UserError, match=r"hub knkarthick/dialogsum split test row 6: row lacks column 'summary'"):
+        load_examples("dialogsum", "test")
