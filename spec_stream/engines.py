@@ -46,7 +46,9 @@ def synchronize(device: torch.device) -> None:
 
 
 class ForwardCounter:
-    """Counts forward calls of a module (a pre-hook, so it sees upstream loops too)."""
+    """Counts forward calls of a module with a pre-hook. Hooked on the model's
+    ``transformer`` (the decoder stack), it counts upstream `generate` loops, which go
+    through ``model.forward``, and our loop, which calls the decoder directly, alike."""
 
     def __init__(self, module: torch.nn.Module):
         self.calls = 0
@@ -65,7 +67,7 @@ class Engine:
     def __init__(self, checkpoint: str, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype, self.checkpoint = device, dtype, checkpoint
         self.model = self._load(checkpoint).to(device=device, dtype=dtype).eval()
-        self.counter = ForwardCounter(self.model)
+        self.counter = ForwardCounter(self.model.transformer)
 
     def _load(self, checkpoint: str):
         return transformers.GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation="eager")
