@@ -39,13 +39,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=os.environ.get("SPEC_STREAM_DATA_DIR"),
                         help="local JSON-lines copies laid out like shared/datasets (default: the hub)")
     parser.add_argument("--split", default=None, help="benchmark split (default: test; validation for spider)")
-    parser.add_argument("--num-samples", type=int, default=None, help="prompts per dataset (default 20 CPU, 100 GPU)")
+    parser.add_argument("--num-samples", type=int, default=None, help="prompts per dataset (default 20 CPU, 30 GPU)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 64 CPU, 128 GPU")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--output", default="results/dataset_tps.json", help="JSON file for every figure")
     parser.add_argument("--half-dtype", choices=("fp16", "bf16"), default="fp16")
     parser.add_argument("--draft-model", default=None, help="small GPT-Neo draft model for the assisted engine")
     parser.add_argument("--tree-widths", default="4,3,2", help="spec_stream tree, top-k per stream")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="run static/spec_stream steps eagerly on a GPU (default: one CUDA graph per step)")
     args = parser.parse_args(argv)
     return validate(args)
 
@@ -72,7 +74,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
     gpu = args.device.type == "cuda"
-    args.num_samples = args.num_samples if args.num_samples is not None else (100 if gpu else 20)
+    args.num_samples = args.num_samples if args.num_samples is not None else (30 if gpu else 20)
     args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (128 if gpu else 64)
     if args.num_samples < 1:
         raise UserError(f"--num-samples {args.num_samples}: measure at least 1 sample per dataset")
@@ -92,23 +94,26 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
 def print_table(rows: list[dict], console: Console) -> None:
     table = Table(title="dataset_tps: batch 1, greedy")
     for column in ("dataset", "engine", "backend", "tok/s", "speedup", "tok/call", "accept", "identical",
-                   "quality", "peak MB"):
+                   "BW share", "quality", "peak MB"):
         table.add_column(column, justify="left" if column in ("dataset", "engine", "backend") else "right")
     for r in rows:
         quality = ", ".join(f"{k} {v:.3g}" for k, v in r["quality"].items())
         accept = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         table.add_row(r["dataset"], r["engine"], r["backend"], f"{r['tokens_per_second']:.1f}",
                       f"{r['speedup_vs_naive']:.2f}x", f"{r['tokens_per_call']:.2f}", accept,
-                      f"{r['identical_to_naive']:.0%}", quality, f"{r['peak_memory_mb']:.0f}")
+                      f"{r['identical_to_naive']:.0%}", f"{r['bandwidth_share']:.1%}", quality,
+                      f"{r['peak_memory_mb']:.0f}")
     console.print(table)
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from spec_stream.benchmark import benchmark_task, default_checkpoint, machine_info
+    from spec_stream.benchmark import benchmark_task, default_checkpoint, machine_info, measure_copy_rate
     from spec_stream.checkpoints import load_for_inference
 
+    args.copy_rate = measure_copy_rate(args.device)
+    print(f"{args.device}: device copy rate {args.copy_rate / 1e9:.1f} GB/s (the bandwidth yardstick)")
     rows = []
     for task in args.datasets:
         checkpoint = Path(args.model) if args.model else default_checkpoint(
@@ -116,11 +121,13 @@ def main(argv=None) -> int:
         if "spec_stream" in args.engines:
             load_for_inference(str(checkpoint), require_streams=True)  # clear error before any timing
         rows += benchmark_task(task, args.engines, checkpoint, args, args.device)
-    print_table(rows, Console())
+    console = Console()
+    print_table(rows, console if console.is_terminal else Console(width=180))  # logs get the full table
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v) for k, v in vars(args).items()}
-    report = {"machine": machine_info(args.device), "settings": settings, "results": rows}
+    machine = {**machine_info(args.device), "copy_gb_per_second": args.copy_rate / 1e9}
+    report = {"machine": machine, "settings": settings, "results": rows}
     temporary = output.with_suffix(output.suffix + ".tmp")
     temporary.write_text(json.dumps(report, indent=2))
     os.replace(temporary, output)

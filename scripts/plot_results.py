@@ -4,7 +4,8 @@
 
 1. tokens_per_second.png: tokens/s per engine and dataset (grouped bars);
 2. speedup_vs_tokens_per_call.png: speedup over naive against tokens per forward call;
-3. step_breakdown.png: spec_stream's time per step split into draft / forward / verify.
+3. step_breakdown.png: spec_stream's time per step split into draft / forward / verify
+   (one replayed graph per step when CUDA graphs ran).
 Each title names the machine the figures come from.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def machine_label(report: dict) -> str:
     machine = report["machine"]
-    return machine.get("gpu") or f"CPU ({machine.get('cpu_threads', '?')} threads)"
+    return machine.get("gpu") or f"{machine.get('cpu', 'CPU')} ({machine.get('cpu_threads', '?')} threads)"
 
 
 def plot_tokens_per_second(rows, label, path):
@@ -64,7 +65,8 @@ def plot_step_breakdown(rows, label, path):
     rows = [r for r in rows if r["engine"] == "spec_stream" and r.get("step_seconds")]
     if not rows:
         return False
-    sections = ["draft", "forward", "verify"]
+    # eager steps: draft / forward / verify; CUDA-graph steps: one "step" (replayed graph)
+    sections = [s for s in dict.fromkeys(k for r in rows for k in r["step_seconds"]) if s != "prefill"]
     figure, axes = plt.subplots(figsize=(6, 4))
     bottoms = [0.0] * len(rows)
     for section in sections:

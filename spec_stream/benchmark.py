@@ -6,6 +6,7 @@ import gc
 import logging
 import platform
 import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from spec_stream.data import TASKS, load_examples
-from spec_stream.engines import Engine, GenerationResult, build_engine
+from spec_stream.engines import Engine, GenerationResult, build_engine, synchronize
 from spec_stream.errors import UserError
 from spec_stream.metrics import task_quality
 
@@ -22,7 +23,7 @@ log = logging.getLogger("spec_stream.benchmark")
 
 # Default checkpoints, prepared once per dataset with the fine-tuning code and reused.
 DEFAULT_RECIPES = {
-    "cpu": dict(size="tiny", max_train_samples=3000, epochs=2),
+    "cpu": dict(size="tiny", max_train_samples=1500, epochs=2),
     "cuda": dict(size="125M", max_train_samples=None, epochs=1),
 }
 
@@ -34,13 +35,24 @@ class Prompt:
     truncated: bool
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        if names:
+            return names[0]
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "device": str(device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
@@ -91,6 +103,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
 
 
+def measure_copy_rate(device: torch.device, megabytes: int = 256, repeats: int = 10) -> float:
+    """Bytes per second a large on-device copy moves (read + write): the yardstick for the
+    memory-bandwidth limit of a decode step, which must read every weight once."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    synchronize(device)
+    return 2 * source.numel() * repeats / (time.perf_counter() - start)
+
+
 def measure(engine: Engine, prompts: list[Prompt], max_new_tokens: int, eos_token_id: int | None,
             label: str) -> list[GenerationResult]:
     """Warm up on the first prompt (not timed), then time every prompt."""
@@ -101,7 +127,7 @@ def measure(engine: Engine, prompts: list[Prompt], max_new_tokens: int, eos_toke
 
 
 def summarize(engine: Engine, task: str, prompts, results: list[GenerationResult], tokenizer,
-              reference_outputs: list[list[int]] | None) -> dict:
+              reference_outputs: list[list[int]] | None, copy_rate: float) -> dict:
     tokens = sum(len(r.new_tokens) for r in results)
     seconds = sum(r.seconds for r in results)
     calls = sum(r.forward_calls for r in results)
@@ -119,6 +145,9 @@ def summarize(engine: Engine, task: str, prompts, results: list[GenerationResult
         "peak_memory_mb": peak_memory_mb(engine.device),
         "forward_calls": calls,
         "tokens_per_call": tokens / calls,
+        # weights read per second (each forward call reads them all) against the copy rate
+        "weight_gb_per_second": engine.weight_bytes * calls / seconds / 1e9,
+        "bandwidth_share": engine.weight_bytes * calls / seconds / copy_rate,
         "acceptance_rate": sum(r.accepted for r in results) / drafted if drafted else None,
         "quality": task_quality(task, predictions, [p.references for p in prompts]),
         "identical_to_naive": None,
@@ -151,9 +180,10 @@ def benchmark_task(task: str, engines: list[str], checkpoint: Path, args, device
     rows, naive_outputs = [], None
     for name in engines:
         engine = build_engine(name, str(checkpoint), device, half_dtype=args.half_dtype,
-                              draft_model=args.draft_model, tree_widths=args.tree_widths)
+                              draft_model=args.draft_model, tree_widths=args.tree_widths,
+                              cuda_graphs=args.cuda_graphs)
         results = measure(engine, prompts, args.max_new_tokens, tokenizer.eos_token_id, f"{task}/{name}")
-        row = summarize(engine, task, prompts, results, tokenizer, naive_outputs)
+        row = summarize(engine, task, prompts, results, tokenizer, naive_outputs, args.copy_rate)
         if name == "naive":
             naive_outputs = [r.new_tokens for r in results]
             row["identical_to_naive"] = 1.0

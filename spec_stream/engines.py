@@ -13,6 +13,9 @@ only in how they build the model and which `generate` they call:
 | assisted          | upstream GPT-Neo + draft GPT-Neo    | `generate(assistant_model=...)`            |
 | static            | ours, static KV cache               | our loop with an empty tree (1 token/call) |
 | spec_stream       | ours, static KV cache               | tree drafts, `speculative_streaming=True`  |
+
+On a GPU `static` and `spec_stream` replay each decode step as a CUDA graph
+(`FixedShapeDecoder`) unless ``cuda_graphs=False``.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 
+from huggingface.transformers.generation.fixed_shape import FixedShapeDecoder
 from huggingface.transformers.generation.utils import StepTimer
 from spec_stream import GPTNeoForCausalLM
 from spec_stream.errors import UserError
@@ -43,6 +47,17 @@ class GenerationResult:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def load_upstream(checkpoint: str, attn_implementation: str):
+    """transformers' own GPT-Neo. It ignores our stream parameters by design, so its load
+    report (a warning listing them as unexpected) is silenced."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return transformers.GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation=attn_implementation)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 class ForwardCounter:
@@ -70,7 +85,7 @@ class Engine:
         self.counter = ForwardCounter(self.model.transformer)
 
     def _load(self, checkpoint: str):
-        return transformers.GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation="eager")
+        return load_upstream(checkpoint, "eager")
 
     @property
     def description(self) -> str:
@@ -86,7 +101,13 @@ class Engine:
         synchronize(self.device)
         seconds = time.perf_counter() - start
         new_tokens = sequences[0, prompt_ids.shape[1]:].tolist()
-        return GenerationResult(new_tokens, seconds, self.counter.calls, **extra)
+        extra.setdefault("forward_calls", self.counter.calls)  # CUDA-graph replays bypass hooks
+        return GenerationResult(new_tokens, seconds, **extra)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the target model's weights: what each forward call reads at least."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def _generate(self, prompt_ids, max_new_tokens, eos_token_id):
         sequences = self.model.generate(
@@ -118,7 +139,7 @@ class FlashAttention2Engine(Engine):
     def _load(self, checkpoint):
         if self.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
             self.backend = "upstream flash_attention_2"
-            return transformers.GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation="flash_attention_2")
+            return load_upstream(checkpoint, "flash_attention_2")
         self.backend = "spec-stream sdpa (flash-attn not installed)"
         return GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa")
 
@@ -149,33 +170,45 @@ class AssistedEngine(Engine):
 
 class SpecStreamEngine(Engine):
     """Our model and loop. ``tree_widths=()`` makes it the `static` engine: the same
-    preallocated cache and loop, one token per forward call."""
+    preallocated cache and loop, one token per forward call. With ``cuda_graphs`` (the
+    default on a GPU) each step is one replayed CUDA graph (`FixedShapeDecoder`);
+    otherwise the dynamic loop of ``generate(speculative_streaming=True)`` runs."""
 
     name = "spec_stream"
-    backend = "spec-stream sdpa, static cache"
 
-    def __init__(self, *args, tree_widths=(4, 3, 2), **kwargs):
+    def __init__(self, *args, tree_widths=(4, 3, 2), cuda_graphs: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.tree_widths = tuple(tree_widths)
+        self.decoder = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.decoder = FixedShapeDecoder(self.model, self.tree_widths, cuda_graphs=True)
+            self.decoder.capture()  # every graph now, none inside a timed call
+        steps = "CUDA graphs" if self.decoder else "eager steps"
+        self.backend = f"spec-stream sdpa, static cache, {steps}" + ("" if self.tree_widths else ", no speculation")
 
     def _load(self, checkpoint):
         return GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa")
 
     def _generate(self, prompt_ids, max_new_tokens, eos_token_id):
         timer = StepTimer(self.device)
-        out = self.model.generate(
-            prompt_ids, speculative_streaming=True, tree_widths=self.tree_widths, max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id, return_dict_in_generate=True, step_timer=timer,
-        )
+        if self.decoder is not None:
+            eos = set() if eos_token_id is None else {eos_token_id}
+            out = self.decoder.generate(prompt_ids, max_new_tokens, eos, timer=timer)
+        else:
+            out = self.model.generate(
+                prompt_ids, speculative_streaming=True, tree_widths=self.tree_widths,
+                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, return_dict_in_generate=True,
+                step_timer=timer,
+            )
         depth = len(self.tree_widths)
         steps = out.accepted_lengths
-        extra = dict(drafted=depth * len(steps), accepted=sum(n - 1 for n in steps), step_seconds=dict(timer.seconds))
+        extra = dict(drafted=depth * len(steps), accepted=sum(n - 1 for n in steps),
+                     step_seconds=dict(timer.seconds), forward_calls=out.num_forward_calls)
         return out.sequences, extra
 
 
 class StaticEngine(SpecStreamEngine):
     name = "static"
-    backend = "spec-stream sdpa, static cache, no speculation"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, tree_widths=(), **kwargs)
@@ -197,7 +230,7 @@ def engine_dtype(name: str, device: torch.device, half_dtype: torch.dtype) -> to
 
 
 def build_engine(name: str, checkpoint: str, device: torch.device, half_dtype=torch.float16,
-                 draft_model: str | None = None, tree_widths=(4, 3, 2)) -> Engine:
+                 draft_model: str | None = None, tree_widths=(4, 3, 2), cuda_graphs: bool = True) -> Engine:
     if name not in ENGINES:
         raise UserError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)} or all")
     kwargs = dict(device=device, dtype=engine_dtype(name, device, half_dtype))
@@ -205,6 +238,8 @@ def build_engine(name: str, checkpoint: str, device: torch.device, half_dtype=to
         if not draft_model:
             raise UserError("the assisted engine needs a small GPT-Neo draft model: pass --draft-model PATH_OR_ID")
         kwargs["draft_model"] = draft_model
+    if name in ("spec_stream", "static"):
+        kwargs["cuda_graphs"] = cuda_graphs
     if name == "spec_stream":
         kwargs["tree_widths"] = tree_widths
     return ENGINES[name](checkpoint, **kwargs)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import shifted_cross_entropy
 from spec_stream import GPTNeoConfig, GPTNeoForCausalLM
 
 # window_size (5) is far below the sequence lengths used, so local layers really mask.
@@ -33,6 +34,32 @@ def upstream_twin(model) -> transformers.GPTNeoForCausalLM:
     result = upstream.load_state_dict(model.state_dict(), strict=False)
     assert not result.missing_keys, result.missing_keys
     return upstream
+
+
+PHRASES = torch.randint(2, TINY["vocab_size"], (10, 6), generator=torch.Generator().manual_seed(1))
+
+
+def phrase_text(count, length, generator):
+    """The training domain: random sequences of 10 fixed 6-token phrases."""
+    choice = torch.randint(0, len(PHRASES), (count, -(-length // 6)), generator=generator)
+    return PHRASES[choice].reshape(count, -1)[:, :length]
+
+
+@pytest.fixture(scope="session")
+def trained_model():
+    """A tiny model briefly fine-tuned with the Speculative Streaming loss (plus the
+    pruning adapter's early-exit loss), so its streams are right often on its domain."""
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2, hidden_size=64, attn_implementation="sdpa").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(160):
+        ids = phrase_text(16, 48, generator)
+        out = model(ids, labels=ids, early_exit=True)
+        loss = out.loss + 0.1 * shifted_cross_entropy(out.early_exit_logits, ids, 1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
 
 
 @pytest.fixture(scope="session")

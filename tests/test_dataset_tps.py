@@ -49,7 +49,12 @@ def test_figures_are_positive_and_consistent(report):
         assert math.isclose(row["new_tokens"], row["tokens_per_second"] * row["seconds"], rel_tol=1e-6)
         assert math.isclose(row["tokens_per_call"], row["new_tokens"] / row["forward_calls"], rel_tol=1e-6)
         assert row["peak_memory_mb"] > 0 and row["speedup_vs_naive"] > 0
+        copy_rate = report["machine"]["copy_gb_per_second"]
+        assert math.isclose(row["bandwidth_share"], row["weight_gb_per_second"] / copy_rate, rel_tol=1e-6)
+        assert 0 < row["bandwidth_share"] < 1
         assert row["quality"] and all(v >= 0 for v in row["quality"].values())
+        if row["engine"] in ("naive", "half", "flash_attention2", "static"):
+            assert row["tokens_per_call"] == 1.0, row  # one token per forward call, no speculation
     spec = [r for r in report["results"] if r["engine"] == "spec_stream"]
     for row in spec:
         assert set(row["step_seconds"]) >= {"prefill", "draft", "forward", "verify"}

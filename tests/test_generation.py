@@ -4,8 +4,7 @@ import torch
 from transformers import TextStreamer
 
 from huggingface.transformers.generation.utils import build_tree_buffers, evaluate_paths
-from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import shifted_cross_entropy
-from tests.conftest import TINY, tiny_model, upstream_twin
+from tests.conftest import TINY, phrase_text, tiny_model, upstream_twin
 
 NEW = 30
 
@@ -26,32 +25,6 @@ def greedy(model, ids, **kwargs):
     kwargs.setdefault("max_new_tokens", NEW)
     kwargs.setdefault("eos_token_id", None)
     return model.generate(ids, do_sample=False, **kwargs)
-
-
-PHRASES = torch.randint(2, TINY["vocab_size"], (10, 6), generator=torch.Generator().manual_seed(1))
-
-
-def phrase_text(count, length, generator):
-    """The training domain: random sequences of 10 fixed 6-token phrases."""
-    choice = torch.randint(0, len(PHRASES), (count, -(-length // 6)), generator=generator)
-    return PHRASES[choice].reshape(count, -1)[:, :length]
-
-
-@pytest.fixture(scope="module")
-def trained_model():
-    """A tiny model briefly fine-tuned with the Speculative Streaming loss (plus the
-    pruning adapter's early-exit loss), so its streams are right often on its domain."""
-    model = tiny_model(num_spec_streams=3, num_stream_layers=2, hidden_size=64, attn_implementation="sdpa").train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(2)
-    for _ in range(160):
-        ids = phrase_text(16, 48, generator)
-        out = model(ids, labels=ids, early_exit=True)
-        loss = out.loss + 0.1 * shifted_cross_entropy(out.early_exit_logits, ids, 1)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
@@ -211,3 +184,11 @@ def test_evaluate_paths_takes_the_longest_matching_path():
     best, accepted = evaluate_paths(tokens, predictions, tree)
     assert int(accepted) == 2 and tree.paths[best].tolist() == [0, 2, 6]
     assert tree.size == 7 and tree.tree_mask[6].nonzero().flatten().tolist() == [0, 2, 6]
+
+
+def test_empty_tree_decodes_one_token_per_call(trained_model):
+    """tree_widths=() (the `static` engine) drafts nothing, even with trained streams."""
+    ids = phrase_text(1, 10, torch.Generator().manual_seed(11))
+    out = speculative(trained_model, ids, tree_widths=())
+    assert out.accepted_lengths == [1] * (NEW - 1) and out.num_forward_calls == NEW
+    assert torch.equal(out.sequences, greedy(trained_model, ids))

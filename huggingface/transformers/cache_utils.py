@@ -87,3 +87,48 @@ class StaticKVCache:
     def crop(self, length: int) -> None:
         """Forget every entry from slot ``length`` on."""
         self.length = min(self.length, length)
+
+
+class FixedShapeKVCache(StaticKVCache):
+    """The same buffers with every shape fixed, for steps captured once and replayed as a
+    CUDA graph: ``length`` is a 0-d device tensor (never read by the host), `update`
+    writes the new entries at slots ``length + i`` and returns the *whole* buffer, and the
+    model masks stale slots instead of slicing them off (`build_fixed_shape_masks`).
+    `compact` takes its start and slots as device tensors."""
+
+    def __init__(self, config, batch_size: int, max_length: int, device=None, dtype=torch.float32):
+        super().__init__(config, batch_size, max_length, device, dtype)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise ValueError("FixedShapeKVCache keeps its length on the device; read cache.length instead.")
+
+    def _new_slots(self, new: int) -> torch.Tensor:
+        return self.length + torch.arange(new, device=self.length.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+        slots = self._new_slots(key_states.shape[-2])
+        self.keys[layer_idx].index_copy_(2, slots, key_states)
+        self.values[layer_idx].index_copy_(2, slots, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def key_positions(self, new_position_ids: torch.Tensor) -> torch.Tensor:
+        """Writes the new tokens' positions into their slots; returns every slot's."""
+        self.positions.index_copy_(1, self._new_slots(new_position_ids.shape[1]), new_position_ids)
+        return self.positions
+
+    def commit(self, position_ids: torch.Tensor) -> None:
+        self.length += position_ids.shape[1]
+
+    def compact(self, start: torch.Tensor, slots: torch.Tensor) -> None:
+        """Move ``slots`` (device tensor) to ``[start, start + len(slots))``; ``length``
+        becomes ``start + len(slots)``. To keep shapes fixed, pass a fixed number of slots
+        and set ``length`` yourself afterwards when fewer of them are wanted."""
+        target = start + torch.arange(slots.numel(), device=slots.device)
+        for buffer in (self.keys, self.values):
+            buffer.index_copy_(3, target, buffer.index_select(3, slots))
+        self.positions.index_copy_(1, target, self.positions.index_select(1, slots))
+        self.length.copy_(start + slots.numel())
+
+    def crop(self, length) -> None:
+        self.length.clamp_(max=length)

@@ -119,8 +119,7 @@ def evaluate_paths(tree_tokens: torch.Tensor, predictions: torch.Tensor, buffers
     path_tokens = tree_tokens[buffers.paths]
     path_predictions = predictions[buffers.paths]
     matches = (path_tokens[:, 1:] == path_predictions[:, :-1]).int().cumprod(dim=1).sum(dim=1)
-    best = matches.argmax()
-    return best, matches[best]
+    return matches.argmax(), matches.max()  # (not matches[best]: a 0-d tensor index syncs the host)
 
 
 def prune_mask(tree_tokens: torch.Tensor, early_exit_logits: torch.Tensor, buffers: TreeBuffers,
@@ -179,6 +178,32 @@ class SpeculativeStreamingOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------
 # The decoding loop
 # ----------------------------------------------------------------------------------------
+def check_generation_request(config, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"speculative_streaming=True decodes one sequence at a time, got a batch of {input_ids.shape[0]}; "
+            "loop over the prompts (or use plain generate() for batched greedy decoding)."
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: ask for at least one new token.")
+    if input_ids.shape[1] + max_new_tokens - 1 > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
+            f"{config.max_position_embeddings} positions; shorten the prompt or lower max_new_tokens."
+        )
+
+
+def emit_tokens(generated: list[int], new_tokens: list[int], eos_token_ids: set[int], max_new_tokens: int):
+    """Append a step's tokens to ``generated``, stopping after EOS or at ``max_new_tokens``;
+    returns the tokens appended."""
+    before = len(generated)
+    for token in new_tokens:
+        generated.append(token)
+        if token in eos_token_ids or len(generated) == max_new_tokens:
+            break
+    return generated[before:]
+
+
 @torch.no_grad()
 def speculative_streaming_decode(
     model,
@@ -194,11 +219,7 @@ def speculative_streaming_decode(
     config = model.config
     timer = timer or _no_timer
     prompt_length = input_ids.shape[1]
-    if prompt_length + max_new_tokens - 1 > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {prompt_length} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
-            f"{config.max_position_embeddings} positions; shorten the prompt or lower max_new_tokens."
-        )
+    check_generation_request(config, input_ids, max_new_tokens)
     if len(tree_widths) > config.num_spec_streams:
         raise ValueError(
             f"tree_widths={tuple(tree_widths)} has {len(tree_widths)} levels but the model has "
@@ -271,13 +292,9 @@ def speculative_streaming_decode(
             root = predictions[accepted_nodes[-1]]
             if streams:
                 node_stream_hidden = stream_hidden[0, :, slots[-1]]
-        emitted_before = len(generated)
-        for token in new_tokens:
-            generated.append(token)
-            if token in eos_token_ids or len(generated) == max_new_tokens:
-                break
+        emitted = emit_tokens(generated, new_tokens, eos_token_ids, max_new_tokens)
         if streamer is not None:
-            streamer.put(torch.tensor(generated[emitted_before:]))
+            streamer.put(torch.tensor(emitted))
     if streamer is not None:
         streamer.end()
     sequences = torch.cat([input_ids, torch.tensor([generated], device=device, dtype=input_ids.dtype)], dim=1)
@@ -311,11 +328,6 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
                 "speculative_streaming=True is greedy only (do_sample=False, num_beams=1), so its output is "
                 "identical to greedy decoding; for sampling or beam search call generate() without it."
             )
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"speculative_streaming=True decodes one sequence at a time, got a batch of {input_ids.shape[0]}; "
-                "loop over the prompts (or use plain generate() for batched greedy decoding)."
-            )
         attention_mask = extra.get("attention_mask")
         prompt = input_ids
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -323,13 +335,12 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
         max_new_tokens = generation_config.max_new_tokens
         if max_new_tokens is None:
             max_new_tokens = max(generation_config.max_length - input_ids.shape[1], 0)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: ask for at least one new token.")
+        tree_widths = extra.get("tree_widths")  # () is a tree of the root alone: one token per call
         eos = generation_config.eos_token_id
         eos_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
         output = speculative_streaming_decode(
             self, prompt, max_new_tokens, eos_ids,
-            tree_widths=tuple(extra.get("tree_widths") or DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams]),
+            tree_widths=tuple(DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams] if tree_widths is None else tree_widths),
             streamer=extra.get("streamer"), timer=extra.get("step_timer"),
             prune_threshold=float(extra.get("prune_threshold") or 0.0),
         )

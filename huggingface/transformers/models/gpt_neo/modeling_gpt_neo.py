@@ -25,7 +25,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 from huggingface_hub.dataclasses import strict
 
-from ...cache_utils import StaticKVCache
+from ...cache_utils import FixedShapeKVCache, StaticKVCache
 from ...generation.utils import SpeculativeStreamingGenerationMixin
 
 logger = logging.get_logger(__name__)
@@ -145,8 +145,37 @@ def build_attention_masks(
     masks = {"global": allowed[:, None]}
     if "local" in layer_types:
         masks["local"] = (allowed & (distance < window_size))[:, None]
-    span = int(query_positions.max() - key_positions.min()) if past + new else 0
-    return AttentionMasks(masks, plain_causal=plain, window_matters=span >= window_size)
+    # Only the implicit-causal fast path (plain) needs to know whether the window cuts
+    # anything: explicit masks carry it already, and reading positions would sync the device.
+    window_matters = True
+    if plain:
+        window_matters = new > 0 and int(query_positions.max() - key_positions.min()) >= window_size
+    return AttentionMasks(masks, plain_causal=plain, window_matters=window_matters)
+
+
+def build_fixed_shape_masks(
+    query_positions: torch.Tensor,
+    slot_positions: torch.Tensor,
+    length: torch.Tensor,
+    new_block: torch.Tensor,
+    window_size: int,
+    layer_types: set[str],
+) -> AttentionMasks:
+    """Masks over *every* slot of a fixed-shape cache (`FixedShapeKVCache`), so their shape
+    never changes: slots ``[0, length)`` are the cached prefix, the T new tokens were just
+    written to slots ``[length, length + T)`` (``new_block`` (T, T) says which of them each
+    sees), later slots are stale. ``slot_positions`` (B, S) and ``length`` (0-d) live on
+    the device: no host synchronisation."""
+    new = query_positions.shape[1]
+    offset = torch.arange(slot_positions.shape[1], device=length.device) - length  # slot - length
+    is_new = (offset >= 0) & (offset < new)
+    sees_new = new_block[:, offset.clamp(0, new - 1)] & is_new  # (T, S)
+    allowed = ((offset < 0) | sees_new)[None].expand(query_positions.shape[0], -1, -1)
+    masks = {"global": allowed[:, None]}
+    if "local" in layer_types:
+        distance = query_positions[:, :, None] - slot_positions[:, None, :]
+        masks["local"] = (allowed & (distance < window_size))[:, None]
+    return AttentionMasks(masks, plain_causal=False, window_matters=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -348,9 +377,13 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         """
         batch, new = input_ids.shape
         cache = past_key_values
-        past = cache.get_seq_length() if cache is not None else 0
         static = isinstance(cache, StaticKVCache)
-        if static:
+        fixed_shape = isinstance(cache, FixedShapeKVCache)  # its length lives on the device
+        past = cache.get_seq_length() if cache is not None and not fixed_shape else 0
+        if fixed_shape and (position_ids is None or node_filter is not None):
+            raise ValueError("a FixedShapeKVCache needs explicit position_ids and no node_filter (pruning "
+                             "changes shapes); use a StaticKVCache for pruned trees.")
+        if static and not fixed_shape:
             cache.check_room(new)
         if position_ids is None:
             if past + new > self.config.max_position_embeddings:
@@ -359,7 +392,9 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
                     f"{self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens."
                 )
             position_ids = torch.arange(past, past + new, device=input_ids.device).expand(batch, new)
-        elif not position_ids.is_cuda and int(position_ids.max()) >= self.config.max_position_embeddings:
+        elif not (fixed_shape or position_ids.is_cuda) and (
+            int(position_ids.max()) >= self.config.max_position_embeddings  # a sync: CPU only
+        ):
             raise ValueError(
                 f"position id {int(position_ids.max())} >= max_position_embeddings="
                 f"{self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens."
@@ -371,6 +406,13 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
             key_valid = attention_mask[:, -(past + new):].bool()
 
         def make_masks(position_ids, tree_mask):
+            if fixed_shape:
+                causal = torch.ones(new, new, dtype=torch.bool, device=input_ids.device).tril()
+                return build_fixed_shape_masks(
+                    position_ids, cache.key_positions(position_ids), cache.length,
+                    causal if tree_mask is None else tree_mask, self.config.window_size,
+                    set(self.config.attention_layers),
+                )
             if static:
                 query_positions, key_positions = position_ids, cache.key_positions(position_ids)
             else:  # upstream caches: positions by index (position_ids only feed the embedding)

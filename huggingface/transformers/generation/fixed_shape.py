@@ -1,0 +1,183 @@
+"""The fast path: Speculative Streaming with every decode step of one fixed shape.
+
+At batch 1 a small model's decode step is bound by kernel launches and Python, not by
+the GPU. So, gpt-fast style, the whole step (drafting the tree from the streams' top-k,
+the forward pass over the flattened tree, greedy verification, compaction of the
+accepted path's KV entries and the next root) runs on device tensors of fixed shape,
+against a `FixedShapeKVCache` whose length never leaves the device. On a GPU the step is
+captured once as a CUDA graph and replayed; the host reads one small tensor per step
+(accepted count, path tokens, predictions). Prefill is captured per prompt-length bucket
+(the prompt is padded at the end; causal masking keeps the padding invisible).
+
+Without CUDA graphs (the CPU, or ``cuda_graphs=False``) the same functions run eagerly,
+which is how the tests check that the fixed-shape step decodes exactly like the
+dynamic loop in `utils.py`. Differences from that loop, all for fixed shapes:
+- the tree is always the full tree; near ``max_new_tokens`` or the end of the context the
+  surplus drafts are computed and then ignored (positions past the context are clamped:
+  such nodes only feed tokens beyond what is emitted);
+- no tree pruning (it changes the number of nodes).
+``tree_widths=()`` gives plain one-token-per-call decoding (the `static` engine).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..cache_utils import FixedShapeKVCache
+from .utils import (
+    DEFAULT_TREE_WIDTHS,
+    SpeculativeStreamingOutput,
+    _no_timer,
+    build_tree_buffers,
+    check_generation_request,
+    draft_tree,
+    emit_tokens,
+    evaluate_paths,
+)
+
+DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+
+
+class FixedShapeDecoder:
+    """Reusable decoder for one model and one tree: buffers, cache and (on a GPU) CUDA
+    graphs are made once, then `generate` serves any prompt that fits the context."""
+
+    def __init__(self, model, tree_widths=DEFAULT_TREE_WIDTHS, cuda_graphs: bool | None = None,
+                 prefill_buckets=DEFAULT_PREFILL_BUCKETS):
+        config = model.config
+        self.model, self.device = model, model.device
+        if len(tree_widths) > config.num_spec_streams:
+            raise ValueError(
+                f"tree_widths={tuple(tree_widths)} has {len(tree_widths)} levels but the model has "
+                f"{config.num_spec_streams} speculative streams; pass at most that many widths."
+            )
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device; pass cuda_graphs=False on the CPU.")
+        self.tree = build_tree_buffers(tree_widths, self.device)
+        self.streams = config.num_spec_streams > 0 and self.tree.max_depth > 0
+        self.context = config.max_position_embeddings
+        self.buckets = sorted({min(b, self.context) for b in prefill_buckets} | {self.context})
+        self.cache = FixedShapeKVCache(config, 1, self.context + self.tree.size, self.device, model.dtype)
+        # static inputs and state: graphs read and write these addresses on every replay
+        self.prompt = torch.zeros(1, self.context, dtype=torch.long, device=self.device)
+        self.prompt_length = torch.ones((), dtype=torch.long, device=self.device)
+        self.root = torch.zeros((), dtype=torch.long, device=self.device)
+        self.root_streams = torch.zeros(config.num_spec_streams, config.hidden_size, dtype=model.dtype,
+                                        device=self.device)  # stream states at the last accepted node
+        self.graphs: dict = {}
+
+    # -- the two fixed-shape functions ---------------------------------------------------
+    def _prefill(self, bucket: int) -> torch.Tensor:
+        """Prompt (padded to ``bucket``) into the cache; returns the first new token (1,)."""
+        self.cache.length.zero_()
+        last = (self.prompt_length - 1).reshape(1)
+        positions = torch.arange(bucket, device=self.device)[None]
+        hidden, stream_hidden, _ = self.model.transformer(
+            self.prompt[:, :bucket], self.cache, position_ids=positions,
+            stream_positions=last if self.streams else None,
+        )
+        self.cache.length.copy_(self.prompt_length)  # the padding's entries become stale slots
+        self.root.copy_(self.model.lm_head(hidden[0].index_select(0, last)).argmax(dim=-1)[0])
+        if self.streams:
+            self.root_streams.copy_(stream_hidden[0, :, 0])
+        return self.root.reshape(1).clone()
+
+    def _step(self) -> torch.Tensor:
+        """One draft-verify step; returns ``[accepted, tokens on the best path (D+1),
+        main-stream predictions on it (D+1)]``, the step's only device-to-host copy."""
+        model, tree = self.model, self.tree
+        start = self.cache.length.clone()
+        stream_logits = model.lm_head(self.root_streams) if self.streams else None
+        tokens = draft_tree(self.root, stream_logits, tree)
+        positions = (start + tree.depths).clamp(max=self.context - 1)[None]
+        hidden, stream_hidden, _ = model.transformer(
+            tokens[None], self.cache, position_ids=positions, tree_mask=tree.tree_mask,
+            stream_positions="all" if self.streams else None,
+        )
+        predictions = model.lm_head(hidden[0]).argmax(dim=-1)
+        best, accepted = evaluate_paths(tokens, predictions, tree)
+        # index with index_select/gather, never tensor[0-d tensor]: that reads the value on the host
+        path = tree.paths.index_select(0, best.reshape(1))[0]
+        self.cache.compact(start, start + path)  # the whole path moves; only the accepted part counts
+        self.cache.length.copy_(start + accepted + 1)
+        last = path.gather(0, accepted.reshape(1))  # (1,): the last accepted node
+        self.root.copy_(predictions.index_select(0, last)[0])
+        if self.streams:
+            self.root_streams.copy_(stream_hidden[0].index_select(1, last)[:, 0])
+        return torch.cat([accepted.reshape(1), tokens[path], predictions[path]])
+
+    # -- CUDA graphs ----------------------------------------------------------------------
+    def _capture(self, function):
+        """Warm up on a side stream (lazy initialisation stays out of the graph), then
+        record one call. Warm-up runs change the cache and the state; every `generate`
+        starts with a prefill, which resets both."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                function()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = function()
+        return graph, output
+
+    def _run(self, key, function):
+        if not self.cuda_graphs:
+            return function()
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(function)
+        graph, output = self.graphs[key]
+        graph.replay()
+        return output
+
+    @torch.no_grad()
+    def capture(self, max_prompt_length: int | None = None) -> None:
+        """Capture the step and the prefill buckets up to ``max_prompt_length`` now, so
+        that no capture happens inside a timed `generate`. No-op without CUDA graphs."""
+        if not self.cuda_graphs:
+            return
+        self._run("step", self._step)
+        largest = self.buckets.index(self._bucket(max_prompt_length or self.context))
+        for bucket in self.buckets[: largest + 1]:
+            self._run(("prefill", bucket), lambda: self._prefill(bucket))
+
+    def _bucket(self, prompt_length: int) -> int:
+        return next(b for b in self.buckets if b >= prompt_length)
+
+    # -- the host loop --------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(), streamer=None,
+                 timer=None) -> SpeculativeStreamingOutput:
+        """Greedy decoding of one prompt (1, P); same output as `speculative_streaming_decode`."""
+        check_generation_request(self.model.config, input_ids, max_new_tokens)
+        timer = timer or _no_timer
+        eos_token_ids = set(eos_token_ids)
+        if self.cuda_graphs and "step" not in self.graphs:
+            self.graphs["step"] = self._capture(self._step)  # before the prefill that resets its warm-up
+        prompt_length, depth = input_ids.shape[1], self.tree.max_depth
+        bucket = self._bucket(prompt_length)
+        with timer("prefill"):
+            self.prompt[0, :prompt_length].copy_(input_ids[0])
+            self.prompt_length.fill_(prompt_length)
+            generated = self._run(("prefill", bucket), lambda: self._prefill(bucket)).tolist()
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+            streamer.put(torch.tensor(generated))
+        accepted_lengths = []
+        while generated[-1] not in eos_token_ids and len(generated) < max_new_tokens:
+            with timer("step"):
+                summary = self._run("step", self._step).tolist()
+            accepted = summary[0]
+            new_tokens = summary[2 : 2 + accepted] + [summary[2 + depth + accepted]]
+            accepted_lengths.append(len(new_tokens))
+            emitted = emit_tokens(generated, new_tokens, eos_token_ids, max_new_tokens)
+            if streamer is not None:
+                streamer.put(torch.tensor(emitted))
+        if streamer is not None:
+            streamer.end()
+        new = torch.tensor([generated], device=input_ids.device, dtype=input_ids.dtype)
+        return SpeculativeStreamingOutput(
+            sequences=torch.cat([input_ids, new], dim=1), num_forward_calls=1 + len(accepted_lengths),
+            accepted_lengths=accepted_lengths, tree_sizes=[self.tree.size] * len(accepted_lengths),
+        )

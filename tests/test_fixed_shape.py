@@ -1,0 +1,145 @@
+"""The fixed-shape (CUDA-graph-ready) step decodes exactly like the dynamic loop and greedy.
+
+On the CPU the fixed-shape functions run eagerly; these tests check the tokens they
+produce. The graph capture itself is exercised when a GPU is present."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from huggingface.transformers.cache_utils import FixedShapeKVCache, StaticKVCache
+from huggingface.transformers.generation.fixed_shape import FixedShapeDecoder
+from tests.conftest import TINY, phrase_text, tiny_model
+
+NEW = 30
+
+
+def greedy(model, ids, max_new_tokens=NEW, eos_token_id=None):
+    return model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                          pad_token_id=0)
+
+
+def test_fixed_shape_cache_forward_equals_dynamic_cache():
+    """Prefill, then a tree chunk: same outputs whether the cache slices or masks stale slots."""
+    model = tiny_model(num_spec_streams=2, num_stream_layers=2, attn_implementation="sdpa")
+    config = model.config
+    ids = torch.randint(1, TINY["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(0))
+    tree_mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    chunk, chunk_positions = ids[:, :3], torch.tensor([[20, 21, 21]])
+    dynamic, fixed = StaticKVCache(config, 1, 40), FixedShapeKVCache(config, 1, 40)
+    fixed.keys.normal_()  # stale slots must be masked, whatever they hold
+    outputs = []
+    for cache in (dynamic, fixed):
+        model.transformer(ids, cache, position_ids=torch.arange(20)[None])
+        outputs.append(model.transformer(chunk, cache, position_ids=chunk_positions, tree_mask=tree_mask,
+                                         stream_positions="all"))
+    (main_d, streams_d, _), (main_f, streams_f, _) = outputs
+    assert torch.allclose(main_d, main_f, atol=1e-5) and torch.allclose(streams_d, streams_f, atol=1e-5)
+    assert int(fixed.length) == dynamic.length == 23
+
+
+@pytest.mark.parametrize("tree_widths", [(4, 3, 2), (2, 2), ()])
+def test_fixed_shape_decoder_identical_to_greedy_and_dynamic_loop(trained_model, tree_widths):
+    decoder = FixedShapeDecoder(trained_model, tree_widths, cuda_graphs=False, prefill_buckets=(8, 16, 32))
+    generator = torch.Generator().manual_seed(5)
+    calls = 0
+    for i in range(40):
+        ids = phrase_text(1, 1 + i % 30, generator)
+        out = decoder.generate(ids, NEW)
+        assert torch.equal(out.sequences, greedy(trained_model, ids))
+        dynamic = trained_model.generate(ids, speculative_streaming=True, tree_widths=tree_widths or None,
+                                         max_new_tokens=NEW, eos_token_id=None, return_dict_in_generate=True)
+        if tree_widths:
+            assert out.accepted_lengths[:-1] == dynamic.accepted_lengths[:-1]
+        calls += out.num_forward_calls
+    print(f"fixed-shape decoder, tree {tree_widths}: {40 * NEW / calls:.2f} tokens per forward call")
+    if not tree_widths:
+        assert calls == 40 * NEW
+
+
+def test_fixed_shape_decoder_random_prompts_and_weights():
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2, attn_implementation="sdpa")
+    decoder = FixedShapeDecoder(model, (4, 3, 2), cuda_graphs=False)
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(20):
+        ids = torch.randint(1, TINY["vocab_size"], (1, int(torch.randint(1, 60, (1,), generator=generator))),
+                            generator=generator)
+        assert torch.equal(decoder.generate(ids, NEW).sequences, greedy(model, ids))
+
+
+def test_eos_and_max_new_tokens_in_the_middle_of_a_tree(trained_model):
+    """A well-trained model accepts long paths, so EOS and the token budget fall mid-path."""
+    decoder = FixedShapeDecoder(trained_model, (4, 3, 2), cuda_graphs=False)
+    generator = torch.Generator().manual_seed(7)
+    mid_path_stops = 0
+    for i in range(30):
+        ids = phrase_text(1, 6 + i, generator)
+        reference = greedy(trained_model, ids, max_new_tokens=NEW)[0, ids.shape[1]:]
+        eos = int(reference[4 + i % 7])  # a token greedy decoding emits a few steps in
+        out = decoder.generate(ids, NEW, eos_token_ids={eos})
+        assert torch.equal(out.sequences, greedy(trained_model, ids, eos_token_id=eos))
+        budget = 3 + i % 11
+        out = decoder.generate(ids, budget)
+        assert torch.equal(out.sequences, greedy(trained_model, ids, max_new_tokens=budget))
+        assert out.sequences.shape[1] == ids.shape[1] + budget
+        mid_path_stops += 1 + sum(out.accepted_lengths) > budget
+    assert mid_path_stops > 0  # the budget really cut an accepted path
+
+
+def test_prompt_at_the_end_of_the_context():
+    """Tree nodes past the last position are clamped and never emitted."""
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2, attn_implementation="sdpa")
+    decoder = FixedShapeDecoder(model, (2, 2, 2), cuda_graphs=False)
+    context = TINY["max_position_embeddings"]
+    ids = torch.randint(1, TINY["vocab_size"], (1, context - 5), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(decoder.generate(ids, 6).sequences, greedy(model, ids, max_new_tokens=6))
+    with pytest.raises(ValueError, match="exceeds the context"):
+        decoder.generate(ids, 7)
+
+
+def test_bad_requests_are_clear_errors():
+    model = tiny_model(num_spec_streams=2, num_stream_layers=2)
+    with pytest.raises(ValueError, match="speculative streams"):
+        FixedShapeDecoder(model, (2, 2, 2), cuda_graphs=False)
+    with pytest.raises(ValueError, match="CUDA device"):
+        FixedShapeDecoder(model, (2, 2), cuda_graphs=True)
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        FixedShapeDecoder(model, (2,), cuda_graphs=False).generate(torch.ones(2, 4, dtype=torch.long), 4)
+
+
+class HostSyncDetector(TorchDispatchMode):
+    """Fails on any op that makes the host wait for a device value (forbidden in a CUDA
+    graph): reading a scalar, or an output whose shape depends on data."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "item")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        assert name not in self.SYNCING, f"{name} syncs the host inside a fixed-shape step"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("tree_widths", [(4, 3, 2), ()])
+def test_fixed_shape_functions_never_sync_the_host(trained_model, tree_widths):
+    """What makes the step capturable as a CUDA graph, checked on the CPU."""
+    decoder = FixedShapeDecoder(trained_model, tree_widths, cuda_graphs=False, prefill_buckets=(16,))
+    ids = phrase_text(1, 10, torch.Generator().manual_seed(10))
+    decoder.prompt[0, :10] = ids[0]
+    decoder.prompt_length.fill_(10)
+    with torch.no_grad(), HostSyncDetector():
+        decoder._prefill(16)
+        for _ in range(3):
+            decoder._step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_identical_to_eager(trained_model):
+    model = trained_model.cuda()
+    graphed = FixedShapeDecoder(model, (4, 3, 2), cuda_graphs=True, prefill_buckets=(16, 32))
+    eager = FixedShapeDecoder(model, (4, 3, 2), cuda_graphs=False)
+    generator = torch.Generator().manual_seed(9)
+    try:
+        for i in range(20):
+            ids = phrase_text(1, 1 + i, generator).cuda()
+            assert torch.equal(graphed.generate(ids, NEW).sequences, eager.generate(ids, NEW).sequences)
+    finally:
+        trained_model.cpu()
