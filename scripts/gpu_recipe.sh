@@ -11,7 +11,11 @@
 # image) get it from a .whl/ folder next to this checkout when one is there:
 #   pip download rouge-score nltk absl-py -d .whl      # on a machine with an index
 set -euo pipefail
-data_dir=${1:?usage: scripts/gpu_recipe.sh DATA_DIR [OUTPUT_DIR] [dataset_tps.py arguments]}
+if [ $# -lt 1 ]; then
+  echo "usage: scripts/gpu_recipe.sh DATA_DIR [OUTPUT_DIR] [dataset_tps.py arguments]" >&2
+  exit 2
+fi
+data_dir=$1
 output=${2:-results/gpu}
 shift $(( $# >= 2 ? 2 : 1 ))
 cd "$(dirname "$0")/.."
@@ -20,9 +24,10 @@ mkdir -p "$output"
 if ! python -c "import rouge_score" 2>/dev/null && [ -d .whl ]; then
   pip install -q --no-index --find-links .whl rouge-score
 fi
-python - <<'PY'
-import torch
-assert torch.cuda.is_available(), "gpu_recipe.sh needs a CUDA device; on a CPU run dataset_tps.py directly"
+python - <<'PY' || exit 2
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit("error: gpu_recipe.sh needs a CUDA device; on a CPU run dataset_tps.py directly")
 print("GPU:", torch.cuda.get_device_name(), "| torch", torch.__version__)
 PY
 

@@ -26,6 +26,14 @@ def machine_label(report: dict) -> str:
     return machine.get("gpu") or f"{machine.get('cpu', 'CPU')} ({machine.get('cpu_threads', '?')} threads)"
 
 
+def finish(figure, axes, title, path):
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_tokens_per_second(rows, label, path):
     datasets = sorted({r["dataset"] for r in rows})
     engines = list(dict.fromkeys(r["engine"] for r in rows))
@@ -37,11 +45,7 @@ def plot_tokens_per_second(rows, label, path):
         axes.bar([x + i * width for x in range(len(datasets))], values, width, label=engine)
     axes.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(datasets))], datasets)
     axes.set_ylabel("tokens / s (batch 1, greedy)")
-    axes.set_title(f"Decoding speed on {label}")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    finish(figure, axes, f"Decoding speed on {label}", path)
 
 
 def plot_speedup(rows, label, path):
@@ -54,11 +58,7 @@ def plot_speedup(rows, label, path):
     axes.axhline(1.0, color="grey", linewidth=0.5)
     axes.set_xlabel("tokens per forward call")
     axes.set_ylabel("speedup over naive (tokens/s ratio)")
-    axes.set_title(f"Speedup against acceptance on {label}")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    finish(figure, axes, f"Speedup against acceptance on {label}", path)
 
 
 def plot_step_breakdown(rows, label, path):
@@ -75,11 +75,7 @@ def plot_step_breakdown(rows, label, path):
         axes.bar([r["dataset"] for r in rows], values, bottom=bottoms, label=section)
         bottoms = [b + v for b, v in zip(bottoms, values)]
     axes.set_ylabel("ms per tree step")
-    axes.set_title(f"spec_stream step time on {label}")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    finish(figure, axes, f"spec_stream step time on {label}", path)
     return True
 
 

@@ -45,15 +45,10 @@ class FixedShapeDecoder:
                  prefill_buckets=DEFAULT_PREFILL_BUCKETS):
         config = model.config
         self.model, self.device = model, model.device
-        if len(tree_widths) > config.num_spec_streams:
-            raise ValueError(
-                f"tree_widths={tuple(tree_widths)} has {len(tree_widths)} levels but the model has "
-                f"{config.num_spec_streams} speculative streams; pass at most that many widths."
-            )
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device; pass cuda_graphs=False on the CPU.")
-        self.tree = build_tree_buffers(tree_widths, self.device)
+        self.tree = build_tree_buffers(tree_widths, self.device, num_streams=config.num_spec_streams)
         self.streams = config.num_spec_streams > 0 and self.tree.max_depth > 0
         self.context = config.max_position_embeddings
         self.buckets = sorted({min(b, self.context) for b in prefill_buckets} | {self.context})

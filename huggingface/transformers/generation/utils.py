@@ -74,10 +74,16 @@ class TreeBuffers:
         )
 
 
-def build_tree_buffers(tree_widths, device=None) -> TreeBuffers:
-    """Tree of ``1 + sum_j prod_{i<=j} k_i`` nodes for widths ``(k_1, ..., k_D)``."""
+def build_tree_buffers(tree_widths, device=None, num_streams: int | None = None) -> TreeBuffers:
+    """Tree of ``1 + sum_j prod_{i<=j} k_i`` nodes for widths ``(k_1, ..., k_D)``; with
+    ``num_streams``, checks that the model has a stream for every level."""
     if any(int(k) < 1 for k in tree_widths):
         raise ValueError(f"tree_widths={tuple(tree_widths)}: every width must be >= 1.")
+    if num_streams is not None and len(tree_widths) > num_streams:
+        raise ValueError(
+            f"tree_widths={tuple(tree_widths)} has {len(tree_widths)} levels but the model has "
+            f"{num_streams} speculative streams; pass at most that many widths."
+        )
     levels = [[()]]  # each node named by its top-k ranks from the root down
     for width in tree_widths:
         levels.append([name + (rank,) for name in levels[-1] for rank in range(int(width))])
@@ -220,15 +226,10 @@ def speculative_streaming_decode(
     timer = timer or _no_timer
     prompt_length = input_ids.shape[1]
     check_generation_request(config, input_ids, max_new_tokens)
-    if len(tree_widths) > config.num_spec_streams:
-        raise ValueError(
-            f"tree_widths={tuple(tree_widths)} has {len(tree_widths)} levels but the model has "
-            f"{config.num_spec_streams} speculative streams; pass at most that many widths."
-        )
     if prune_threshold and (config.num_spec_streams == 0 or not config.pruner_rank):
         raise ValueError("prune_threshold needs a model with streams and a pruning adapter (pruner_rank > 0).")
     device = input_ids.device
-    buffers = build_tree_buffers(tree_widths, device)
+    buffers = build_tree_buffers(tree_widths, device, num_streams=config.num_spec_streams)
     trees_by_depth = [buffers.truncated(depth) for depth in range(buffers.max_depth + 1)]
     cache = StaticKVCache(
         config, 1, prompt_length + max_new_tokens + buffers.size, device, model.dtype
@@ -336,11 +337,13 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
         if max_new_tokens is None:
             max_new_tokens = max(generation_config.max_length - input_ids.shape[1], 0)
         tree_widths = extra.get("tree_widths")  # () is a tree of the root alone: one token per call
+        if tree_widths is None:
+            tree_widths = DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams]
         eos = generation_config.eos_token_id
         eos_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
         output = speculative_streaming_decode(
             self, prompt, max_new_tokens, eos_ids,
-            tree_widths=tuple(DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams] if tree_widths is None else tree_widths),
+            tree_widths=tuple(tree_widths),
             streamer=extra.get("streamer"), timer=extra.get("step_timer"),
             prune_threshold=float(extra.get("prune_threshold") or 0.0),
         )
