@@ -15,7 +15,8 @@ import transformers
 from tqdm.auto import tqdm
 
 from spec_stream.data import TASKS, load_examples
-from spec_stream.engines import Engine, GenerationResult, build_engine, synchronize
+from spec_stream.engines import Engine, GenerationResult, build_engine
+from spec_stream.timing import synchronize
 from spec_stream.errors import UserError
 from spec_stream.metrics import task_quality
 

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 
-from huggingface.transformers.generation.fixed_shape import FixedShapeDecoder
-from huggingface.transformers.generation.utils import StepTimer
-from spec_stream import GPTNeoForCausalLM
+from spec_stream import FixedShapeDecoder, GPTNeoForCausalLM
 from spec_stream.errors import UserError
+from spec_stream.timing import StepTimer, synchronize
 
 ENGINE_NAMES = ("naive", "half", "flash_attention2", "prompt_lookup", "assisted", "static", "spec_stream")
 
@@ -42,11 +41,6 @@ class GenerationResult:
     drafted: int = 0  # draft tokens the verifier could have accepted (tree depth per step)
     accepted: int = 0  # draft tokens it did accept
     step_seconds: dict[str, float] = field(default_factory=dict)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def load_upstream(checkpoint: str, attn_implementation: str):

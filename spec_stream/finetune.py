@@ -26,8 +26,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import shifted_cross_entropy
-from spec_stream import GPTNeoConfig, GPTNeoForCausalLM
+from spec_stream import GPTNeoConfig, GPTNeoForCausalLM, shifted_cross_entropy
 from spec_stream.checkpoints import (MODEL_SIZES, TRAINING_ARGS, atomic_directory, build_from_scratch, load_base,
                                      write_json)
 from spec_stream.data import TASKS, get_task, load_examples, tokenize_example

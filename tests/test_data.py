@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -17,18 +16,6 @@ from spec_stream.data import (
     tokenize_example,
 )
 from spec_stream.errors import UserError
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """The shared local copies (``shared/`` beside the checkout) or ``$SPEC_STREAM_DATA_DIR``."""
-    candidates = [Path(__file__).resolve().parents[1].parent / "shared" / "datasets"]
-    if os.environ.get("SPEC_STREAM_DATA_DIR"):
-        candidates.append(Path(os.environ["SPEC_STREAM_DATA_DIR"]))
-    for candidate in candidates:
-        if (candidate / "e2e_nlg" / "test.jsonl").is_file():
-            return candidate
-    pytest.skip("local datasets not found: expected ../shared/datasets beside the checkout or $SPEC_STREAM_DATA_DIR")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -85,7 +85,7 @@ def test_bad_input_is_one_line_exit_2(args, words):
 
 
 def test_checkpoint_without_streams_is_refused(tmp_path, data_dir):
-    from tests.conftest import tiny_model
+    from tests.helpers import tiny_model
 
     tiny_model().save_pretrained(tmp_path / "plain")  # num_spec_streams = 0
     result = run_cli("--model", str(tmp_path / "plain"), "--dataset", "e2e_nlg", "--data-dir", str(data_dir))

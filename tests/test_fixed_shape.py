@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from huggingface.transformers.cache_utils import FixedShapeKVCache, StaticKVCache
 from huggingface.transformers.generation.fixed_shape import FixedShapeDecoder
-from tests.conftest import TINY, phrase_text, tiny_model
+from tests.helpers import TINY, phrase_text, tiny_model
 
 NEW = 30
 

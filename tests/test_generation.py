@@ -4,7 +4,7 @@ import torch
 from transformers import TextStreamer
 
 from huggingface.transformers.generation.utils import build_tree_buffers, evaluate_paths
-from tests.conftest import TINY, phrase_text, tiny_model, upstream_twin
+from tests.helpers import TINY, phrase_text, tiny_model, upstream_twin
 
 NEW = 30
 

@@ -5,8 +5,8 @@ import transformers
 
 from huggingface.transformers.cache_utils import StaticKVCache
 from huggingface.transformers.generation.utils import build_tree_buffers
-from spec_stream import GPTNeoConfig, GPTNeoForCausalLM
-from tests.conftest import TINY, tiny_config, tiny_model, upstream_twin
+from spec_stream import GPTNeoForCausalLM
+from tests.helpers import TINY, tiny_config, tiny_model, upstream_twin
 
 SEQ = 24  # > window_size (5): local layers drop keys
 

@@ -1,0 +1,44 @@
+"""Every default of spec-stream, set once, each with the reason for its value.
+
+The model and its `generate` live in the patched `transformers` layer (`huggingface/`),
+which cannot import this package; the defaults that layer needs (the draft tree, the
+prefill buckets of the fixed-shape path, the loss weights) are defined there, next to the code that uses them, and re-exported
+here so that this module lists them all. Everything else is defined here and nowhere else:
+command-line parsers, the benchmark and the fine-tuning code read their defaults from it.
+"""
+from __future__ import annotations
+
+from huggingface.transformers.generation.fixed_shape import DEFAULT_PREFILL_BUCKETS  # prompt-length graphs
+from huggingface.transformers.generation.utils import DEFAULT_TREE_WIDTHS  # (4, 3, 2): the paper's tree
+from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoConfig
+
+# -- the method --------------------------------------------------------------------------
+MAIN_LOSS_WEIGHT = GPTNeoConfig.main_loss_weight  # a0 = 1.0: the main stream is the model itself
+STREAM_LOSS_WEIGHT = GPTNeoConfig.stream_loss_weight  # a_j = 0.1 (paper): streams must not hurt the main stream
+PRUNER_LOSS_WEIGHT = 0.1  # early-exit CE beside the main loss: the adapter is a side task, like the streams
+NUM_SPEC_STREAMS = 3  # gamma: the paper's 3-4; a 4th stream rarely survives verification on small models
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")  # every linear layer of a block
+
+# -- fine-tuning ---------------------------------------------------------------------------
+LEARNING_RATE = 5e-4  # paper recipe for fine-tuning a pretrained model
+LEARNING_RATE_TINY = 3e-3  # a 0.3M-parameter model from scratch learns nothing in budget at 5e-4
+WARMUP_RATIO = 0.02  # a short warm-up keeps AdamW's first steps from blowing up fresh stream embeddings
+BATCH_SIZE = 16  # per process; fits a 125M model at length 512 in 16 GiB and keeps CPU steps short
+MAX_LENGTH = 512  # covers 99% of DialogSum prompt + summary with the from-scratch tokenizers
+MAX_EVAL_SAMPLES = 200  # enough for stream accuracies to +-0.01, quick on a CPU
+SAVE_EVERY = 500  # steps between resumable checkpoints (plus one at every epoch end)
+GPU_PEAK_TFLOPS = 989.0  # H100 bf16 dense: the denominator of MFU on a GPU
+
+# -- default checkpoints the benchmark prepares once per dataset (from scratch: offline) --
+DEFAULT_RECIPES = {
+    "cpu": dict(size="tiny", max_train_samples=1500, epochs=2),  # ~13 min per dataset on 2 cores
+    "cuda": dict(size="125M", max_train_samples=None, epochs=1),  # GPT-Neo-125M shape, full train split
+}
+
+# -- the benchmark -------------------------------------------------------------------------
+DATASETS = ("spider", "dialogsum", "e2e_nlg")  # the paper's three tasks, in its order
+NUM_SAMPLES = {"cpu": 20, "cuda": 30}  # prompts per dataset: 2-core CPU minutes, not hours
+MAX_NEW_TOKENS = {"cpu": 64, "cuda": 128}  # long enough for several tree steps per prompt
+PROMPT_LOOKUP_TOKENS = 10  # transformers' own default for prompt_lookup_num_tokens
+
+__all__ = [name for name in dir() if name.isupper()]  # noqa: F822 (re-exports included)
