@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from huggingface.transformers.cache_utils import FixedShapeKVCache, StaticKVCache
+from huggingface.transformers.cache_utils import FixedShapeKVCache, VariableLengthKVCache
 from huggingface.transformers.generation.fixed_shape import FixedShapeDecoder
 from tests.helpers import TINY, phrase_text, tiny_model
 
@@ -25,15 +25,15 @@ def test_fixed_shape_cache_forward_equals_dynamic_cache():
     ids = torch.randint(1, TINY["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(0))
     tree_mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
     chunk, chunk_positions = ids[:, :3], torch.tensor([[20, 21, 21]])
-    dynamic, fixed = StaticKVCache(config, 1, 40), FixedShapeKVCache(config, 1, 40)
+    dynamic, fixed = VariableLengthKVCache(config, 1, 40), FixedShapeKVCache(config, 1, 40)
     fixed.keys.normal_()  # stale slots must be masked, whatever they hold
     outputs = []
     for cache in (dynamic, fixed):
-        model.transformer(ids, cache, position_ids=torch.arange(20)[None])
-        outputs.append(model.transformer(chunk, cache, position_ids=chunk_positions, tree_mask=tree_mask,
-                                         stream_positions="all"))
-    (main_d, streams_d, _), (main_f, streams_f, _) = outputs
-    assert torch.allclose(main_d, main_f, atol=1e-5) and torch.allclose(streams_d, streams_f, atol=1e-5)
+        model.run_tree(ids, cache, torch.arange(20)[None])
+        outputs.append(model.run_tree(chunk, cache, chunk_positions, tree_mask))
+    variable, fixed_shape = outputs
+    assert torch.allclose(variable.logits, fixed_shape.logits, atol=1e-5)
+    assert torch.allclose(variable.stream_states, fixed_shape.stream_states, atol=1e-5)
     assert int(fixed.length) == dynamic.length == 23
 
 

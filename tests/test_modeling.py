@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers
 
-from huggingface.transformers.cache_utils import StaticKVCache
+from huggingface.transformers.cache_utils import VariableLengthKVCache
 from huggingface.transformers.generation.utils import build_tree_buffers
 from spec_stream import GPTNeoForCausalLM
 from tests.helpers import TINY, tiny_config, tiny_model, upstream_twin
@@ -74,7 +74,7 @@ def test_incremental_decoding_equals_full_forward(implementation):
     ids = torch.randint(1, TINY["vocab_size"], (1, SEQ))
     with torch.no_grad():
         full = model(ids, stream_positions="all")
-        cache = StaticKVCache(model.config, 1, SEQ, dtype=torch.float32)
+        cache = VariableLengthKVCache(model.config, 1, SEQ, dtype=torch.float32)
         prefix = model(ids[:, :8], past_key_values=cache)
         steps = [model(ids[:, i : i + 1], past_key_values=cache, stream_positions="all") for i in range(8, SEQ)]
         dynamic = model(ids[:, :8], use_cache=True)
@@ -96,7 +96,7 @@ def test_tree_chunk_equals_full_forward_of_each_path(implementation):
     prefix = torch.randint(1, TINY["vocab_size"], (1, prefix_len))
     tokens = torch.randint(1, TINY["vocab_size"], (tree.size,))
     with torch.no_grad():
-        cache = StaticKVCache(model.config, 1, prefix_len + tree.size + 1)
+        cache = VariableLengthKVCache(model.config, 1, prefix_len + tree.size + 1)
         model(prefix, past_key_values=cache)
         out = model(tokens[None], past_key_values=cache, position_ids=(prefix_len + tree.depths)[None],
                     tree_mask=tree.tree_mask, stream_positions="all")
@@ -173,7 +173,7 @@ def test_too_long_sequence_and_cache_overflow_raise_value_error():
     model = tiny_model()
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.ones(1, TINY["max_position_embeddings"] + 1, dtype=torch.long))
-    cache = StaticKVCache(model.config, 1, 8)
+    cache = VariableLengthKVCache(model.config, 1, 8)
     model(torch.ones(1, 6, dtype=torch.long), past_key_values=cache)
     with pytest.raises(ValueError, match="overflow"):
         model(torch.ones(1, 3, dtype=torch.long), past_key_values=cache)

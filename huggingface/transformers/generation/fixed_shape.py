@@ -9,9 +9,10 @@ captured once as a CUDA graph and replayed; the host reads one small tensor per 
 (accepted count, path tokens, predictions). Prefill is captured per prompt-length bucket
 (the prompt is padded at the end; causal masking keeps the padding invisible).
 
-Without CUDA graphs (the CPU, or ``cuda_graphs=False``) the same functions run eagerly,
-which is how the tests check that the fixed-shape step decodes exactly like the
-dynamic loop in `utils.py`. Differences from that loop, all for fixed shapes:
+The host loop is `utils.decode`, shared with the dynamic path: this class supplies only
+`prefill` and `step`. Without CUDA graphs (the CPU, or ``cuda_graphs=False``) the same
+functions run eagerly, which is how the tests check that the fixed-shape step decodes
+exactly like the dynamic path. Differences from that loop, all for fixed shapes:
 - the tree is always the full tree; near ``max_new_tokens`` or the end of the context the
   surplus drafts are computed and then ignored (positions past the context are clamped:
   such nodes only feed tokens beyond what is emitted);
@@ -26,12 +27,11 @@ from ..cache_utils import FixedShapeKVCache
 from .utils import (
     DEFAULT_TREE_WIDTHS,
     SpeculativeStreamingOutput,
-    _no_timer,
     build_tree_buffers,
-    check_generation_request,
+    decode,
     draft_tree,
-    emit_tokens,
     evaluate_paths,
+    step_summary,
 )
 
 DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -57,6 +57,7 @@ class FixedShapeDecoder:
         self.prompt = torch.zeros(1, self.context, dtype=torch.long, device=self.device)
         self.prompt_length = torch.ones((), dtype=torch.long, device=self.device)
         self.root = torch.zeros((), dtype=torch.long, device=self.device)
+        self.tree_size = torch.tensor(self.tree.size, device=self.device)
         self.root_streams = torch.zeros(config.num_spec_streams, config.hidden_size, dtype=model.dtype,
                                         device=self.device)  # stream states at the last accepted node
         self.graphs: dict = {}
@@ -67,29 +68,23 @@ class FixedShapeDecoder:
         self.cache.length.zero_()
         last = (self.prompt_length - 1).reshape(1)
         positions = torch.arange(bucket, device=self.device)[None]
-        hidden, stream_hidden, _ = self.model.transformer(
-            self.prompt[:, :bucket], self.cache, position_ids=positions,
-            stream_positions=last if self.streams else None,
-        )
+        out = self.model.run_tree(self.prompt[:, :bucket], self.cache, positions, streams=self.streams,
+                                  logit_positions=last)
         self.cache.length.copy_(self.prompt_length)  # the padding's entries become stale slots
-        self.root.copy_(self.model.lm_head(hidden[0].index_select(0, last)).argmax(dim=-1)[0])
+        self.root.copy_(out.logits[0, 0].argmax())
         if self.streams:
-            self.root_streams.copy_(stream_hidden[0, :, 0])
+            self.root_streams.copy_(out.stream_states[0, :, 0])
         return self.root.reshape(1).clone()
 
     def _step(self) -> torch.Tensor:
-        """One draft-verify step; returns ``[accepted, tokens on the best path (D+1),
-        main-stream predictions on it (D+1)]``, the step's only device-to-host copy."""
+        """One draft-verify step; returns its summary (`utils.TreeDecodingSteps`)."""
         model, tree = self.model, self.tree
         start = self.cache.length.clone()
-        stream_logits = model.lm_head(self.root_streams) if self.streams else None
+        stream_logits = model.draft_logits(self.root_streams) if self.streams else None
         tokens = draft_tree(self.root, stream_logits, tree)
         positions = (start + tree.depths).clamp(max=self.context - 1)[None]
-        hidden, stream_hidden, _ = model.transformer(
-            tokens[None], self.cache, position_ids=positions, tree_mask=tree.tree_mask,
-            stream_positions="all" if self.streams else None,
-        )
-        predictions = model.lm_head(hidden[0]).argmax(dim=-1)
+        out = model.run_tree(tokens[None], self.cache, positions, tree.tree_mask, streams=self.streams)
+        predictions = out.logits[0].argmax(dim=-1)
         best, accepted = evaluate_paths(tokens, predictions, tree)
         # index with index_select/gather, never tensor[0-d tensor]: that reads the value on the host
         path = tree.paths.index_select(0, best.reshape(1))[0]
@@ -98,8 +93,23 @@ class FixedShapeDecoder:
         last = path.gather(0, accepted.reshape(1))  # (1,): the last accepted node
         self.root.copy_(predictions.index_select(0, last)[0])
         if self.streams:
-            self.root_streams.copy_(stream_hidden[0].index_select(1, last)[:, 0])
-        return torch.cat([accepted.reshape(1), tokens[path], predictions[path]])
+            self.root_streams.copy_(out.stream_states[0].index_select(1, last)[:, 0])
+        return step_summary(accepted, self.tree_size, tokens[path], predictions[path])
+
+    # -- what `utils.decode` calls ---------------------------------------------------------
+    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        if self.cuda_graphs and "step" not in self.graphs:
+            self.graphs["step"] = self._capture(self._step)  # before the prefill that resets its warm-up
+        prompt_length = input_ids.shape[1]
+        bucket = self._bucket(prompt_length)
+        self.prompt[0, :prompt_length].copy_(input_ids[0])
+        self.prompt_length.fill_(prompt_length)
+        return self._run(("prefill", bucket), lambda: self._prefill(bucket))
+
+    def step(self, remaining: int, timer) -> torch.Tensor:
+        """The full tree whatever ``remaining`` is: surplus drafts are computed and ignored."""
+        with timer("step"):
+            return self._run("step", self._step)
 
     # -- CUDA graphs ----------------------------------------------------------------------
     def _capture(self, function):
@@ -140,39 +150,8 @@ class FixedShapeDecoder:
     def _bucket(self, prompt_length: int) -> int:
         return next(b for b in self.buckets if b >= prompt_length)
 
-    # -- the host loop --------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(), streamer=None,
                  timer=None) -> SpeculativeStreamingOutput:
-        """Greedy decoding of one prompt (1, P); same output as `speculative_streaming_decode`."""
-        check_generation_request(self.model.config, input_ids, max_new_tokens)
-        timer = timer or _no_timer
-        eos_token_ids = set(eos_token_ids)
-        if self.cuda_graphs and "step" not in self.graphs:
-            self.graphs["step"] = self._capture(self._step)  # before the prefill that resets its warm-up
-        prompt_length, depth = input_ids.shape[1], self.tree.max_depth
-        bucket = self._bucket(prompt_length)
-        with timer("prefill"):
-            self.prompt[0, :prompt_length].copy_(input_ids[0])
-            self.prompt_length.fill_(prompt_length)
-            generated = self._run(("prefill", bucket), lambda: self._prefill(bucket)).tolist()
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-            streamer.put(torch.tensor(generated))
-        accepted_lengths = []
-        while generated[-1] not in eos_token_ids and len(generated) < max_new_tokens:
-            with timer("step"):
-                summary = self._run("step", self._step).tolist()
-            accepted = summary[0]
-            new_tokens = summary[2 : 2 + accepted] + [summary[2 + depth + accepted]]
-            accepted_lengths.append(len(new_tokens))
-            emitted = emit_tokens(generated, new_tokens, eos_token_ids, max_new_tokens)
-            if streamer is not None:
-                streamer.put(torch.tensor(emitted))
-        if streamer is not None:
-            streamer.end()
-        new = torch.tensor([generated], device=input_ids.device, dtype=input_ids.dtype)
-        return SpeculativeStreamingOutput(
-            sequences=torch.cat([input_ids, new], dim=1), num_forward_calls=1 + len(accepted_lengths),
-            accepted_lengths=accepted_lengths, tree_sizes=[self.tree.size] * len(accepted_lengths),
-        )
+        """Greedy decoding of one prompt (1, P); same output as the dynamic path."""
+        return decode(self, self.model.config, input_ids, max_new_tokens, eos_token_ids, streamer, timer)

@@ -1,9 +1,13 @@
 """Speculative Streaming decoding: draft a tree with the streams, verify it in the same
 forward pass, keep the longest path that greedy decoding would have produced.
 
-Medusa-style pure functions (tree buffers, drafting, path evaluation) plus one loop,
-reachable as ``model.generate(input_ids, speculative_streaming=True, tree_widths=(4, 3, 2))``.
-Everything else goes to upstream `GenerationMixin.generate`.
+Medusa-style pure functions (tree buffers, drafting, path evaluation), one host loop
+(`decode`: request checks, streaming, EOS and length limits, the output) and two ways of
+running its steps on the device, both talking to the model through `run_tree` and
+`draft_logits` only: `DynamicTreeSteps` here (shapes follow the request; tree pruning) and
+`FixedShapeDecoder` in `fixed_shape.py` (one shape, CUDA graphs). Reachable as
+``model.generate(input_ids, speculative_streaming=True, tree_widths=(4, 3, 2))``;
+everything else goes to upstream `GenerationMixin.generate`.
 
 One step, with ``L`` tokens cached and ``root`` the last token emitted (not yet cached):
 1. draft: tree = root + top-k_j tokens of stream j at the last accepted node, stream j+1's
@@ -20,15 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
-from collections import defaultdict
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 
-from ..cache_utils import StaticKVCache
+from ..cache_utils import VariableLengthKVCache
 
 DEFAULT_TREE_WIDTHS = (4, 3, 2)
 
@@ -140,29 +143,6 @@ def prune_mask(tree_tokens: torch.Tensor, early_exit_logits: torch.Tensor, buffe
     return ~(buffers.tree_mask & ~likely[None, :]).any(dim=1)  # every ancestor-or-self is likely
 
 
-# ----------------------------------------------------------------------------------------
-# Timing (for the benchmark's step breakdown)
-# ----------------------------------------------------------------------------------------
-class StepTimer:
-    """Accumulates wall time per section, synchronising the device around each one."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self._sync()
-        start = time.perf_counter()
-        yield
-        self._sync()
-        self.seconds[name] += time.perf_counter() - start
-
-
 def _no_timer(name: str):
     return contextlib.nullcontext()
 
@@ -182,8 +162,36 @@ class SpeculativeStreamingOutput(ModelOutput):
 
 
 # ----------------------------------------------------------------------------------------
-# The decoding loop
+# One host loop; the dynamic path and the fixed-shape path supply its two step functions
 # ----------------------------------------------------------------------------------------
+class TreeDecodingSteps(Protocol):
+    """What a decoding path gives `decode`: device work only, no host logic.
+
+    ``prefill(input_ids, max_new_tokens)`` puts the prompt (1, P) in the cache and returns
+    the first new token as a (1,) tensor. ``step(remaining, timer)`` runs one draft-verify
+    step (at most ``remaining`` tokens are still wanted) and returns its summary, the
+    step's only device-to-host copy: ``[accepted drafts, nodes run, tokens on the chosen
+    path (D + 1), main-stream predictions on it (D + 1)]``.
+    """
+
+    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor: ...
+
+    def step(self, remaining: int, timer) -> torch.Tensor: ...
+
+
+def step_summary(accepted, nodes, path_tokens, path_predictions) -> torch.Tensor:
+    """Pack a step's result in the layout `read_step_summary` reads (see `TreeDecodingSteps`)."""
+    return torch.cat([accepted.reshape(1), nodes.reshape(1), path_tokens, path_predictions])
+
+
+def read_step_summary(summary: list[int]) -> tuple[list[int], int]:
+    """(tokens the step gained: accepted drafts then the correction, nodes run)."""
+    accepted, nodes, path = summary[0], summary[1], summary[2:]
+    depth = len(path) // 2 - 1
+    tokens, predictions = path[: depth + 1], path[depth + 1 :]
+    return tokens[1 : accepted + 1] + [predictions[accepted]], nodes
+
+
 def check_generation_request(config, input_ids: torch.Tensor, max_new_tokens: int) -> None:
     if input_ids.shape[0] != 1:
         raise ValueError(
@@ -211,98 +219,98 @@ def emit_tokens(generated: list[int], new_tokens: list[int], eos_token_ids: set[
 
 
 @torch.no_grad()
-def speculative_streaming_decode(
-    model,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_ids: set[int],
-    tree_widths=DEFAULT_TREE_WIDTHS,
-    streamer=None,
-    timer=None,
-    prune_threshold: float = 0.0,
-) -> SpeculativeStreamingOutput:
-    """Batch-1 greedy decoding with tree drafts; see the module docstring."""
-    config = model.config
-    timer = timer or _no_timer
-    prompt_length = input_ids.shape[1]
+def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_tokens: int,
+           eos_token_ids=(), streamer=None, timer=None) -> SpeculativeStreamingOutput:
+    """Batch-1 greedy decoding with tree drafts: prefill, then steps until EOS or
+    ``max_new_tokens``; every token is greedy decoding's (module docstring)."""
     check_generation_request(config, input_ids, max_new_tokens)
-    if prune_threshold and (config.num_spec_streams == 0 or not config.pruner_rank):
-        raise ValueError("prune_threshold needs a model with streams and a pruning adapter (pruner_rank > 0).")
-    device = input_ids.device
-    buffers = build_tree_buffers(tree_widths, device, num_streams=config.num_spec_streams)
-    trees_by_depth = [buffers.truncated(depth) for depth in range(buffers.max_depth + 1)]
-    cache = StaticKVCache(
-        config, 1, prompt_length + max_new_tokens + buffers.size, device, model.dtype
-    )
-    streams = config.num_spec_streams > 0 and buffers.max_depth > 0
+    timer, eos_token_ids = timer or _no_timer, set(eos_token_ids)
     with timer("prefill"):
-        hidden, stream_hidden, _ = model.transformer(
-            input_ids, cache, stream_positions=torch.tensor([prompt_length - 1], device=device) if streams else None
-        )
-        root = model.lm_head(hidden[0, -1]).argmax()
-    node_stream_hidden = stream_hidden[0, :, 0] if streams else None
-    generated = [int(root)]
-    accepted_lengths, tree_sizes = [], []
+        generated = steps.prefill(input_ids, max_new_tokens).tolist()
     if streamer is not None:
         streamer.put(input_ids.cpu())
         streamer.put(torch.tensor(generated))
+    accepted_lengths, tree_sizes = [], []
     while generated[-1] not in eos_token_ids and len(generated) < max_new_tokens:
-        prefix = cache.length
-        depth = min(buffers.max_depth, max_new_tokens - len(generated) - 1,
-                    config.max_position_embeddings - 1 - prefix)
-        with timer("draft"):
-            tree = trees_by_depth[depth]
-            stream_logits = model.lm_head(node_stream_hidden) if tree.size > 1 else None
-            tokens = draft_tree(root, stream_logits, tree)
-            position_ids = (prefix + tree.depths)[None]
-        kept = None  # indices of the nodes that survive pruning (None: all of them)
-
-        def prune(early_exit_hidden):
-            nonlocal kept
-            kept = prune_mask(tokens, model.lm_head(early_exit_hidden[0]), tree, prune_threshold).nonzero().flatten()
-            return kept
-
-        with timer("forward"):
-            hidden, stream_hidden, _ = model.transformer(
-                tokens[None], cache, position_ids=position_ids, tree_mask=tree.tree_mask,
-                stream_positions="all" if streams else None,
-                node_filter=prune if prune_threshold and tree.size > 1 else None,
-            )
-            predictions = model.lm_head(hidden[0]).argmax(dim=-1)
-        with timer("verify"):
-            slot_of_node = None
-            if kept is not None:  # back to full-tree indexing; pruned nodes can never match
-                tree_sizes.append(kept.numel())
-                slot_of_node = torch.full_like(tokens, -1).index_put_((kept,), torch.arange(kept.numel(), device=device))
-                predictions = torch.full_like(tokens, -1).index_put_((kept,), predictions)
-                tokens_seen = torch.where(slot_of_node >= 0, tokens, -2)
-            else:
-                tree_sizes.append(tree.size)
-                tokens_seen = tokens
-            best, accepted = evaluate_paths(tokens_seen, predictions, tree)
-            path = tree.paths[best]
-            # the one device-to-host copy of the step: accepted count, path tokens, correction
-            summary = torch.cat([accepted.reshape(1), tokens[path], predictions[path]]).tolist()
-            accepted = summary[0]
-            path_tokens, path_predictions = summary[1 : 2 + tree.max_depth], summary[2 + tree.max_depth :]
-            new_tokens = path_tokens[1 : accepted + 1] + [path_predictions[accepted]]
-            accepted_lengths.append(len(new_tokens))
-            accepted_nodes = path[: accepted + 1]
-            slots = accepted_nodes if slot_of_node is None else slot_of_node[accepted_nodes]
-            cache.compact(prefix, prefix + slots)
-            root = predictions[accepted_nodes[-1]]
-            if streams:
-                node_stream_hidden = stream_hidden[0, :, slots[-1]]
+        new_tokens, nodes = read_step_summary(steps.step(max_new_tokens - len(generated), timer).tolist())
+        accepted_lengths.append(len(new_tokens))
+        tree_sizes.append(nodes)
         emitted = emit_tokens(generated, new_tokens, eos_token_ids, max_new_tokens)
         if streamer is not None:
             streamer.put(torch.tensor(emitted))
     if streamer is not None:
         streamer.end()
-    sequences = torch.cat([input_ids, torch.tensor([generated], device=device, dtype=input_ids.dtype)], dim=1)
+    new = torch.tensor([generated], device=input_ids.device, dtype=input_ids.dtype)
     return SpeculativeStreamingOutput(
-        sequences=sequences, num_forward_calls=1 + len(accepted_lengths), accepted_lengths=accepted_lengths,
-        tree_sizes=tree_sizes,
+        sequences=torch.cat([input_ids, new], dim=1), num_forward_calls=1 + len(accepted_lengths),
+        accepted_lengths=accepted_lengths, tree_sizes=tree_sizes,
     )
+
+
+class DynamicTreeSteps:
+    """The dynamic path: a `VariableLengthKVCache` sized for the request, and a tree cut
+    short near ``max_new_tokens`` or the end of the context. With ``prune_threshold`` the
+    early-exit adapter drops unlikely nodes mid-forward (`prune_mask`): fewer nodes run,
+    the output is unchanged."""
+
+    def __init__(self, model, tree_widths=DEFAULT_TREE_WIDTHS, prune_threshold: float = 0.0):
+        config = model.config
+        if prune_threshold and (config.num_spec_streams == 0 or not config.pruner_rank):
+            raise ValueError("prune_threshold needs a model with streams and a pruning adapter (pruner_rank > 0).")
+        self.model, self.prune_threshold, self.context = model, prune_threshold, config.max_position_embeddings
+        self.tree = build_tree_buffers(tree_widths, model.device, num_streams=config.num_spec_streams)
+        self.trees_by_depth = [self.tree.truncated(depth) for depth in range(self.tree.max_depth + 1)]
+        self.streams = config.num_spec_streams > 0 and self.tree.max_depth > 0
+        self.cache = self.root = self.root_streams = None
+
+    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        prompt_length = input_ids.shape[1]
+        self.cache = VariableLengthKVCache(self.model.config, 1, prompt_length + max_new_tokens + self.tree.size,
+                                           input_ids.device, self.model.dtype)
+        last = torch.tensor([prompt_length - 1], device=input_ids.device)
+        out = self.model.run_tree(input_ids, self.cache, torch.arange(prompt_length, device=input_ids.device)[None],
+                                  streams=self.streams, logit_positions=last)
+        self.root = out.logits[0, 0].argmax()
+        self.root_streams = out.stream_states[0, :, 0] if self.streams else None
+        return self.root.reshape(1)
+
+    def step(self, remaining: int, timer) -> torch.Tensor:
+        prefix = self.cache.length
+        tree = self.trees_by_depth[min(self.tree.max_depth, remaining - 1, self.context - 1 - prefix)]
+        with timer("draft"):
+            stream_logits = self.model.draft_logits(self.root_streams) if tree.size > 1 else None
+            tokens = draft_tree(self.root, stream_logits, tree)
+        with timer("forward"):
+            prune = self.prune_threshold and tree.size > 1
+            out = self.model.run_tree(
+                tokens[None], self.cache, (prefix + tree.depths)[None], tree.tree_mask, streams=self.streams,
+                early_exit_filter=(lambda logits: prune_mask(tokens, logits[0], tree, self.prune_threshold)
+                                   .nonzero().flatten()) if prune else None,
+            )
+            predictions = out.logits[0].argmax(dim=-1)
+        with timer("verify"):
+            slot_of_node, tokens_seen, nodes = None, tokens, tree.size
+            if out.kept is not None:
+                slot_of_node, predictions, tokens_seen = on_full_tree(tokens, out.kept, predictions)
+                nodes = out.kept.numel()
+            best, accepted = evaluate_paths(tokens_seen, predictions, tree)
+            path = tree.paths[best]
+            accepted_nodes = path[: int(accepted) + 1]
+            slots = accepted_nodes if slot_of_node is None else slot_of_node[accepted_nodes]
+            self.cache.compact(prefix, prefix + slots)
+            self.root = predictions[accepted_nodes[-1]]
+            if self.streams:
+                self.root_streams = out.stream_states[0, :, slots[-1]]
+        return step_summary(accepted, torch.tensor(nodes, device=tokens.device), tokens[path], predictions[path])
+
+
+def on_full_tree(tokens: torch.Tensor, kept: torch.Tensor, predictions: torch.Tensor):
+    """Back to full-tree indexing after pruning: (slot in the forward of each node, -1 if
+    pruned; the prediction at each node, -1 if pruned; the tokens with pruned ones set to
+    -2, so that no path can accept them)."""
+    slot_of_node = torch.full_like(tokens, -1).index_put_((kept,), torch.arange(kept.numel(), device=tokens.device))
+    full_predictions = torch.full_like(tokens, -1).index_put_((kept,), predictions)
+    return slot_of_node, full_predictions, torch.where(slot_of_node >= 0, tokens, -2)
 
 
 class SpeculativeStreamingGenerationMixin(GenerationMixin):
@@ -341,12 +349,9 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
             tree_widths = DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams]
         eos = generation_config.eos_token_id
         eos_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-        output = speculative_streaming_decode(
-            self, prompt, max_new_tokens, eos_ids,
-            tree_widths=tuple(tree_widths),
-            streamer=extra.get("streamer"), timer=extra.get("step_timer"),
-            prune_threshold=float(extra.get("prune_threshold") or 0.0),
-        )
+        steps = DynamicTreeSteps(self, tuple(tree_widths), float(extra.get("prune_threshold") or 0.0))
+        output = decode(steps, self.config, prompt, max_new_tokens, eos_ids, streamer=extra.get("streamer"),
+                        timer=extra.get("step_timer"))
         if prompt is not input_ids:
             output.sequences = torch.cat([input_ids, output.sequences[:, prompt.shape[1]:]], dim=1)
         return output if generation_config.return_dict_in_generate else output.sequences

@@ -3,7 +3,7 @@
 State-dict compatible with upstream `transformers.GPTNeoForCausalLM`: same module names
 (`transformer.wte/wpe/h.N.{ln_1,attn.attention.{q,k,v,out}_proj,ln_2,mlp.{c_fc,c_proj}}/ln_f`,
 tied `lm_head`), plus `transformer.streams.*` for the new parameters. The method is in
-SPEC_STREAM.md; the decisions it leaves open are written next to the code that makes them.
+docs/method.md; the decisions it leaves open are written next to the code that makes them.
 
 Masks are built once per forward from explicit positions, never from slot indices:
 a query at position p sees a key at position k iff the key is valid (not padding), the
@@ -12,20 +12,21 @@ or tree mask), and, in local layers, ``p - k < window_size``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GPTNeoConfig as UpstreamGPTNeoConfig
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 from huggingface_hub.dataclasses import strict
 
-from ...cache_utils import FixedShapeKVCache, StaticKVCache
+from ...cache_utils import KeyLayout, as_model_cache
 from ...generation.utils import SpeculativeStreamingGenerationMixin
 
 logger = logging.get_logger(__name__)
@@ -80,6 +81,25 @@ class SpecStreamCausalLMOutput(ModelOutput):
     past_key_values: object | None = None
 
 
+@dataclass
+class GPTNeoModelOutput(ModelOutput):
+    """The decoder stack's output, every hidden state after ``ln_f``."""
+
+    hidden_states: torch.Tensor | None = None  # (batch, T, hidden): main stream
+    stream_hidden_states: torch.Tensor | None = None  # (batch, gamma, n, hidden): streams at their anchors
+    early_exit_hidden_states: torch.Tensor | None = None  # (batch, T, hidden): pruning adapter
+    kept: torch.Tensor | None = None  # tree pruning: indices of the new tokens that went through
+
+
+@dataclass
+class TreeStepOutput(ModelOutput):
+    """What `GPTNeoForCausalLM.run_tree` gives the decoding loops."""
+
+    logits: torch.Tensor | None = None  # (batch, n, vocab): main stream at the requested nodes
+    stream_states: torch.Tensor | None = None  # (batch, gamma, n, hidden): input of `draft_logits`
+    kept: torch.Tensor | None = None  # tree pruning: indices of the nodes that went through
+
+
 # ----------------------------------------------------------------------------------------
 # Masks
 # ----------------------------------------------------------------------------------------
@@ -118,64 +138,42 @@ class AttentionMasks:
 
 
 def build_attention_masks(
-    query_positions: torch.Tensor,
-    key_positions: torch.Tensor,
-    key_valid: torch.Tensor | None,
+    layout: KeyLayout,
     new_block: torch.Tensor | None,
+    key_valid: torch.Tensor | None,
     window_size: int,
     layer_types: set[str],
 ) -> AttentionMasks:
-    """query_positions (B, T), key_positions (B, P+T) (the last T keys are the queries'
-    own), key_valid (B, P+T) or None, new_block (T, T) or (B, T, T): which new keys each new
-    query may see (None = causal by index)."""
-    batch, new = query_positions.shape
-    past = key_positions.shape[1] - new
-    device = query_positions.device
-    plain = past == 0 and key_valid is None and new_block is None
+    """Masks for one forward from its `KeyLayout` alone, whichever cache produced it: a
+    query sees every cached key, the new keys ``new_block`` allows ((T, T) or (B, T, T);
+    None = causal by index), no stale key, and in local layers only keys less than
+    ``window_size`` positions back. ``key_valid`` (B, K) marks padding (False) or is None."""
+    batch, new = layout.query_positions.shape
+    keys = layout.key_positions.shape[1]
+    device = layout.query_positions.device
+    plain = isinstance(layout.cached, int) and layout.cached == 0 and keys == new
+    plain = plain and key_valid is None and new_block is None
     if new_block is None:
         new_block = torch.ones(new, new, dtype=torch.bool, device=device).tril()
-    new_block = new_block.expand(batch, new, new)
-    old_block = torch.ones(batch, new, past, dtype=torch.bool, device=device)
-    allowed = torch.cat([old_block, new_block], dim=-1)
+    offset = torch.arange(keys, device=device) - layout.cached  # key index among the new tokens
+    is_new = (offset >= 0) & (offset < new)
+    sees_new = new_block[..., offset.clamp(0, new - 1)] & is_new  # (T, K) or (B, T, K)
+    allowed = ((offset < 0) | sees_new).expand(batch, new, keys)
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :].bool()
         # a padded query would see nothing and softmax would give NaN: let it see itself
-        allowed[:, torch.arange(new, device=device), past + torch.arange(new, device=device)] = True
-    distance = query_positions[:, :, None] - key_positions[:, None, :]
+        rows = torch.arange(new, device=device)
+        allowed[:, rows, layout.cached + rows] = True
     masks = {"global": allowed[:, None]}
     if "local" in layer_types:
+        distance = layout.query_positions[:, :, None] - layout.key_positions[:, None, :]
         masks["local"] = (allowed & (distance < window_size))[:, None]
     # Only the implicit-causal fast path (plain) needs to know whether the window cuts
     # anything: explicit masks carry it already, and reading positions would sync the device.
     window_matters = True
     if plain:
-        window_matters = new > 0 and int(query_positions.max() - key_positions.min()) >= window_size
+        window_matters = int(layout.query_positions.max() - layout.key_positions.min()) >= window_size
     return AttentionMasks(masks, plain_causal=plain, window_matters=window_matters)
-
-
-def build_fixed_shape_masks(
-    query_positions: torch.Tensor,
-    slot_positions: torch.Tensor,
-    length: torch.Tensor,
-    new_block: torch.Tensor,
-    window_size: int,
-    layer_types: set[str],
-) -> AttentionMasks:
-    """Masks over *every* slot of a fixed-shape cache (`FixedShapeKVCache`), so their shape
-    never changes: slots ``[0, length)`` are the cached prefix, the T new tokens were just
-    written to slots ``[length, length + T)`` (``new_block`` (T, T) says which of them each
-    sees), later slots are stale. ``slot_positions`` (B, S) and ``length`` (0-d) live on
-    the device: no host synchronisation."""
-    new = query_positions.shape[1]
-    offset = torch.arange(slot_positions.shape[1], device=length.device) - length  # slot - length
-    is_new = (offset >= 0) & (offset < new)
-    sees_new = new_block[:, offset.clamp(0, new - 1)] & is_new  # (T, S)
-    allowed = ((offset < 0) | sees_new)[None].expand(query_positions.shape[0], -1, -1)
-    masks = {"global": allowed[:, None]}
-    if "local" in layer_types:
-        distance = query_positions[:, :, None] - slot_positions[:, None, :]
-        masks["local"] = (allowed & (distance < window_size))[:, None]
-    return AttentionMasks(masks, plain_causal=False, window_matters=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -292,7 +290,7 @@ class GPTNeoBlock(nn.Module):
 class SpeculativeStreams(nn.Module):
     """The new parameters: stream embeddings P_j and the tree-pruning adapter.
 
-    Pruning adapter (a decision SPEC_STREAM.md leaves open): ``h + up(down(h))`` with
+    Pruning adapter (a decision the paper leaves open): ``h + up(down(h))`` with
     rank-``pruner_rank`` ``down``/``up`` and ``up`` initialised to zero, applied to the
     main-stream state entering the first stream layer; ``ln_f`` and the tied LM head turn
     it into early-exit logits.
@@ -362,96 +360,60 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         stream_positions: torch.Tensor | str | None = None,
         early_exit: bool = False,
         node_filter=None,
-    ):
-        """Returns (main hidden states (B, T, H), stream hidden states (B, gamma, n, H) or
-        None, early-exit hidden states (B, T, H) or None), all after ``ln_f``.
+    ) -> GPTNeoModelOutput:
+        """Main stream over the new tokens; speculative streams join at the first stream layer.
 
-        ``past_key_values``: None, a `StaticKVCache`, or an upstream `Cache`.
-        ``position_ids``: required with a `StaticKVCache` and a tree; default: past + index.
-        ``tree_mask`` (T, T) bool: which new tokens each new token sees (default causal).
-        ``stream_positions``: None (no streams), "all", or indices into the new tokens.
-        ``node_filter``: tree pruning (batch 1, `StaticKVCache`, streams "all"): called at
-        the first stream layer with the early-exit hidden states (1, T, H); returns the
-        ascending indices of the new tokens to keep (ancestors of kept ones included). Only
-        those go through the top layers and into the cache; outputs cover them alone.
+        ``past_key_values``: None, one of our caches, or an upstream `Cache`
+        (`cache_utils` says how each is seen). ``position_ids`` default to the cached length
+        + index. ``tree_mask`` (T, T) bool: which new tokens each new token sees (default
+        causal). ``stream_positions``: None (no streams), "all", or indices into the new
+        tokens. ``node_filter``: tree pruning; called at the first stream layer with the
+        early-exit hidden states (B, T, H), it returns the ascending indices of the new
+        tokens to keep (ancestors of kept ones included); only those go through the top
+        layers and into the cache, and the outputs cover them alone.
         """
-        batch, new = input_ids.shape
-        cache = past_key_values
-        static = isinstance(cache, StaticKVCache)
-        fixed_shape = isinstance(cache, FixedShapeKVCache)  # its length lives on the device
-        past = cache.get_seq_length() if cache is not None and not fixed_shape else 0
-        if fixed_shape and (position_ids is None or node_filter is not None):
-            raise ValueError("a FixedShapeKVCache needs explicit position_ids and no node_filter (pruning "
-                             "changes shapes); use a StaticKVCache for pruned trees.")
-        if static and not fixed_shape:
-            cache.check_room(new)
-        if position_ids is None:
-            if past + new > self.config.max_position_embeddings:
-                raise ValueError(
-                    f"sequence of {past + new} tokens is longer than max_position_embeddings="
-                    f"{self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens."
-                )
-            position_ids = torch.arange(past, past + new, device=input_ids.device).expand(batch, new)
-        elif not (fixed_shape or position_ids.is_cuda) and (
-            int(position_ids.max()) >= self.config.max_position_embeddings  # a sync: CPU only
-        ):
-            raise ValueError(
-                f"position id {int(position_ids.max())} >= max_position_embeddings="
-                f"{self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens."
-            )
-        if node_filter is not None and not (static and batch == 1 and stream_positions in (None, "all")):
-            raise ValueError("tree pruning (node_filter) needs batch 1, a StaticKVCache and stream_positions='all'.")
+        cache = as_model_cache(past_key_values, self.config)
+        if node_filter is not None and not (cache.can_prune and input_ids.shape[0] == 1):
+            raise ValueError("tree pruning (node_filter) needs batch 1 and a VariableLengthKVCache.")
+        layout = cache.begin(input_ids, position_ids)
         key_valid = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            key_valid = attention_mask[:, -(past + new):].bool()
-
-        def make_masks(position_ids, tree_mask):
-            if fixed_shape:
-                causal = torch.ones(new, new, dtype=torch.bool, device=input_ids.device).tril()
-                return build_fixed_shape_masks(
-                    position_ids, cache.key_positions(position_ids), cache.length,
-                    causal if tree_mask is None else tree_mask, self.config.window_size,
-                    set(self.config.attention_layers),
-                )
-            if static:
-                query_positions, key_positions = position_ids, cache.key_positions(position_ids)
-            else:  # upstream caches: positions by index (position_ids only feed the embedding)
-                key_positions = torch.arange(past + new, device=input_ids.device).expand(batch, -1)
-                query_positions = key_positions[:, past:]
-            return build_attention_masks(
-                query_positions, key_positions, key_valid, tree_mask, self.config.window_size,
-                set(self.config.attention_layers),
-            )
-
-        masks = make_masks(position_ids, tree_mask)
-        hidden = self.drop(self.wte(input_ids) + self.wpe(position_ids))
-        first_stream_layer = self.config.first_stream_layer
-        early_exit_hidden = None
-        for index, block in enumerate(self.h):
-            if index == first_stream_layer:
-                if early_exit or node_filter is not None:
-                    early_exit_hidden = self.ln_f(self.streams.pruner(hidden))
-                if node_filter is not None:
-                    keep = node_filter(early_exit_hidden)
-                    cache.keep_new_rows(keep, layers=index)
-                    new, hidden, position_ids = keep.numel(), hidden[:, keep], position_ids[:, keep]
-                    tree_mask = tree_mask[keep][:, keep] if tree_mask is not None else None
-                    masks = make_masks(position_ids, tree_mask)
-                if stream_positions is not None and self.streams is not None:
-                    anchors = (
-                        torch.arange(new, device=hidden.device) if isinstance(stream_positions, str)
-                        else stream_positions.to(hidden.device)
-                    )
-                    hidden = torch.cat([hidden, self.streams.initial_states(hidden[:, anchors])], dim=1)
-                    masks = masks.with_streams(anchors, self.config.num_spec_streams)
-            hidden = block(hidden, masks, cache, new)
-        if static:
-            cache.commit(position_ids)
-        hidden = self.ln_f(hidden)
+            key_valid = attention_mask[:, -layout.key_positions.shape[1]:].bool()
+        masks = self._masks(layout, tree_mask, key_valid)
+        hidden = self.drop(self.wte(input_ids) + self.wpe(layout.position_ids))  # (B, T, H)
+        first = self.config.first_stream_layer
+        hidden = self._run_blocks(self.h[:first], hidden, masks, cache)
+        early_exit_hidden = kept = None
+        if self.streams is not None and (early_exit or node_filter is not None):
+            early_exit_hidden = self.ln_f(self.streams.pruner(hidden))  # (B, T, H)
+        if node_filter is not None:
+            kept = node_filter(early_exit_hidden)
+            cache.keep_new_rows(kept, layers=first)
+            tree_mask = tree_mask[kept][:, kept] if tree_mask is not None else None
+            layout = cache.begin(input_ids[:, kept], layout.position_ids[:, kept])
+            hidden, masks = hidden[:, kept], self._masks(layout, tree_mask, None)
+        num_main = hidden.shape[1]
+        if stream_positions is not None and self.streams is not None:
+            anchors = torch.arange(num_main, device=hidden.device) if isinstance(stream_positions, str) \
+                else stream_positions.to(hidden.device)
+            hidden = torch.cat([hidden, self.streams.initial_states(hidden[:, anchors])], dim=1)  # (B, T + g*n, H)
+            masks = masks.with_streams(anchors, self.config.num_spec_streams)
+        hidden = self.ln_f(self._run_blocks(self.h[first:], hidden, masks, cache, num_main))
+        cache.commit()
         stream_hidden = None
-        if hidden.shape[1] > new:
-            stream_hidden = hidden[:, new:].reshape(batch, self.config.num_spec_streams, -1, hidden.shape[-1])
-        return hidden[:, :new], stream_hidden, early_exit_hidden
+        if hidden.shape[1] > num_main:  # (B, gamma, n, H), stream-major
+            stream_hidden = hidden[:, num_main:].reshape(hidden.shape[0], self.config.num_spec_streams, -1, hidden.shape[-1])
+        return GPTNeoModelOutput(hidden[:, :num_main], stream_hidden, early_exit_hidden, kept)
+
+    def _masks(self, layout, tree_mask, key_valid) -> AttentionMasks:
+        return build_attention_masks(layout, tree_mask, key_valid, self.config.window_size,
+                                     set(self.config.attention_layers))
+
+    @staticmethod
+    def _run_blocks(blocks, hidden, masks, cache, num_main=None):
+        for block in blocks:
+            hidden = block(hidden, masks, cache, num_main)
+        return hidden
 
 
 class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMixin):
@@ -489,30 +451,104 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
     ) -> SpecStreamCausalLMOutput:
         """Upstream's forward plus ``tree_mask``, ``stream_positions`` and ``early_exit``
         (see `GPTNeoModel.forward`). With ``labels`` (aligned with ``input_ids``, -100 =
-        ignore), streams run at every position and ``loss`` is SPEC_STREAM.md's
+        ignore), streams run at every position and ``loss`` is the method's
         ``a0 * CE(main) + sum_j a_j * CE(stream_j)``."""
         if input_ids is None:
             raise ValueError("GPTNeoForCausalLM (spec-stream) needs input_ids; inputs_embeds is not supported.")
         if labels is not None and stream_positions is None and self.config.num_spec_streams:
             stream_positions = "all"
         if use_cache and past_key_values is None:
-            from transformers import DynamicCache
-
             past_key_values = DynamicCache(config=self.config)
-        hidden, stream_hidden, early_hidden = self.transformer(
-            input_ids, past_key_values, attention_mask, position_ids, tree_mask, stream_positions, early_exit
+        out = self.transformer(
+            input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            position_ids=position_ids, tree_mask=tree_mask, stream_positions=stream_positions, early_exit=early_exit,
         )
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        hidden = out.hidden_states[:, -logits_to_keep:] if logits_to_keep else out.hidden_states
         logits = self.lm_head(hidden)
-        stream_logits = self.lm_head(stream_hidden) if stream_hidden is not None else None
-        early_exit_logits = self.lm_head(early_hidden) if early_hidden is not None else None
+        stream_logits = None if out.stream_hidden_states is None else self.lm_head(out.stream_hidden_states)
+        early_exit_logits = None if out.early_exit_hidden_states is None else self.lm_head(out.early_exit_hidden_states)
         loss = None
         if labels is not None:
             loss = speculative_streaming_loss(
                 logits, stream_logits, labels, self.config.main_loss_weight, self.config.stream_loss_weight
             )
         return SpecStreamCausalLMOutput(loss, logits, stream_logits, early_exit_logits, past_key_values)
+
+    # -- the contract with generation ------------------------------------------------------
+    def run_tree(
+        self,
+        tokens: torch.Tensor,
+        cache,
+        position_ids: torch.Tensor,
+        tree_mask: torch.Tensor | None = None,
+        streams: bool = True,
+        logit_positions: torch.Tensor | None = None,
+        early_exit_filter=None,
+    ) -> TreeStepOutput:
+        """One forward over a flattened draft tree (or a prompt): the only model call the
+        decoding loops make besides `draft_logits`.
+
+        tokens, position_ids (B, T); cache: a `VariableLengthKVCache` or `FixedShapeKVCache`;
+        tree_mask (T, T): ancestors-or-self (None: causal, e.g. a prompt). With ``streams``
+        the speculative streams run at every node that gets logits; ``logit_positions``
+        (1-D indices; None: every node) selects those nodes. ``early_exit_filter`` (tree
+        pruning) gets the early-exit logits (B, T, V) at the first stream layer and returns
+        the indices of the nodes to keep; ``kept`` reports them.
+        """
+        node_filter = None if early_exit_filter is None else (lambda hidden: early_exit_filter(self.lm_head(hidden)))
+        anchors = "all" if logit_positions is None else logit_positions
+        out = self.transformer(
+            input_ids=tokens, past_key_values=cache, position_ids=position_ids, tree_mask=tree_mask,
+            stream_positions=anchors if streams and self.config.num_spec_streams else None, node_filter=node_filter,
+        )
+        hidden = out.hidden_states if logit_positions is None else out.hidden_states.index_select(1, logit_positions)
+        return TreeStepOutput(self.lm_head(hidden), out.stream_hidden_states, out.kept)
+
+    def draft_logits(self, stream_states: torch.Tensor) -> torch.Tensor:
+        """Stream logits from `run_tree`'s stream states (any leading shape, hidden last)."""
+        return self.lm_head(stream_states)
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Upstream's `from_pretrained`, plus two checks on the speculative streams: asking
+        for a different number of streams than the checkpoint holds is a clear error (pass
+        ``num_spec_streams=0`` to drop them), and stream weights missing from a checkpoint
+        whose config has streams are reported loudly (they would be random: decoding stays
+        exact, but drafts are never accepted until they are fine-tuned)."""
+        saved = None
+        if kwargs.get("config") is None:
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                saved = cls.config_class.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
+        return_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  **kwargs)
+        except RuntimeError as error:
+            wanted = kwargs.get("num_spec_streams")
+            if "mismatched" not in str(error) or saved is None or wanted in (None, saved.num_spec_streams):
+                raise
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds {saved.num_spec_streams} trained speculative streams but "
+                f"num_spec_streams={wanted} was asked for; load it as it is (omit "
+                "num_spec_streams), or pass num_spec_streams=0 and fine-tune a fresh set of streams."
+            ) from None
+        missing = sorted(k for k in info.get("missing_keys", ()) if "streams." in k)
+        if missing and saved is not None and saved.num_spec_streams:
+            logger.warning(
+                f"{pretrained_model_name_or_path}: its config has {saved.num_spec_streams} speculative streams but "
+                f"the weights file lacks {len(missing)} of their tensors ({missing[0]}, ...): they were initialised "
+                "at random. Speculative decoding stays exact but will draft nothing useful until the streams are "
+                "fine-tuned (python -m spec_stream.finetune --base this checkpoint)."
+            )
+        model.randomly_initialised_streams = bool(missing)
+        return (model, info) if return_info else model
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    """The arguments of `from_pretrained` that say where and how to fetch files."""
+    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+    return {k: kwargs[k] for k in keys if k in kwargs}
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
