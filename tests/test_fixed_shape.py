@@ -143,3 +143,11 @@ def test_cuda_graph_replay_identical_to_eager(trained_model):
             assert torch.equal(graphed.generate(ids, NEW).sequences, eager.generate(ids, NEW).sequences)
     finally:
         trained_model.cpu()
+
+
+def test_tree_larger_than_64_nodes():
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    decoder = FixedShapeDecoder(model, (5, 5, 5), cuda_graphs=False)
+    for prompt_length, max_new in [(20, 30), (90, 6)]:
+        ids = torch.randint(1, TINY["vocab_size"], (1, prompt_length), generator=torch.Generator().manual_seed(7))
+        assert torch.equal(decoder.generate(ids, max_new).sequences, greedy(model, ids, max_new_tokens=max_new))

@@ -192,3 +192,12 @@ def test_empty_tree_decodes_one_token_per_call(trained_model):
     out = speculative(trained_model, ids, tree_widths=())
     assert out.accepted_lengths == [1] * (NEW - 1) and out.num_forward_calls == NEW
     assert torch.equal(out.sequences, greedy(trained_model, ids))
+
+
+def test_tree_larger_than_64_nodes_near_the_context_end():
+    """A 156-node tree in a 96-position context: the cache is sized from the request."""
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    for prompt_length, max_new in [(20, 30), (60, 36), (90, 6)]:
+        ids = prompts(1, seed=prompt_length, low=prompt_length, high=prompt_length + 1)[0]
+        out = speculative(model, ids, tree_widths=(5, 5, 5), max_new_tokens=max_new)
+        assert torch.equal(out.sequences, greedy(model, ids, max_new_tokens=max_new))

@@ -194,3 +194,21 @@ def test_flash_attention_2_honours_local_window():
         model.config._attn_implementation = "flash_attention_2"
         flash = model(ids).logits.float()
     assert (flash - reference).abs().max() < 2e-2
+
+
+def test_stream_count_mismatch_and_missing_stream_weights_are_reported(tmp_path, caplog):
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    model.save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="holds 3 trained speculative streams.*num_spec_streams=0"):
+        GPTNeoForCausalLM.from_pretrained(tmp_path / "ours", num_spec_streams=2)
+    plain = GPTNeoForCausalLM.from_pretrained(tmp_path / "ours", num_spec_streams=0)
+    assert plain.transformer.streams is None and not plain.randomly_initialised_streams
+    assert not GPTNeoForCausalLM.from_pretrained(tmp_path / "ours").randomly_initialised_streams
+    # saved through upstream GPT-Neo: the config still says 3 streams, the weights are gone
+    upstream = transformers.GPTNeoForCausalLM.from_pretrained(tmp_path / "ours")
+    upstream.config.num_spec_streams = 3
+    upstream.save_pretrained(tmp_path / "upstream")
+    with caplog.at_level("WARNING"):
+        loaded = GPTNeoForCausalLM.from_pretrained(tmp_path / "upstream")
+    assert loaded.randomly_initialised_streams
+    assert "initialised at random" in caplog.text and "fine-tuned" in caplog.text

@@ -117,9 +117,6 @@ class VariableLengthKVCache(TreeKVCache):
         super().__init__(config, batch_size, max_length, device, dtype)
         self.length = 0
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
-
     def begin(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> KeyLayout:
         batch, new = input_ids.shape
         if self.length + new > self.max_length:
