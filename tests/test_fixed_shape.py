@@ -2,6 +2,8 @@
 
 On the CPU the fixed-shape functions run eagerly; these tests check the tokens they
 produce. The graph capture itself is exercised when a GPU is present."""
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -123,12 +125,10 @@ def test_fixed_shape_functions_never_sync_the_host(trained_model, tree_widths):
     """What makes the step capturable as a CUDA graph, checked on the CPU."""
     decoder = FixedShapeDecoder(trained_model, tree_widths, cuda_graphs=False, prefill_buckets=(16,))
     ids = phrase_text(1, 10, torch.Generator().manual_seed(10))
-    decoder.prompt[0, :10] = ids[0]
-    decoder.prompt_length.fill_(10)
     with torch.no_grad(), HostSyncDetector():
-        decoder._prefill(16)
+        decoder.prefill(ids, max_new_tokens=8)
         for _ in range(3):
-            decoder._step()
+            decoder.step(remaining=8, timer=lambda name: contextlib.nullcontext())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

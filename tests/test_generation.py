@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import TextStreamer
 
-from huggingface.transformers.generation.utils import build_tree_buffers, evaluate_paths
+from huggingface.transformers.generation.speculative_tree import build_tree_buffers, evaluate_paths
 from tests.helpers import TINY, phrase_text, tiny_model, upstream_twin
 
 NEW = 30

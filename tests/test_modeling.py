@@ -4,7 +4,7 @@ import torch
 import transformers
 
 from huggingface.transformers.cache_utils import VariableLengthKVCache
-from huggingface.transformers.generation.utils import build_tree_buffers
+from huggingface.transformers.generation.speculative_tree import build_tree_buffers
 from spec_stream import GPTNeoForCausalLM
 from tests.helpers import TINY, tiny_config, tiny_model, upstream_twin
 

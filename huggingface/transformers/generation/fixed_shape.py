@@ -24,15 +24,8 @@ from __future__ import annotations
 import torch
 
 from ..cache_utils import FixedShapeKVCache
-from .utils import (
-    DEFAULT_TREE_WIDTHS,
-    SpeculativeStreamingOutput,
-    build_tree_buffers,
-    decode,
-    draft_tree,
-    evaluate_paths,
-    step_summary,
-)
+from .speculative_tree import DEFAULT_TREE_WIDTHS, build_tree_buffers, draft_tree, evaluate_paths
+from .utils import SpeculativeStreamingOutput, decode, lookup_tensor, step_summary
 
 DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
 
@@ -42,14 +35,15 @@ class FixedShapeDecoder:
     graphs are made once, then `generate` serves any prompt that fits the context."""
 
     def __init__(self, model, tree_widths=DEFAULT_TREE_WIDTHS, cuda_graphs: bool | None = None,
-                 prefill_buckets=DEFAULT_PREFILL_BUCKETS):
+                 prefill_buckets=DEFAULT_PREFILL_BUCKETS, lookup_length: int = 0):
         config = model.config
         self.model, self.device = model, model.device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device; pass cuda_graphs=False on the CPU.")
-        self.tree = build_tree_buffers(tree_widths, self.device, num_streams=config.num_spec_streams)
-        self.streams = config.num_spec_streams > 0 and self.tree.max_depth > 0
+        self.tree = build_tree_buffers(tree_widths, self.device, config.num_spec_streams, lookup_length)
+        self.lookup_length = lookup_length
+        self.streams = config.num_spec_streams > 0 and len(self.tree.widths) > 0
         self.context = config.max_position_embeddings
         self.buckets = sorted({min(b, self.context) for b in prefill_buckets} | {self.context})
         self.cache = FixedShapeKVCache(config, 1, self.context + self.tree.size, self.device, model.dtype)
@@ -58,6 +52,7 @@ class FixedShapeDecoder:
         self.prompt_length = torch.ones((), dtype=torch.long, device=self.device)
         self.root = torch.zeros((), dtype=torch.long, device=self.device)
         self.tree_size = torch.tensor(self.tree.size, device=self.device)
+        self.lookup = torch.zeros(lookup_length, dtype=torch.long, device=self.device)  # lookup branch drafts
         self.root_streams = torch.zeros(config.num_spec_streams, config.hidden_size, dtype=model.dtype,
                                         device=self.device)  # stream states at the last accepted node
         self.graphs: dict = {}
@@ -81,7 +76,7 @@ class FixedShapeDecoder:
         model, tree = self.model, self.tree
         start = self.cache.length.clone()
         stream_logits = model.draft_logits(self.root_streams) if self.streams else None
-        tokens = draft_tree(self.root, stream_logits, tree)
+        tokens = draft_tree(self.root, stream_logits, tree, self.lookup)
         positions = (start + tree.depths).clamp(max=self.context - 1)[None]
         out = model.run_tree(tokens[None], self.cache, positions, tree.tree_mask, streams=self.streams)
         predictions = out.logits[0].argmax(dim=-1)
@@ -94,7 +89,8 @@ class FixedShapeDecoder:
         self.root.copy_(predictions.index_select(0, last)[0])
         if self.streams:
             self.root_streams.copy_(out.stream_states[0].index_select(1, last)[:, 0])
-        return step_summary(accepted, self.tree_size, tokens[path], predictions[path])
+        from_lookup = tree.is_lookup.index_select(0, path[min(1, tree.max_depth)].reshape(1))[0]
+        return step_summary(accepted, self.tree_size, from_lookup, tokens[path], predictions[path])
 
     # -- what `utils.decode` calls ---------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -106,9 +102,11 @@ class FixedShapeDecoder:
         self.prompt_length.fill_(prompt_length)
         return self._run(("prefill", bucket), lambda: self._prefill(bucket))
 
-    def step(self, remaining: int, timer) -> torch.Tensor:
+    def step(self, remaining: int, timer, lookup: list[int] = ()) -> torch.Tensor:
         """The full tree whatever ``remaining`` is: surplus drafts are computed and ignored."""
         with timer("step"):
+            if self.lookup_length:
+                self.lookup.copy_(lookup_tensor(list(lookup), self.lookup_length, 0, self.device))
             return self._run("step", self._step)
 
     # -- CUDA graphs ----------------------------------------------------------------------

@@ -32,116 +32,15 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 
 from ..cache_utils import VariableLengthKVCache
-
-DEFAULT_TREE_WIDTHS = (4, 3, 2)
-
-
-# ----------------------------------------------------------------------------------------
-# Tree buffers
-# ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TreeBuffers:
-    """A static draft tree, nodes in breadth-first order (node 0 = root).
-
-    depths (n,): 0 for the root, j for a token of stream j.
-    parents (n,): index of each node's parent (0 for the root itself).
-    topk_ranks (n,): which of stream j's top-k tokens the node holds (0 for the root).
-    tree_mask (n, n): node i may attend to node k iff k is i or an ancestor of i.
-    paths (num_leaves, max_depth + 1): node indices from the root to each leaf.
-    """
-
-    widths: tuple
-    depths: torch.Tensor
-    parents: torch.Tensor
-    topk_ranks: torch.Tensor
-    tree_mask: torch.Tensor
-    paths: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        return self.depths.numel()
-
-    @property
-    def max_depth(self) -> int:
-        return self.paths.shape[1] - 1
-
-    def truncated(self, max_depth: int) -> "TreeBuffers":
-        """The same tree cut below ``max_depth`` (breadth-first order makes it a prefix)."""
-        if max_depth >= self.max_depth:
-            return self
-        size = int((self.depths <= max_depth).sum())
-        paths = torch.unique(self.paths[:, : max_depth + 1], dim=0)
-        return TreeBuffers(
-            self.widths[:max_depth], self.depths[:size], self.parents[:size], self.topk_ranks[:size],
-            self.tree_mask[:size, :size], paths,
-        )
-
-
-def build_tree_buffers(tree_widths, device=None, num_streams: int | None = None) -> TreeBuffers:
-    """Tree of ``1 + sum_j prod_{i<=j} k_i`` nodes for widths ``(k_1, ..., k_D)``; with
-    ``num_streams``, checks that the model has a stream for every level."""
-    if any(int(k) < 1 for k in tree_widths):
-        raise ValueError(f"tree_widths={tuple(tree_widths)}: every width must be >= 1.")
-    if num_streams is not None and len(tree_widths) > num_streams:
-        raise ValueError(
-            f"tree_widths={tuple(tree_widths)} has {len(tree_widths)} levels but the model has "
-            f"{num_streams} speculative streams; pass at most that many widths."
-        )
-    levels = [[()]]  # each node named by its top-k ranks from the root down
-    for width in tree_widths:
-        levels.append([name + (rank,) for name in levels[-1] for rank in range(int(width))])
-    names = [name for level in levels for name in level]
-    index = {name: i for i, name in enumerate(names)}
-    size = len(names)
-    tree_mask = torch.zeros(size, size, dtype=torch.bool)
-    for i, name in enumerate(names):
-        for d in range(len(name) + 1):
-            tree_mask[i, index[name[:d]]] = True
-    paths = torch.tensor([[index[leaf[:d]] for d in range(len(leaf) + 1)] for leaf in levels[-1]])
-    return TreeBuffers(
-        widths=tuple(int(k) for k in tree_widths),
-        depths=torch.tensor([len(name) for name in names], device=device),
-        parents=torch.tensor([index[name[:-1]] if name else 0 for name in names], device=device),
-        topk_ranks=torch.tensor([name[-1] if name else 0 for name in names], device=device),
-        tree_mask=tree_mask.to(device),
-        paths=paths.to(device),
-    )
-
-
-# ----------------------------------------------------------------------------------------
-# Draft and verify (pure functions on device tensors)
-# ----------------------------------------------------------------------------------------
-def draft_tree(root: torch.Tensor, stream_logits: torch.Tensor, buffers: TreeBuffers) -> torch.Tensor:
-    """Tokens of every tree node. root: () token; stream_logits: (gamma, vocab) at the
-    last accepted node; stream j's top-k fills depth j."""
-    if buffers.size == 1:
-        return root.reshape(1)
-    top = stream_logits[: buffers.max_depth].topk(max(buffers.widths), dim=-1).indices
-    drafts = top[buffers.depths[1:] - 1, buffers.topk_ranks[1:]]
-    return torch.cat([root.reshape(1), drafts])
-
-
-def evaluate_paths(tree_tokens: torch.Tensor, predictions: torch.Tensor, buffers: TreeBuffers):
-    """Greedy verification. predictions (n,): the main-stream argmax at each node.
-    Returns (best path index, accepted drafts on it) as 0-d tensors; ties go to the first
-    path, so the choice is deterministic."""
-    path_tokens = tree_tokens[buffers.paths]
-    path_predictions = predictions[buffers.paths]
-    matches = (path_tokens[:, 1:] == path_predictions[:, :-1]).int().cumprod(dim=1).sum(dim=1)
-    return matches.argmax(), matches.max()  # (not matches[best]: a 0-d tensor index syncs the host)
-
-
-def prune_mask(tree_tokens: torch.Tensor, early_exit_logits: torch.Tensor, buffers: TreeBuffers,
-               threshold: float) -> torch.Tensor:
-    """Which nodes survive pruning (bool, (n,)): a node is dropped when the early-exit
-    probability of its token under its parent's early-exit distribution is below
-    ``threshold``, and so is everything below it. Dropping drafts only shortens what can
-    be accepted, never what is accepted from the nodes kept: output is unchanged."""
-    probabilities = early_exit_logits.float().softmax(dim=-1)
-    likely = torch.ones_like(tree_tokens, dtype=torch.bool)
-    likely[1:] = probabilities[buffers.parents[1:], tree_tokens[1:]] >= threshold
-    return ~(buffers.tree_mask & ~likely[None, :]).any(dim=1)  # every ancestor-or-self is likely
-
+from .speculative_tree import (
+    DEFAULT_MAX_NGRAM,
+    DEFAULT_TREE_WIDTHS,
+    build_tree_buffers,
+    draft_tree,
+    evaluate_paths,
+    prune_mask,
+    propose_lookup,
+)
 
 def _no_timer(name: str):
     return contextlib.nullcontext()
@@ -153,12 +52,15 @@ class SpeculativeStreamingOutput(ModelOutput):
     accepted_lengths: tokens gained by each tree step (accepted drafts + correction); the
     prefill's single token is not in it, so ``1 + sum(accepted_lengths) >= new tokens``
     (equal unless EOS or max_new_tokens cut the last step). tree_sizes: tree nodes that
-    went through the top layers in each step (fewer than the tree when pruning)."""
+    went through the top layers in each step (fewer than the tree when pruning).
+    lookup_accepted: accepted drafts that came from the prompt-lookup branch (the rest of
+    ``sum(accepted_lengths) - len(accepted_lengths)`` came from the streams)."""
 
     sequences: torch.Tensor | None = None
     num_forward_calls: int | None = None
     accepted_lengths: list | None = None
     tree_sizes: list | None = None
+    lookup_accepted: int | None = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,29 +69,35 @@ class SpeculativeStreamingOutput(ModelOutput):
 class TreeDecodingSteps(Protocol):
     """What a decoding path gives `decode`: device work only, no host logic.
 
+    ``lookup_length``: nodes of the tree's prompt-lookup branch (0: none).
     ``prefill(input_ids, max_new_tokens)`` puts the prompt (1, P) in the cache and returns
-    the first new token as a (1,) tensor. ``step(remaining, timer)`` runs one draft-verify
-    step (at most ``remaining`` tokens are still wanted) and returns its summary, the
-    step's only device-to-host copy: ``[accepted drafts, nodes run, tokens on the chosen
-    path (D + 1), main-stream predictions on it (D + 1)]``.
+    the first new token as a (1,) tensor. ``step(remaining, timer, lookup)`` runs one
+    draft-verify step (at most ``remaining`` tokens are still wanted; ``lookup`` holds the
+    lookup branch's ``lookup_length`` drafts) and returns its summary, the step's only
+    device-to-host copy: ``[accepted drafts, nodes run, 1 if they came from the lookup
+    branch else 0, tokens on the chosen path (D + 1), main-stream predictions on it (D + 1)]``.
     """
+
+    lookup_length: int
 
     def prefill(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor: ...
 
-    def step(self, remaining: int, timer) -> torch.Tensor: ...
+    def step(self, remaining: int, timer, lookup: list[int]) -> torch.Tensor: ...
 
 
-def step_summary(accepted, nodes, path_tokens, path_predictions) -> torch.Tensor:
+def step_summary(accepted, nodes, from_lookup, path_tokens, path_predictions) -> torch.Tensor:
     """Pack a step's result in the layout `read_step_summary` reads (see `TreeDecodingSteps`)."""
-    return torch.cat([accepted.reshape(1), nodes.reshape(1), path_tokens, path_predictions])
+    head = torch.stack([accepted, nodes.to(accepted.dtype), from_lookup.to(accepted.dtype)])
+    return torch.cat([head, path_tokens, path_predictions])
 
 
-def read_step_summary(summary: list[int]) -> tuple[list[int], int]:
-    """(tokens the step gained: accepted drafts then the correction, nodes run)."""
-    accepted, nodes, path = summary[0], summary[1], summary[2:]
+def read_step_summary(summary: list[int]) -> tuple[list[int], int, int]:
+    """(tokens the step gained: accepted drafts then the correction, nodes run, accepted
+    drafts that came from the lookup branch)."""
+    accepted, nodes, from_lookup, path = summary[0], summary[1], summary[2], summary[3:]
     depth = len(path) // 2 - 1
     tokens, predictions = path[: depth + 1], path[depth + 1 :]
-    return tokens[1 : accepted + 1] + [predictions[accepted]], nodes
+    return tokens[1 : accepted + 1] + [predictions[accepted]], nodes, accepted * from_lookup
 
 
 def check_generation_request(config, input_ids: torch.Tensor, max_new_tokens: int) -> None:
@@ -220,9 +128,11 @@ def emit_tokens(generated: list[int], new_tokens: list[int], eos_token_ids: set[
 
 @torch.no_grad()
 def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_tokens: int,
-           eos_token_ids=(), streamer=None, timer=None) -> SpeculativeStreamingOutput:
+           eos_token_ids=(), streamer=None, timer=None, max_ngram: int = DEFAULT_MAX_NGRAM
+           ) -> SpeculativeStreamingOutput:
     """Batch-1 greedy decoding with tree drafts: prefill, then steps until EOS or
-    ``max_new_tokens``; every token is greedy decoding's (module docstring)."""
+    ``max_new_tokens``; every token is greedy decoding's (module docstring). The host
+    proposes the lookup branch (``max_ngram``: longest n-gram matched) from the text so far."""
     check_generation_request(config, input_ids, max_new_tokens)
     timer, eos_token_ids = timer or _no_timer, set(eos_token_ids)
     with timer("prefill"):
@@ -230,12 +140,18 @@ def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_to
     if streamer is not None:
         streamer.put(input_ids.cpu())
         streamer.put(torch.tensor(generated))
-    accepted_lengths, tree_sizes = [], []
+    text = input_ids[0].tolist() + generated if steps.lookup_length else None
+    accepted_lengths, tree_sizes, lookup_accepted = [], [], 0
     while generated[-1] not in eos_token_ids and len(generated) < max_new_tokens:
-        new_tokens, nodes = read_step_summary(steps.step(max_new_tokens - len(generated), timer).tolist())
+        lookup = propose_lookup(text, steps.lookup_length, max_ngram) if text is not None else []
+        summary = steps.step(max_new_tokens - len(generated), timer, lookup).tolist()
+        new_tokens, nodes, from_lookup = read_step_summary(summary)
         accepted_lengths.append(len(new_tokens))
         tree_sizes.append(nodes)
+        lookup_accepted += from_lookup
         emitted = emit_tokens(generated, new_tokens, eos_token_ids, max_new_tokens)
+        if text is not None:
+            text += emitted
         if streamer is not None:
             streamer.put(torch.tensor(emitted))
     if streamer is not None:
@@ -243,24 +159,34 @@ def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_to
     new = torch.tensor([generated], device=input_ids.device, dtype=input_ids.dtype)
     return SpeculativeStreamingOutput(
         sequences=torch.cat([input_ids, new], dim=1), num_forward_calls=1 + len(accepted_lengths),
-        accepted_lengths=accepted_lengths, tree_sizes=tree_sizes,
+        accepted_lengths=accepted_lengths, tree_sizes=tree_sizes, lookup_accepted=lookup_accepted,
     )
+
+
+def lookup_tensor(lookup: list[int], length: int, filler: int, device) -> torch.Tensor:
+    """The lookup branch's drafts as a (length,) tensor, padded with ``filler`` (wrong
+    drafts cost nothing but a node: verification rejects them)."""
+    return torch.tensor((lookup + [filler] * length)[:length], device=device)
 
 
 class DynamicTreeSteps:
     """The dynamic path: a `VariableLengthKVCache` sized for the request, and a tree cut
-    short near ``max_new_tokens`` or the end of the context. With ``prune_threshold`` the
-    early-exit adapter drops unlikely nodes mid-forward (`prune_mask`): fewer nodes run,
-    the output is unchanged."""
+    short near ``max_new_tokens`` or the end of the context, without its lookup branch when
+    the text offers no match. With ``prune_threshold`` the early-exit adapter drops
+    unlikely nodes mid-forward (`prune_mask`): fewer nodes run, the output is unchanged."""
 
-    def __init__(self, model, tree_widths=DEFAULT_TREE_WIDTHS, prune_threshold: float = 0.0):
+    def __init__(self, model, tree_widths=DEFAULT_TREE_WIDTHS, prune_threshold: float = 0.0,
+                 lookup_length: int = 0):
         config = model.config
         if prune_threshold and (config.num_spec_streams == 0 or not config.pruner_rank):
             raise ValueError("prune_threshold needs a model with streams and a pruning adapter (pruner_rank > 0).")
         self.model, self.prune_threshold, self.context = model, prune_threshold, config.max_position_embeddings
-        self.tree = build_tree_buffers(tree_widths, model.device, num_streams=config.num_spec_streams)
-        self.trees_by_depth = [self.tree.truncated(depth) for depth in range(self.tree.max_depth + 1)]
-        self.streams = config.num_spec_streams > 0 and self.tree.max_depth > 0
+        self.lookup_length = lookup_length
+        self.tree = build_tree_buffers(tree_widths, model.device, config.num_spec_streams, lookup_length)
+        without_lookup = build_tree_buffers(tree_widths, model.device, config.num_spec_streams)
+        self.trees = {(depth, lookup): (self.tree if lookup else without_lookup).truncated(depth)
+                      for depth in range(self.tree.max_depth + 1) for lookup in (False, True)}
+        self.streams = config.num_spec_streams > 0 and len(self.tree.widths) > 0
         self.cache = self.root = self.root_streams = None
 
     def prefill(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -274,19 +200,17 @@ class DynamicTreeSteps:
         self.root_streams = out.stream_states[0, :, 0] if self.streams else None
         return self.root.reshape(1)
 
-    def step(self, remaining: int, timer) -> torch.Tensor:
+    def step(self, remaining: int, timer, lookup: list[int] = ()) -> torch.Tensor:
         prefix = self.cache.length
-        tree = self.trees_by_depth[min(self.tree.max_depth, remaining - 1, self.context - 1 - prefix)]
+        depth = min(self.tree.max_depth, remaining - 1, self.context - 1 - prefix)
+        tree = self.trees[depth, bool(lookup)]
         with timer("draft"):
-            stream_logits = self.model.draft_logits(self.root_streams) if tree.size > 1 else None
-            tokens = draft_tree(self.root, stream_logits, tree)
+            stream_logits = self.model.draft_logits(self.root_streams) if tree.widths else None
+            chain = lookup_tensor(list(lookup), tree.lookup_length, 0, prefix_device(self.cache))
+            tokens = draft_tree(self.root, stream_logits, tree, chain)
         with timer("forward"):
-            prune = self.prune_threshold and tree.size > 1
-            out = self.model.run_tree(
-                tokens[None], self.cache, (prefix + tree.depths)[None], tree.tree_mask, streams=self.streams,
-                early_exit_filter=(lambda logits: prune_mask(tokens, logits[0], tree, self.prune_threshold)
-                                   .nonzero().flatten()) if prune else None,
-            )
+            out = self.model.run_tree(tokens[None], self.cache, (prefix + tree.depths)[None], tree.tree_mask,
+                                      streams=self.streams, early_exit_filter=self._pruner(tokens, tree))
             predictions = out.logits[0].argmax(dim=-1)
         with timer("verify"):
             slot_of_node, tokens_seen, nodes = None, tokens, tree.size
@@ -301,7 +225,18 @@ class DynamicTreeSteps:
             self.root = predictions[accepted_nodes[-1]]
             if self.streams:
                 self.root_streams = out.stream_states[0, :, slots[-1]]
-        return step_summary(accepted, torch.tensor(nodes, device=tokens.device), tokens[path], predictions[path])
+        from_lookup = tree.is_lookup[path[min(1, tree.max_depth)]]
+        return step_summary(accepted, torch.tensor(nodes), from_lookup, tokens[path], predictions[path])
+
+    def _pruner(self, tokens, tree):
+        """The early-exit filter of a pruned step, or None."""
+        if not self.prune_threshold or tree.size == 1:
+            return None
+        return lambda logits: prune_mask(tokens, logits[0], tree, self.prune_threshold).nonzero().flatten()
+
+
+def prefix_device(cache) -> torch.device:
+    return cache.keys.device
 
 
 def on_full_tree(tokens: torch.Tensor, kept: torch.Tensor, predictions: torch.Tensor):
@@ -349,9 +284,12 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
             tree_widths = DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams]
         eos = generation_config.eos_token_id
         eos_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-        steps = DynamicTreeSteps(self, tuple(tree_widths), float(extra.get("prune_threshold") or 0.0))
+        # prompt lookup (transformers' own two settings): one more branch of the same tree
+        lookup_length = int(generation_config.prompt_lookup_num_tokens or 0)
+        max_ngram = int(generation_config.max_matching_ngram_size or DEFAULT_MAX_NGRAM)
+        steps = DynamicTreeSteps(self, tuple(tree_widths), float(extra.get("prune_threshold") or 0.0), lookup_length)
         output = decode(steps, self.config, prompt, max_new_tokens, eos_ids, streamer=extra.get("streamer"),
-                        timer=extra.get("step_timer"))
+                        timer=extra.get("step_timer"), max_ngram=max_ngram)
         if prompt is not input_ids:
             output.sequences = torch.cat([input_ids, output.sequences[:, prompt.shape[1]:]], dim=1)
         return output if generation_config.return_dict_in_generate else output.sequences

@@ -1,0 +1,169 @@
+"""The draft tree of Speculative Streaming: its shape, drafting, verification, pruning.
+
+Pure functions on device tensors (Medusa style), shared by the dynamic and the
+fixed-shape decoding paths. A tree has two kinds of drafts below its root (the last token
+emitted):
+- *stream* nodes: widths ``(k_1, ..., k_D)``; depth ``j`` holds the top-``k_j`` tokens of
+  speculative stream ``j``, and every depth-``j`` node has the same ``k_{j+1}`` children;
+- an optional *lookup chain* of ``L`` nodes (prompt lookup): the tokens that followed the
+  latest earlier occurrence of the text's last n-gram, one more branch of the same tree.
+Verification accepts the longest root-to-leaf path that greedy decoding would have
+produced, whichever kind of drafts it holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_TREE_WIDTHS = (4, 3, 2)
+DEFAULT_MAX_NGRAM = 2  # prompt lookup matches the last 2 tokens, then 1 (transformers' default)
+LOOKUP = -1  # the "rank" naming a lookup-chain node
+
+
+@dataclass(frozen=True)
+class TreeBuffers:
+    """A static draft tree, nodes in breadth-first order (node 0 = root; within a depth,
+    stream nodes first, then the lookup node).
+
+    depths (n,): 0 for the root, j for a node j levels below it.
+    parents (n,): index of each node's parent (0 for the root itself).
+    topk_ranks (n,): which of stream j's top-k tokens the node holds (0 for the root,
+        ``LOOKUP`` for a lookup-chain node).
+    tree_mask (n, n): node i may attend to node k iff k is i or an ancestor of i.
+    paths (num_leaves, max_depth + 1): node indices from the root to each leaf; a path
+        shorter than ``max_depth`` repeats its leaf, and ``path_depths`` says where it ends.
+    """
+
+    widths: tuple
+    lookup_length: int
+    depths: torch.Tensor
+    parents: torch.Tensor
+    topk_ranks: torch.Tensor
+    tree_mask: torch.Tensor
+    paths: torch.Tensor
+    path_depths: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.depths.numel()
+
+    @property
+    def max_depth(self) -> int:
+        return self.paths.shape[1] - 1
+
+    @property
+    def is_lookup(self) -> torch.Tensor:
+        return self.topk_ranks == LOOKUP
+
+    def truncated(self, max_depth: int) -> "TreeBuffers":
+        """The same tree cut below ``max_depth`` (breadth-first order makes it a prefix)."""
+        if max_depth >= self.max_depth:
+            return self
+        return build_tree_buffers(self.widths[:max_depth], self.depths.device,
+                                  lookup_length=min(self.lookup_length, max_depth))
+
+
+def tree_size(tree_widths, lookup_length: int = 0) -> int:
+    """Nodes of a tree: ``1 + sum_j prod_{i<=j} k_i + L``."""
+    size, level = 1, 1
+    for width in tree_widths:
+        level *= int(width)
+        size += level
+    return size + lookup_length
+
+
+def build_tree_buffers(tree_widths, device=None, num_streams: int | None = None,
+                       lookup_length: int = 0) -> TreeBuffers:
+    """The tree of widths ``(k_1, ..., k_D)`` plus a lookup chain of ``lookup_length``
+    nodes; with ``num_streams``, checks that the model has a stream for every level."""
+    if any(int(k) < 1 for k in tree_widths):
+        raise ValueError(f"tree_widths={tuple(tree_widths)}: every width must be >= 1.")
+    if num_streams is not None and len(tree_widths) > num_streams:
+        raise ValueError(
+            f"tree_widths={tuple(tree_widths)} has {len(tree_widths)} levels but the model has "
+            f"{num_streams} speculative streams; pass at most that many widths."
+        )
+    if lookup_length < 0:
+        raise ValueError(f"prompt lookup length {lookup_length} is negative; use 0 for no lookup branch.")
+    levels = [[()]]  # each node named by its top-k ranks from the root down (LOOKUP for the chain)
+    for depth in range(1, max(len(tree_widths), lookup_length) + 1):
+        level = []
+        if depth <= len(tree_widths):
+            streams = [name for name in levels[-1] if LOOKUP not in name]
+            level = [name + (rank,) for name in streams for rank in range(int(tree_widths[depth - 1]))]
+        if depth <= lookup_length:
+            level.append((LOOKUP,) * depth)
+        levels.append(level)
+    names = [name for level in levels for name in level]
+    index = {name: i for i, name in enumerate(names)}
+    tree_mask = torch.zeros(len(names), len(names), dtype=torch.bool)
+    for i, name in enumerate(names):
+        for d in range(len(name) + 1):
+            tree_mask[i, index[name[:d]]] = True
+    leaves = [name for name in names if not any(other[:-1] == name for other in names if other)]
+    depth = len(levels) - 1
+    paths = [[index[leaf[: min(d, len(leaf))]] for d in range(depth + 1)] for leaf in leaves]
+    return TreeBuffers(
+        widths=tuple(int(k) for k in tree_widths),
+        lookup_length=lookup_length,
+        depths=torch.tensor([len(name) for name in names], device=device),
+        parents=torch.tensor([index[name[:-1]] if name else 0 for name in names], device=device),
+        topk_ranks=torch.tensor([name[-1] if name else 0 for name in names], device=device),
+        tree_mask=tree_mask.to(device),
+        paths=torch.tensor(paths, device=device),
+        path_depths=torch.tensor([len(leaf) for leaf in leaves], device=device),
+    )
+
+
+def draft_tree(root: torch.Tensor, stream_logits: torch.Tensor | None, buffers: TreeBuffers,
+               lookup_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens of every tree node. root: () token; stream_logits: (gamma, vocab) at the
+    last accepted node (stream j's top-k fills depth j); lookup_tokens: (L,) the lookup
+    chain's drafts (any tokens when there is no match: verification rejects wrong ones)."""
+    if buffers.size == 1:
+        return root.reshape(1)
+    depths, ranks = buffers.depths[1:], buffers.topk_ranks[1:]
+    drafts = torch.zeros_like(depths)
+    if buffers.widths:
+        top = stream_logits[: len(buffers.widths)].topk(max(buffers.widths), dim=-1).indices
+        drafts = top[(depths - 1).clamp(max=len(buffers.widths) - 1), ranks.clamp(min=0)]
+    if buffers.lookup_length:
+        chain = lookup_tokens[(depths - 1).clamp(max=buffers.lookup_length - 1)]
+        drafts = torch.where(ranks == LOOKUP, chain, drafts)
+    return torch.cat([root.reshape(1), drafts])
+
+
+def evaluate_paths(tree_tokens: torch.Tensor, predictions: torch.Tensor, buffers: TreeBuffers):
+    """Greedy verification. predictions (n,): the main-stream argmax at each node.
+    Returns (best path index, accepted drafts on it) as 0-d tensors; ties go to the first
+    path, so the choice is deterministic."""
+    path_tokens = tree_tokens[buffers.paths]
+    path_predictions = predictions[buffers.paths]
+    on_path = torch.arange(buffers.max_depth, device=tree_tokens.device) < buffers.path_depths[:, None]
+    matches = ((path_tokens[:, 1:] == path_predictions[:, :-1]) & on_path).int().cumprod(dim=1).sum(dim=1)
+    return matches.argmax(), matches.max()  # (not matches[best]: a 0-d tensor index syncs the host)
+
+
+def prune_mask(tree_tokens: torch.Tensor, early_exit_logits: torch.Tensor, buffers: TreeBuffers,
+               threshold: float) -> torch.Tensor:
+    """Which nodes survive pruning (bool, (n,)): a node is dropped when the early-exit
+    probability of its token under its parent's early-exit distribution is below
+    ``threshold``, and so is everything below it. Dropping drafts only shortens what can
+    be accepted, never what is accepted from the nodes kept: output is unchanged."""
+    probabilities = early_exit_logits.float().softmax(dim=-1)
+    likely = torch.ones_like(tree_tokens, dtype=torch.bool)
+    likely[1:] = probabilities[buffers.parents[1:], tree_tokens[1:]] >= threshold
+    return ~(buffers.tree_mask & ~likely[None, :]).any(dim=1)  # every ancestor-or-self is likely
+
+
+def propose_lookup(context: list[int], length: int, max_ngram: int = DEFAULT_MAX_NGRAM) -> list[int]:
+    """Prompt lookup: the ``length`` tokens that followed the latest earlier occurrence of
+    the context's last n-gram (longest n first, ``max_ngram`` down to 1); fewer or none
+    when there is no match or the text ends sooner."""
+    for n in range(min(max_ngram, len(context) - 1), 0, -1):
+        suffix = context[-n:]
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start : start + n] == suffix:
+                return context[start + n : start + n + length]
+    return []
