@@ -32,6 +32,7 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 
 from ..cache_utils import VariableLengthKVCache
+from .tree_search import choose_tree, probe_step_seconds
 from .speculative_tree import (
     DEFAULT_MAX_NGRAM,
     DEFAULT_TREE_WIDTHS,
@@ -279,9 +280,9 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
         max_new_tokens = generation_config.max_new_tokens
         if max_new_tokens is None:
             max_new_tokens = max(generation_config.max_length - input_ids.shape[1], 0)
-        tree_widths = extra.get("tree_widths")  # () is a tree of the root alone: one token per call
-        if tree_widths is None:
-            tree_widths = DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams]
+        tree_widths = extra.get("tree_widths", "auto")  # () is a tree of the root alone: one token per call
+        if tree_widths is None or tree_widths == "auto":
+            tree_widths = self.auto_tree_widths()
         eos = generation_config.eos_token_id
         eos_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
         # prompt lookup (transformers' own two settings): one more branch of the same tree
@@ -293,3 +294,16 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
         if prompt is not input_ids:
             output.sequences = torch.cat([input_ids, output.sequences[:, prompt.shape[1]:]], dim=1)
         return output if generation_config.return_dict_in_generate else output.sequences
+
+    def auto_tree_widths(self) -> tuple:
+        """``tree_widths="auto"``: the tree with the most expected tokens per second from the
+        acceptance rates stored with the checkpoint (``generation_config.stream_acceptance``)
+        and this device's step latencies (probed once per model and device). Without stored
+        rates: the default tree."""
+        acceptance = getattr(self.generation_config, "stream_acceptance", None)
+        if not acceptance or not self.config.num_spec_streams:
+            return DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams]
+        probes = self.__dict__.setdefault("_step_seconds_by_device", {})
+        if str(self.device) not in probes:
+            probes[str(self.device)] = probe_step_seconds(self)
+        return choose_tree(acceptance, probes[str(self.device)], self.config.num_spec_streams)

@@ -1,0 +1,131 @@
+"""``tree_widths="auto"``: the draft tree that maximises expected tokens per second.
+
+Two measurements decide it (Sequoia / EAGLE-2 in spirit, for product trees):
+- *acceptance*: ``acceptance[j][r]``, the probability that the rank-``r`` token of stream
+  ``j + 1`` is greedy decoding's next-but-``j`` token, given that the drafts above it were
+  accepted. Measured once on validation prompts (`measure_acceptance`, run at the end of
+  fine-tuning and stored in the checkpoint's ``generation_config.json`` as
+  ``stream_acceptance``). A product tree of widths ``(k_1, ..., k_D)`` accepts depth ``j``
+  after depth ``j - 1`` with probability ``a_j = sum_{r < k_j} acceptance[j-1][r]`` (only
+  one token is right), so a step gains ``1 + sum_d prod_{j<=d} a_j`` tokens on average.
+- *step latency* by tree size on the device at hand (`probe_step_seconds`: a few real
+  decoding steps per probed size, cached per model and device), linear in between.
+`choose_tree` takes the candidate with the most expected tokens per second.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from .speculative_tree import tree_size
+
+MAX_WIDTH = 8  # candidates' widths; acceptance is measured for ranks below it
+MAX_TREE_NODES = 128  # beyond this a step costs more than any measured acceptance repays on our devices
+PROBE_TREES = ((), (1,), (2,), (2, 2), (4, 2), (4, 3, 2), (6, 4, 2), (8, 4, 2))  # sizes 1 .. 105
+
+
+def expected_tokens_per_step(tree_widths, acceptance) -> float:
+    """Mean tokens a step gains (accepted drafts + the correction token)."""
+    expected, reach = 1.0, 1.0
+    for depth, width in enumerate(tree_widths):
+        reach *= sum(acceptance[depth][:width])
+        expected += reach
+    return expected
+
+
+def candidate_trees(num_streams: int, max_width: int = MAX_WIDTH, max_nodes: int = MAX_TREE_NODES):
+    """Every product tree with at most ``num_streams`` levels, widths non-increasing with
+    depth (deeper drafts are less likely: a wider deep level never pays for itself) and at
+    most ``max_nodes`` nodes; the root alone, ``()``, included."""
+    trees = [()]
+    for depth in range(1, num_streams + 1):
+        for widths in itertools.product(range(max_width, 0, -1), repeat=depth):
+            if list(widths) == sorted(widths, reverse=True) and tree_size(widths) <= max_nodes:
+                trees.append(widths)
+    return trees
+
+
+def interpolate(step_seconds: dict[int, float], size: int) -> float:
+    """Seconds per step of a tree of ``size`` nodes, linear between probed sizes (flat
+    beyond the largest, which `candidate_trees` keeps within range)."""
+    sizes = sorted(step_seconds)
+    if size <= sizes[0]:
+        return step_seconds[sizes[0]]
+    for low, high in zip(sizes, sizes[1:]):
+        if size <= high:
+            share = (size - low) / (high - low)
+            return step_seconds[low] + share * (step_seconds[high] - step_seconds[low])
+    return step_seconds[sizes[-1]] * size / sizes[-1]
+
+
+def choose_tree(acceptance, step_seconds: dict[int, float], num_streams: int) -> tuple:
+    """The candidate tree with the most expected tokens per second (ties: the smaller)."""
+    levels = min(num_streams, len(acceptance))
+    def speed(widths):
+        return expected_tokens_per_step(widths, acceptance) / interpolate(step_seconds, tree_size(widths))
+    return max(candidate_trees(levels), key=lambda widths: (speed(widths), -tree_size(widths)))
+
+
+@torch.no_grad()
+def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PROBE_TREES) -> dict[int, float]:
+    """Median seconds per decoding step of each probe tree the model can draft, after a
+    random prompt (the cost of a step hardly depends on the tokens)."""
+    from .utils import DynamicTreeSteps, _no_timer  # the loop's own step: what "auto" trees will run
+
+    config = model.config
+    prompt_length = max(1, min(prompt_length, config.max_position_embeddings // 2))
+    ids = torch.randint(0, config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(0))
+    result = {}
+    for widths in (w for w in trees if len(w) <= config.num_spec_streams):
+        decoder = DynamicTreeSteps(model, widths)
+        decoder.prefill(ids.to(model.device), max_new_tokens=steps * (len(widths) + 1))
+        times = []
+        for _ in range(steps):
+            _synchronize(model.device)
+            start = time.perf_counter()
+            decoder.step(remaining=len(widths) + 1, timer=_no_timer).tolist()  # .tolist(): the step's host read
+            times.append(time.perf_counter() - start)
+        result[tree_size(widths)] = sorted(times)[len(times) // 2]
+    return result
+
+
+@torch.no_grad()
+def measure_acceptance(model, prompts, max_new_tokens: int = 48, max_rank: int = MAX_WIDTH) -> list[list[float]]:
+    """``acceptance[j][r]`` for the model's streams on the given prompts (each (1, P)):
+    greedy continuations, then one forward with the streams at every position; the rank
+    of greedy's token at depth j in stream j, counted where every shallower draft was
+    within the top ``max_rank`` (so could have been in a tree)."""
+    depth = model.config.num_spec_streams
+    counts = torch.zeros(depth, max_rank, dtype=torch.long)
+    eligible = torch.zeros(depth, dtype=torch.long)
+    for ids in prompts:
+        sequence = model.generate(ids, speculative_streaming=True, tree_widths=(), max_new_tokens=max_new_tokens,
+                                  eos_token_id=None)
+        ranks = _draft_ranks(model, sequence, ids.shape[1], depth)  # (positions, depth)
+        within = torch.ones(ranks.shape[0], dtype=torch.bool)
+        for j in range(depth):
+            eligible[j] += int(within.sum())
+            counts[j] += torch.bincount(ranks[within, j].clamp(max=max_rank), minlength=max_rank + 1)[:max_rank]
+            within &= ranks[:, j] < max_rank
+    return (counts / eligible.clamp(min=1)[:, None]).tolist()
+
+
+def _draft_ranks(model, sequence: torch.Tensor, prompt_length: int, depth: int) -> torch.Tensor:
+    """Rank of greedy's token ``t + 1 + j`` in stream ``j``'s logits at ``t``, for every
+    generated position ``t`` with all ``depth`` targets known: (positions, depth)."""
+    stream_logits = model(sequence, stream_positions="all").stream_logits[0]  # (depth, T, V)
+    length = sequence.shape[1]
+    starts = torch.arange(prompt_length - 1, length - 1 - depth)
+    ranks = []
+    for j in range(depth):
+        logits = stream_logits[j, starts].float()
+        target = sequence[0, starts + 2 + j].to(logits.device)
+        ranks.append((logits > logits.gather(1, target[:, None])).sum(dim=1))
+    return torch.stack(ranks, dim=1).cpu()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
