@@ -5,7 +5,7 @@ import transformers
 
 from huggingface.transformers.cache_utils import VariableLengthKVCache
 from huggingface.transformers.generation.speculative_tree import build_tree_buffers
-from spec_stream import GPTNeoForCausalLM
+from spec_stream import GPTNeoForCausalLM, shifted_cross_entropy
 from tests.helpers import TINY, tiny_config, tiny_model, upstream_twin
 
 SEQ = 24  # > window_size (5): local layers drop keys
@@ -212,3 +212,28 @@ def test_stream_count_mismatch_and_missing_stream_weights_are_reported(tmp_path,
         loaded = GPTNeoForCausalLM.from_pretrained(tmp_path / "upstream")
     assert loaded.randomly_initialised_streams
     assert "initialised at random" in caplog.text and "fine-tuned" in caplog.text
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_loss_only_equals_the_full_loss_and_its_gradients(implementation):
+    """Streams only where a stream has a target, the head only on target rows: same loss."""
+    model = tiny_model(attn_implementation=implementation, num_spec_streams=3, num_stream_layers=2).train()
+    ids = torch.randint(1, TINY["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :25] = labels[1, :30] = labels[2, :12] = labels[2, 35:] = -100  # prompts, padding
+    mask = torch.ones_like(ids)
+    mask[2, 35:] = 0
+    full = model(ids, attention_mask=mask, labels=labels, early_exit=True)
+    fast = model(ids, attention_mask=mask, labels=labels, early_exit=True, loss_only=True)
+    assert fast.logits is None and fast.stream_logits is None
+    torch.testing.assert_close(fast.loss, full.loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast.early_exit_loss, shifted_cross_entropy(full.early_exit_logits, labels, 1),
+                               atol=1e-6, rtol=0)
+    parameters = list(model.parameters())
+    full_grads = torch.autograd.grad(full.loss, parameters, allow_unused=True)  # the pruner: not in the loss
+    fast_grads = torch.autograd.grad(fast.loss, parameters, allow_unused=True)
+    assert sum(g is not None for g in full_grads) > 50
+    for a, b in zip(full_grads, fast_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

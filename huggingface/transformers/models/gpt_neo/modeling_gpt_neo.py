@@ -79,6 +79,7 @@ class SpecStreamCausalLMOutput(ModelOutput):
     stream_logits: torch.Tensor | None = None  # (batch, gamma, n_positions, vocab): stream j predicts t+1+j
     early_exit_logits: torch.Tensor | None = None  # (batch, seq, vocab): pruning adapter at the first stream layer
     past_key_values: object | None = None
+    early_exit_loss: torch.Tensor | None = None  # loss_only with early_exit: CE(early-exit logits, next token)
 
 
 @dataclass
@@ -447,14 +448,18 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         early_exit: bool = False,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        loss_only: bool = False,
         **kwargs,
     ) -> SpecStreamCausalLMOutput:
         """Upstream's forward plus ``tree_mask``, ``stream_positions`` and ``early_exit``
         (see `GPTNeoModel.forward`). With ``labels`` (aligned with ``input_ids``, -100 =
         ignore), streams run at every position and ``loss`` is the method's
-        ``a0 * CE(main) + sum_j a_j * CE(stream_j)``."""
+        ``a0 * CE(main) + sum_j a_j * CE(stream_j)``. With ``loss_only`` too, the same loss
+        is computed for less work (`_loss_on_targets`) and no logits are returned."""
         if input_ids is None:
             raise ValueError("GPTNeoForCausalLM (spec-stream) needs input_ids; inputs_embeds is not supported.")
+        if labels is not None and loss_only:
+            return self._loss_on_targets(input_ids, attention_mask, labels, early_exit)
         if labels is not None and stream_positions is None and self.config.num_spec_streams:
             stream_positions = "all"
         if use_cache and past_key_values is None:
@@ -473,6 +478,42 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
                 logits, stream_logits, labels, self.config.main_loss_weight, self.config.stream_loss_weight
             )
         return SpecStreamCausalLMOutput(loss, logits, stream_logits, early_exit_logits, past_key_values)
+
+    def _loss_on_targets(self, input_ids, attention_mask, labels, early_exit) -> SpecStreamCausalLMOutput:
+        """The training loss without the work it does not need: streams run only at the
+        positions where some stream has a target (a prompt's streams predict prompt tokens,
+        labelled -100), and the head projects only rows with a target. Same value as the
+        full computation: the rows left out contribute nothing to any sum or count."""
+        has_target = (labels != -100).any(dim=0)  # (T,): some row of the batch has a target there
+        length, streams = labels.shape[1], self.config.num_spec_streams
+        anchors = torch.zeros(length, dtype=torch.bool, device=labels.device)
+        for shift in range(2, 2 + streams):  # stream j at t predicts t + 1 + j
+            anchors[: length - shift] |= has_target[shift:]
+        anchors = anchors.nonzero().flatten()
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, early_exit=early_exit,
+                               stream_positions=anchors if streams else None)
+        main_rows = has_target[1:].nonzero().flatten()  # t with a target at t + 1
+        loss = self.config.main_loss_weight * self._head_loss(out.hidden_states, main_rows, labels, 1)
+        for j in range(streams if out.stream_hidden_states is not None else 0):
+            loss = loss + self.config.stream_loss_weight * self._head_loss(
+                out.stream_hidden_states[:, j], None, labels, 2 + j, positions=anchors)
+        early_exit_loss = None
+        if out.early_exit_hidden_states is not None:
+            early_exit_loss = self._head_loss(out.early_exit_hidden_states, main_rows, labels, 1)
+        return SpecStreamCausalLMOutput(loss=loss, early_exit_loss=early_exit_loss)
+
+    def _head_loss(self, hidden, rows, labels, shift, positions=None) -> torch.Tensor:
+        """Mean CE of the head at ``rows`` of ``hidden`` (positions ``positions[rows]``, or
+        the rows themselves) against ``labels`` ``shift`` tokens later; the mean is over
+        every target of that shift in the batch, as `shifted_cross_entropy`'s."""
+        positions = torch.arange(hidden.shape[1], device=labels.device) if positions is None else positions
+        if rows is None:
+            rows = (positions + shift < labels.shape[1]).nonzero().flatten()
+        targets = labels[:, positions[rows] + shift]
+        logits = self.lm_head(hidden[:, rows]).float()
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                                reduction="sum")
+        return total / (labels[:, shift:] != -100).sum().clamp(min=1)
 
     # -- the contract with generation ------------------------------------------------------
     def run_tree(
