@@ -1,13 +1,25 @@
-"""Building, loading and atomically saving spec-stream checkpoints."""
+"""Building and loading spec-stream checkpoints, and the crash-safe layout of a
+fine-tuning output folder.
+
+An output folder holds the final model files, ``training_args.json`` (written last: its
+presence means the run finished) and ``checkpoint-<step>/`` (the newest resumable state).
+Every write goes to a hidden ``.spec-stream-*.tmp`` entry first and is published by one
+rename, and a folder is removed by renaming it to such an entry before deleting it, so a
+run killed at any moment leaves complete visible files plus stale temporaries, which the
+next start removes. Nothing else in the folder is touched.
+"""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Callable
 
+import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from spec_stream import GPTNeoConfig, GPTNeoForCausalLM
@@ -25,6 +37,10 @@ MODEL_SIZES = {
                  window_size=256, max_position_embeddings=2048, tokenizer_vocab=16384, vocab_size=50257),
 }
 TRAINING_ARGS = "training_args.json"
+STATE_FILE = "state.pt"
+TEMPORARY_PREFIX = ".spec-stream-"
+TEMPORARY_SUFFIX = ".tmp"
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 def default_stream_layers(task: str, num_layers: int) -> int:
@@ -33,14 +49,24 @@ def default_stream_layers(task: str, num_layers: int) -> int:
     return max(1, round(num_layers * share))
 
 
+def stream_layers(requested: int | None, task: str, num_layers: int) -> int:
+    """``requested`` (``--num-stream-layers``) checked against the model, or the paper's default."""
+    if requested is None:
+        return default_stream_layers(task, num_layers)
+    if not 1 <= requested <= num_layers:
+        raise UserError(f"--num-stream-layers {requested} does not fit a model of {num_layers} layers; choose 1 to "
+                        f"{num_layers} (default {default_stream_layers(task, num_layers)} for {task})")
+    return requested
+
+
 def build_from_scratch(size: str, texts, num_spec_streams: int, num_stream_layers: int | None, task: str):
     """A fresh GPT-Neo of ``size`` with a BPE tokenizer trained on ``texts``."""
     if size not in MODEL_SIZES:
         raise UserError(f"unknown --from-scratch size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
     shape = dict(MODEL_SIZES[size])
+    layers = stream_layers(num_stream_layers, task, shape["num_layers"])
     tokenizer = train_tokenizer(texts, shape.pop("tokenizer_vocab"))
     shape["vocab_size"] = max(shape["vocab_size"], len(tokenizer))
-    layers = num_stream_layers if num_stream_layers is not None else default_stream_layers(task, shape["num_layers"])
     config = GPTNeoConfig(
         **shape, num_spec_streams=num_spec_streams, num_stream_layers=layers if num_spec_streams else 0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -48,17 +74,25 @@ def build_from_scratch(size: str, texts, num_spec_streams: int, num_stream_layer
     return GPTNeoForCausalLM(config), tokenizer
 
 
+def load_base_config(name: str) -> GPTNeoConfig:
+    """The config of a base checkpoint (a folder or a hub id), read before any weights."""
+    try:
+        return GPTNeoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load base model {name!r} ({str(error).splitlines()[0][:160]}); check the path or hub "
+                        "id, or train from scratch offline with --from-scratch SIZE") from None
+
+
 def load_base(name: str, num_spec_streams: int, num_stream_layers: int | None, task: str):
     """Any GPT-Neo checkpoint (upstream's or ours, a folder or a hub id) with its own
     tokenizer; stream weights it lacks are initialised (transformers logs which)."""
+    layers = stream_layers(num_stream_layers, task, load_base_config(name).num_layers)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        config = GPTNeoConfig.from_pretrained(name)
-        layers = num_stream_layers if num_stream_layers is not None else default_stream_layers(task, config.num_layers)
         model = GPTNeoForCausalLM.from_pretrained(
             name, num_spec_streams=num_spec_streams, num_stream_layers=layers if num_spec_streams else 0
         )
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise UserError(f"cannot load base model {name!r} ({str(error).splitlines()[0][:160]}); check the path or hub "
                         "id, or train from scratch offline with --from-scratch SIZE") from None
     if tokenizer.pad_token is None:
@@ -67,41 +101,183 @@ def load_base(name: str, num_spec_streams: int, num_stream_layers: int | None, t
 
 
 def load_for_inference(path: str, require_streams: bool = False):
-    """(model, tokenizer) of a saved checkpoint, with clear errors for a wrong path or, when
-    ``require_streams``, a checkpoint whose streams are absent or were never trained."""
+    """(model, tokenizer) of a checkpoint folder or hub id, every problem a UserError that
+    names it: no such folder (or an unreachable hub id), a missing or damaged config or
+    weights file, and, when ``require_streams``, streams that are absent from the config,
+    missing from the weights file (a checkpoint saved through upstream GPT-Neo, say), or
+    never trained."""
     fix = "fine-tune one with: python -m spec_stream.finetune --dataset NAME --output DIR"
     folder = Path(path)
-    if not (folder / "config.json").is_file():
+    if folder.is_dir() and not (folder / "config.json").is_file():
         raise UserError(f"{path} is not a checkpoint folder (no config.json); {fix}")
-    config = GPTNeoConfig.from_pretrained(path)
+    if not folder.is_dir() and (folder.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path))):
+        raise UserError(f"{path}: no such checkpoint folder; {fix}")
+    try:
+        config = GPTNeoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = GPTNeoForCausalLM.from_pretrained(path, output_loading_info=True)
+    except SafetensorError as error:
+        raise UserError(f"{folder / 'model.safetensors'} is truncated or damaged ({error}); delete {path} and prepare "
+                        "it again, or copy the file again") from None
+    except (OSError, ValueError) as error:  # no folder and no hub repo, a missing or damaged file
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        problem = f"cannot load {path}" if folder.is_dir() else f"{path} is neither a folder nor a reachable hub id"
+        raise UserError(f"{problem} ({reason}); {fix}") from None
     if require_streams:
         if not config.num_spec_streams:
             raise UserError(f"{path} has no speculative stream weights (num_spec_streams=0); {fix}")
+        if "transformer.streams.embeddings" in info["missing_keys"]:
+            raise UserError(f"{path}: its config has {config.num_spec_streams} speculative streams but its weights "
+                            "file lacks them (saved without the streams, e.g. through upstream GPT-Neo); fine-tune "
+                            f"them: python -m spec_stream.finetune --base {path} --dataset NAME --output DIR")
         if not (folder / TRAINING_ARGS).is_file():
             raise UserError(f"{path} has stream weights that were never trained (no {TRAINING_ARGS}); {fix}")
-    return GPTNeoForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer
 
 
-@contextlib.contextmanager
-def atomic_directory(target: Path):
-    """Yield a temporary folder beside ``target``; on success it replaces ``target`` in
-    one rename, so a crash never leaves a half-written checkpoint."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield temporary
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(temporary, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temporary, target)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+# ------------------------------------------------------------------ the output folder
+
+
+def check_output_path(path: Path) -> None:
+    """A UserError unless ``path`` is, or can become, a writable folder."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output {path} is an existing file; pass a folder path (new, empty, or an earlier run's)")
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--output {path} lies under the file {existing}; pass a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output {path}: {existing} is not writable; pass a folder you can write to")
+
+
+def _temporary(folder: Path, kind: str) -> Path:
+    """A fresh hidden name in ``folder`` that :func:`remove_stale_temporaries` recognises."""
+    return folder / f"{TEMPORARY_PREFIX}{kind}-{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
+
+
+def _is_temporary(path: Path) -> bool:
+    return path.name.startswith(TEMPORARY_PREFIX) and path.name.endswith(TEMPORARY_SUFFIX)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete what a killed run left half-written or half-deleted in ``folder``."""
+    for path in folder.iterdir():
+        if _is_temporary(path) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif _is_temporary(path):
+            path.unlink()
+
+
+def visible_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` other than stale temporaries (none for a new folder)."""
+    return sorted(p.name for p in folder.iterdir() if not _is_temporary(p)) if folder.is_dir() else []
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether an earlier fine-tuning run wrote into ``folder``."""
+    return (folder / TRAINING_ARGS).is_file() or bool(list_checkpoints(folder))
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every published checkpoint in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (published ones are always complete), or None."""
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def _retire(path: Path) -> None:
+    """Delete a published folder: hidden first, so a kill mid-deletion leaves a temporary."""
+    hidden = _temporary(path.parent, f"old-{path.name}")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden)
+
+
+def _finish_files(folder: Path) -> None:
+    """Before ``folder``'s files are published: flush them to disk and give them ordinary
+    permissions (the umask's, as the folder got; safetensors writes 0600)."""
+    mode = folder.stat().st_mode & 0o666
+    for path in folder.iterdir():
+        path.chmod(mode)
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def save_checkpoint(output: Path, step: int, write: Callable[[Path], None]) -> Path:
+    """Publish ``output/checkpoint-<step>`` written by ``write(folder)``, then drop the older ones.
+
+    The new checkpoint becomes visible in one rename after it is complete; older ones go
+    only after that, so at every moment the newest visible checkpoint is complete.
+    """
+    temporary = _temporary(output, "checkpoint")
+    temporary.mkdir()
+    write(temporary)
+    _finish_files(temporary)
+    target = output / f"checkpoint-{step}"
+    if target.exists():  # an earlier run's, at the same step (--overwrite)
+        _retire(target)
+    os.replace(temporary, target)
+    for _, older in list_checkpoints(output):
+        if older != target:
+            _retire(older)
+    return target
+
+
+def publish_model(output: Path, write: Callable[[Path], None], training_args: dict) -> None:
+    """Move the files ``write(folder)`` produces into ``output``, then write ``training_args``.
+
+    Files are moved one rename each, beside whatever else ``output`` holds. The finished
+    marker (``training_args.json``) is removed first and written last, so a kill in
+    between leaves no marker and ``--resume`` redoes the final evaluation and save.
+    """
+    temporary = _temporary(output, "final")
+    temporary.mkdir()
+    write(temporary)
+    _finish_files(temporary)
+    (output / TRAINING_ARGS).unlink(missing_ok=True)
+    for path in sorted(temporary.iterdir()):
+        os.replace(path, output / path.name)
+    write_json(output / TRAINING_ARGS, training_args)
+    temporary.rmdir()
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str))
+    """Write ``data`` as JSON in one rename (a reader never sees half a file)."""
+    temporary = _temporary(path.parent, path.stem)
+    temporary.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(temporary, path)
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON file written by a run; a damaged one is a UserError naming it and ``fix``."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is damaged ({type(error).__name__}: {str(error)[:120]}); {fix}") from None
+
+
+def load_checkpoint(folder: Path, fix: str):
+    """``(state, config, tokenizer)`` of a checkpoint, every file checked before use: a
+    missing or damaged one is a UserError naming it and ``fix``."""
+    for path in sorted(folder.glob("*.json")):
+        read_json(path, fix)
+    state_file = folder / STATE_FILE
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  (truncated zip, empty file, foreign pickle, ...)
+        reason = (str(error).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"{state_file} is missing or damaged ({type(error).__name__}: {reason}); {fix}") from None
+    missing = [key for key in ("model", "optimizer", "scheduler", "torch_rng", "step", "losses", "settings")
+               if key not in state]
+    if missing:
+        raise UserError(f"{state_file} lacks {', '.join(missing)} (not written by this version); {fix}")
+    try:
+        return state, GPTNeoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001  (missing config or tokenizer files)
+        reason = (str(error).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"the config or tokenizer files in {folder} are missing or damaged ({reason}); {fix}") from None

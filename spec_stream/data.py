@@ -6,14 +6,9 @@ Three tasks: ``spider`` (text-to-SQL), ``dialogsum`` (dialogue summarisation) an
 BPE tokenizer sees the first target word as `` word``, as in running text. The target holds
 no end-of-sequence token; :func:`tokenize_example` appends the tokenizer's eos.
 
-Prompt formats (``{...}`` is a row's field; ``\\n`` a newline)::
-
-    spider     Schema:\\n{table}({col}, {col}, ...)\\n...\\nQuestion: {question}\\nSQL:
-               target " {query}"  (query whitespace collapsed to single spaces)
-    dialogsum  Summarize the dialogue.\\n{dialogue}\\nSummary:
-               target " {summary}"
-    e2e_nlg    Describe the restaurant: {meaning_representation}\\nDescription:
-               target " {human_reference}"
+Each task's prompt text is written once, in its builder (``_spider_examples``,
+``_dialogsum_examples``, ``_e2e_examples``): an instruction (Spider: the database schema),
+the row's input, then a cue line the target continues.
 
 The Spider schema is one line per table from the official ``tables.json``, with the
 original table and column names (``table_names_original``, ``column_names_original``),
@@ -73,7 +68,6 @@ class Task:
     columns: tuple[str, ...]
     train_split: str
     benchmark_split: str
-    prompt_format: str
     build: Callable[..., Iterator[Example]]
 
 
@@ -154,15 +148,15 @@ def _spider_examples(
 TASKS: dict[str, Task] = {
     "spider": Task(
         "spider", "xlangai/spider", "spider", ("db_id", "query", "question"), "train", "validation",
-        "Schema:\n{table}({col}, ...)\n...\nQuestion: {question}\nSQL:", _spider_examples,
+        _spider_examples,
     ),
     "dialogsum": Task(
         "dialogsum", "knkarthick/dialogsum", "dialogsum", ("id", "dialogue", "summary"), "train", "test",
-        "Summarize the dialogue.\n{dialogue}\nSummary:", _dialogsum_examples,
+        _dialogsum_examples,
     ),
     "e2e_nlg": Task(
         "e2e_nlg", "e2e_nlg", "e2e_nlg", ("meaning_representation", "human_reference"), "train", "test",
-        "Describe the restaurant: {meaning_representation}\nDescription:", _e2e_examples,
+        _e2e_examples,
     ),
 }
 
@@ -193,9 +187,16 @@ def resolve_tasks(name: str) -> list[str]:
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    """Rows of a JSON-lines file, skipping blank lines; bad JSON is a UserError."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    """Rows of a JSON-lines file, skipping blank lines; bad UTF-8 or JSON is a UserError."""
+    with open(path, "rb") as handle:  # bytes, so a decoding error can name its line
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(
+                    f"{path} line {number}: byte 0x{raw[error.start]:02x} at column {error.start + 1} is not "
+                    "UTF-8; save the file as UTF-8 or fix that line"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -299,7 +300,7 @@ def load_examples(
     """
     spec = get_task(task)
     if limit is not None and limit < 0:
-        raise UserError(f"limit must be >= 0, got {limit}; pass a non-negative --limit or none")
+        raise UserError(f"limit must be a number of examples >= 0 (or None for all), got {limit}")
     if data_dir is None:
         data_dir = os.environ.get(DATA_DIR_ENV) or None
     extra: dict[str, Any] = {}

@@ -9,7 +9,7 @@ command-line parsers, the benchmark and the fine-tuning code read their defaults
 from __future__ import annotations
 
 from huggingface.transformers.generation.fixed_shape import DEFAULT_PREFILL_BUCKETS  # prompt-length graphs
-from huggingface.transformers.generation.utils import DEFAULT_TREE_WIDTHS  # (4, 3, 2): the paper's tree
+from huggingface.transformers.generation.speculative_tree import DEFAULT_TREE_WIDTHS  # (4, 3, 2): the paper's tree
 from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoConfig
 
 # -- the method --------------------------------------------------------------------------
@@ -28,6 +28,13 @@ MAX_LENGTH = 512  # covers 99% of DialogSum prompt + summary with the from-scrat
 MAX_EVAL_SAMPLES = 200  # enough for stream accuracies to +-0.01, quick on a CPU
 SAVE_EVERY = 500  # steps between resumable checkpoints (plus one at every epoch end)
 GPU_PEAK_TFLOPS = 989.0  # H100 bf16 dense: the denominator of MFU on a GPU
+FROM_SCRATCH_SIZE = "tiny"  # without --base: the only size a 2-core CPU trains in minutes
+EPOCHS = 1.0  # one pass: the streams learn from the same data the main stream already fits
+EVAL_SPLIT = "validation"  # every task has one; the benchmark split stays unseen
+SEED = 0  # fixes the from-scratch initialisation and the batch order of every epoch
+LORA_RANK = 0  # full fine-tuning unless asked: the models here are small enough
+GRAD_CLIP_NORM = 1.0  # the usual transformer clip; fresh stream embeddings spike early
+MIXED_PRECISION = "auto"  # bf16 on a GPU that has it, fp32 elsewhere
 
 # -- default checkpoints the benchmark prepares once per dataset (from scratch: offline) --
 DEFAULT_RECIPES = {
@@ -40,5 +47,24 @@ DATASETS = ("spider", "dialogsum", "e2e_nlg")  # the paper's three tasks, in its
 NUM_SAMPLES = {"cpu": 20, "cuda": 30}  # prompts per dataset: 2-core CPU minutes, not hours
 MAX_NEW_TOKENS = {"cpu": 64, "cuda": 128}  # long enough for several tree steps per prompt
 PROMPT_LOOKUP_TOKENS = 10  # transformers' own default for prompt_lookup_num_tokens
+REPEATS = 3  # timed passes over the prompts per engine: the fewest that give a median and a spread
+HALF_DTYPE = "fp16"  # half precision of the GPU engines: every CUDA GPU has it, bf16 needs Ampere
+REPORT_PATH = "results/dataset_tps.json"  # where the benchmark's JSON goes; the plots read it
+CHECKPOINT_DIR = "checkpoints"  # default checkpoints, prepared once and reused by later runs
+COPY_PROBE_MB = 256  # bandwidth probe size: far above any last-level cache, so it measures memory
+BATCH_SIZES = (4, 16)  # the `batched` engine's rows: 20 CPU prompts fill one batch of 16; 4 shows the trend
+
+# -- inference arithmetic and the attention micro-benchmark ---------------------------------
+ARITHMETIC_CONTEXT = 256  # cached tokens when decoding: a typical prompt plus answer of the three tasks
+ARITHMETIC_BATCH = 16  # the larger `batched` size, so its predicted bound sits beside its row
+PROBE_REPEATS = 5  # median of 5 after a warm-up: steady to a few % in about a second on a CPU
+ATTENTION_TOKENS = (400, 800, 1200, 1600, 2000)  # issue 13's shapes (tokens x 400)
+ATTENTION_EMBEDDING = 400  # one head of width 400, as issue 13 specifies
+ATTENTION_BATCHES = (8, 16, 32, 64, 128, 256, 512)  # issue 13's sweep, doubling
+ATTENTION_SWEEP_TOKENS = 2000  # batch sweep at the largest shape: there memory runs out first
+ATTENTION_SWEEP_BATCH = 32  # token sweep at a batch every method fits at 2000 tokens on 24 GiB
+ATTENTION_REPEATS = 5  # timed calls per point after a warm-up call (median and min-max)
+ATTENTION_SECONDS = 20.0  # fewer repeats (at least 2) once a point's calls pass this many seconds
+ATTENTION_MEMORY_SHARE = 0.7  # a point runs only if its predicted peak fits this share of free memory
 
 __all__ = [name for name in dir() if name.isupper()]  # noqa: F822 (re-exports included)

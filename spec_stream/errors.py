@@ -19,14 +19,15 @@ class UserError(ValueError):
 
 
 def exit_on_user_error(main: F) -> F:
-    """Decorator for CLI entry points: a `UserError` (or any `ValueError` raised for bad
-    input by the model code) becomes ``error: <message>`` on stderr and exit code 2."""
+    """Decorator for CLI entry points: a `UserError` becomes ``error: <message>`` on stderr
+    and exit code 2; Ctrl-C becomes exit code 130. Every other exception is a bug and keeps
+    its traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (UserError, ValueError) as error:
+        except UserError as error:
             if os.environ.get("SPEC_STREAM_DEBUG"):
                 raise
             message = " ".join(str(error).split())

@@ -6,85 +6,364 @@
 Loss ``a0 * CE(main) + a_j * sum_j CE(stream_j)`` on target tokens only. Modes: full
 fine-tuning (default), LoRA (`--lora-rank R`, merged before the final save) and
 `--freeze-base` (only `transformer.streams.*` trains: the main stream stays the base model
-bit for bit). `--train-pruner` adds ``0.1 * CE(early-exit logits, next token)``, trained
-jointly. A checkpoint (`OUTPUT/checkpoint-last`) is written atomically every
-`--save-every` steps and at the end of each epoch; `--resume` continues from it exactly
-(same batch order, optimizer and scheduler state). The final model, tokenizer and
-`training_args.json` go to OUTPUT, loadable by `from_pretrained` and `dataset_tps.py`.
+bit for bit). `--train-pruner` adds ``PRUNER_LOSS_WEIGHT * CE(early-exit logits, next token)``,
+trained jointly. A checkpoint (`OUTPUT/checkpoint-<step>`) is published every `--save-every` steps,
+at the end of each epoch and on SIGTERM or Ctrl-C (exit 143 / 130); `--resume` continues
+from the newest one exactly (same batch order, optimizer and scheduler state), whatever
+moment the previous run was killed at. The final model, tokenizer and `training_args.json`
+go to OUTPUT beside anything else there (a folder holding other files, or an earlier run
+without `--resume`, needs `--overwrite`), loadable by `from_pretrained` and `dataset_tps.py`.
+
+From Python: ``finetune(FinetuneConfig(dataset="e2e_nlg", output="runs/e2e"))``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
-from spec_stream import GPTNeoConfig, GPTNeoForCausalLM, shifted_cross_entropy
-from spec_stream.checkpoints import (MODEL_SIZES, TRAINING_ARGS, atomic_directory, build_from_scratch, load_base,
-                                     write_json)
-from spec_stream.data import TASKS, get_task, load_examples, tokenize_example
+from spec_stream import GPTNeoForCausalLM, defaults, shifted_cross_entropy
+from spec_stream.checkpoints import (MODEL_SIZES, STATE_FILE, TRAINING_ARGS, build_from_scratch, check_output_path,
+                                     is_run_folder, latest_checkpoint, load_base, load_base_config,
+                                     load_checkpoint, publish_model, read_json, remove_stale_temporaries,
+                                     save_checkpoint, stream_layers, visible_entries)
+from spec_stream.data import Example, get_task, load_examples, tokenize_example
 from spec_stream.errors import UserError, exit_on_user_error
 
-PRUNER_LOSS_WEIGHT = 0.1
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every setting of a fine-tuning run. Each field is the command-line flag of the same
+    name (``--max-train-samples`` is ``max_train_samples``); None means "see the flag's help"."""
+
+    dataset: str
+    output: str
+    data_dir: str | None = None
+    from_scratch: str | None = None
+    base: str | None = None
+    train_split: str | None = None
+    eval_split: str = defaults.EVAL_SPLIT
+    epochs: float = defaults.EPOCHS
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = defaults.MAX_EVAL_SAMPLES
+    max_steps: int | None = None
+    batch_size: int = defaults.BATCH_SIZE
+    max_length: int = defaults.MAX_LENGTH
+    lr: float | None = None
+    warmup_ratio: float = defaults.WARMUP_RATIO
+    seed: int = defaults.SEED
+    num_spec_streams: int = defaults.NUM_SPEC_STREAMS
+    num_stream_layers: int | None = None
+    main_loss_weight: float = defaults.MAIN_LOSS_WEIGHT
+    stream_loss_weight: float = defaults.STREAM_LOSS_WEIGHT
+    lora_rank: int = defaults.LORA_RANK
+    freeze_base: bool = False
+    train_pruner: bool = False
+    save_every: int = defaults.SAVE_EVERY
+    resume: bool = False
+    overwrite: bool = False
+    mixed_precision: str = defaults.MIXED_PRECISION
+    peak_tflops: float = defaults.GPU_PEAK_TFLOPS
+
+
+# Settings that shape the training trajectory: `--resume` refuses a run that changes one.
+RESUME_SETTINGS = ("dataset", "train_split", "max_train_samples", "epochs", "batch_size", "max_length", "lr",
+                   "warmup_ratio", "seed", "num_spec_streams", "num_stream_layers", "main_loss_weight",
+                   "stream_loss_weight", "lora_rank", "freeze_base", "train_pruner")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every option that has a default of its own."""
+
+    def _get_help_string(self, action):
+        return action.help if action.required or action.default is None else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m spec_stream.finetune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, help="spider, dialogsum or e2e_nlg")
-    p.add_argument("--output", required=True, help="folder for the final model and checkpoint-last/")
-    p.add_argument("--data-dir", default=None, help="local JSON-lines copies (default: $SPEC_STREAM_DATA_DIR, then the hub)")
-    p.add_argument("--from-scratch", default=None, metavar="SIZE", help=f"one of {', '.join(MODEL_SIZES)}")
-    p.add_argument("--base", default=None, metavar="PATH_OR_HUB_ID", help="a GPT-Neo checkpoint to fine-tune")
-    p.add_argument("--train-split", default=None, help="default: train")
-    p.add_argument("--eval-split", default="validation", help="split for the validation pass")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-train-samples", type=int, default=None)
-    p.add_argument("--max-eval-samples", type=int, default=200)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpoint kept)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--lr", type=float, default=None, help="default 5e-4 (paper); 3e-3 for a tiny model from scratch")
-    p.add_argument("--warmup-ratio", type=float, default=0.02)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-spec-streams", type=int, default=3)
-    p.add_argument("--num-stream-layers", type=int, default=None, help="default: paper's share of the layers")
-    p.add_argument("--main-loss-weight", type=float, default=1.0)
-    p.add_argument("--stream-loss-weight", type=float, default=0.1)
-    p.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
-    p.add_argument("--freeze-base", action="store_true", help="train only the stream parameters")
-    p.add_argument("--train-pruner", action="store_true", help="also train the tree-pruning adapter")
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint-last if present")
-    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense)")
-    return p
+    """The command line of :class:`FinetuneConfig`: one flag per field, defaults taken from it."""
+    parser = argparse.ArgumentParser(prog="python -m spec_stream.finetune", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_HelpWithDefaults)
+    fields = {field.name: field.default for field in dataclasses.fields(FinetuneConfig)}
+
+    def add(name: str, help: str, **kwargs):
+        default = fields[name]
+        if isinstance(default, bool):
+            kwargs["action"] = "store_true"
+        elif default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        parser.add_argument("--" + name.replace("_", "-"), help=help, **kwargs)
+
+    add("dataset", "spider, dialogsum or e2e_nlg")
+    add("output", "folder for the final model and its checkpoint-<step>/ (other files in it are kept)")
+    add("data_dir", "local JSON-lines copies (default: $SPEC_STREAM_DATA_DIR, then the hub)")
+    add("from_scratch", f"train a new model of this size: {', '.join(MODEL_SIZES)} "
+        f"(default: {defaults.FROM_SCRATCH_SIZE} unless --base is given)", metavar="SIZE")
+    add("base", "a GPT-Neo checkpoint (folder or hub id) to fine-tune (default: none, a model from scratch)",
+        metavar="PATH_OR_HUB_ID")
+    add("train_split", "split to train on (default: the task's train split)")
+    add("eval_split", "split for the final validation pass")
+    add("epochs", "passes over the training set", type=float)
+    add("max_train_samples", "train on the first N examples (default: all)", type=int)
+    add("max_eval_samples", "validate on the first N examples", type=int)
+    add("max_steps", "stop after this many steps, checkpoint kept, continue with --resume (default: all)", type=int)
+    add("batch_size", "examples per step and process", type=int)
+    add("max_length", "tokens per example (prompt cut from its start)", type=int)
+    add("lr", f"peak learning rate (default: {defaults.LEARNING_RATE}, paper; "
+        f"{defaults.LEARNING_RATE_TINY} for a tiny model from scratch)", type=float)
+    add("warmup_ratio", "share of the steps spent warming the learning rate up", type=float)
+    add("seed", "initialisation and batch-order seed", type=int)
+    add("num_spec_streams", "speculative streams (gamma)", type=int)
+    add("num_stream_layers", "top layers the streams run in (default: the paper's share of the layers)", type=int)
+    add("main_loss_weight", "a0, weight of the main stream's loss", type=float)
+    add("stream_loss_weight", "a_j, weight of each stream's loss", type=float)
+    add("lora_rank", "LoRA rank, 0 = full fine-tuning", type=int)
+    add("freeze_base", "train only the stream parameters of the --base model")
+    add("train_pruner", "also train the tree-pruning adapter")
+    add("save_every", "steps between checkpoints (plus one at every epoch end)", type=int)
+    add("resume", "continue from OUTPUT's newest checkpoint (start afresh if it has none)")
+    add("overwrite", "write into an OUTPUT that holds other files or an earlier run (its model files are replaced)")
+    add("mixed_precision", "auto = bf16 on a GPU that supports it, else no", choices=PRECISIONS)
+    add("peak_tflops", "device peak for MFU (H100 bf16 dense)", type=float)
+    return parser
 
 
-def check_args(args) -> None:
-    get_task(args.dataset)
-    if args.from_scratch and args.base:
+def parse_config(argv=None) -> FinetuneConfig:
+    return FinetuneConfig(**vars(build_parser().parse_args(argv)))
+
+
+def check_config(config: FinetuneConfig) -> FinetuneConfig:
+    """The settings on their own (no file is read): a UserError for a bad one, else the
+    config with the task name, model size and learning rate filled in."""
+    task = get_task(config.dataset).name
+    if config.from_scratch and config.base:
         raise UserError("--from-scratch and --base exclude each other; pick one")
-    if not args.from_scratch and not args.base:
-        args.from_scratch = "tiny"
-    if args.lr is None:
-        args.lr = 3e-3 if args.from_scratch == "tiny" else 5e-4
-    if args.from_scratch and args.from_scratch not in MODEL_SIZES:
-        raise UserError(f"unknown --from-scratch size {args.from_scratch!r}; choose one of {', '.join(MODEL_SIZES)}")
-    for name in ("epochs", "batch_size", "max_length", "save_every", "lr"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.num_spec_streams < 1:
+    if config.freeze_base and not config.base:
+        raise UserError("--freeze-base trains only the streams on top of a trained model, so it needs --base "
+                        "PATH_OR_HUB_ID (a model from scratch has a random base); add --base or drop --freeze-base")
+    size = config.from_scratch or (None if config.base else defaults.FROM_SCRATCH_SIZE)
+    if size and size not in MODEL_SIZES:
+        raise UserError(f"unknown --from-scratch size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    lr = config.lr if config.lr is not None else (
+        defaults.LEARNING_RATE_TINY if size == "tiny" else defaults.LEARNING_RATE)
+    config = dataclasses.replace(config, dataset=task, from_scratch=size, lr=lr)
+    for name in ("epochs", "batch_size", "max_length", "save_every", "lr", "peak_tflops"):
+        if getattr(config, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    for name, meaning in (("max_train_samples", "train on all"), ("max_eval_samples", "validate on all"),
+                          ("max_steps", "train for --epochs")):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}; "
+                            f"pass a positive number, or leave it out to {meaning}")
+    if config.num_spec_streams < 1:
         raise UserError("--num-spec-streams must be at least 1: fine-tuning trains the streams")
-    if args.freeze_base and args.lora_rank:
+    if config.num_stream_layers is not None and config.num_stream_layers < 1:
+        raise UserError(f"--num-stream-layers must be at least 1, got {config.num_stream_layers}")
+    if not 0 <= config.warmup_ratio < 1:
+        raise UserError(f"--warmup-ratio must lie in [0, 1), got {config.warmup_ratio}")
+    if config.main_loss_weight < 0 or config.stream_loss_weight < 0 or config.lora_rank < 0:
+        raise UserError("--main-loss-weight, --stream-loss-weight and --lora-rank must not be negative")
+    if config.freeze_base and config.lora_rank:
         raise UserError("--freeze-base and --lora-rank exclude each other: freeze-base trains only the streams")
+    if config.mixed_precision not in PRECISIONS:
+        raise UserError(f"unknown --mixed-precision {config.mixed_precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return config
+
+
+# ------------------------------------------------------------- inputs, checked up front
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint folder."""
+
+    folder: Path
+    state: dict  # weights, optimizer, scheduler, RNG, step, losses, settings
+    model_config: Any
+    tokenizer: Any
+
+
+@dataclass
+class Inputs:
+    """Everything read before the first step, each part already checked."""
+
+    output: Path
+    train: list[Example]
+    evaluation: list[Example]
+    train_split: str
+    resume: Checkpoint | None  # the newest checkpoint, with --resume
+    summary: dict | None  # the saved summary when OUTPUT already holds the finished run
+
+
+def check_output(config: FinetuneConfig) -> Path:
+    """OUTPUT must be a folder we may write into: new, empty, or an earlier run's (with
+    --resume or --overwrite), or any folder with --overwrite."""
+    output = Path(config.output)
+    check_output_path(output)
+    if is_run_folder(output):
+        if not (config.resume or config.overwrite):
+            raise UserError(f"--output {output} already holds a fine-tuning run; pass --resume to continue it, "
+                            "--overwrite to train again over it, or choose another --output")
+    elif visible_entries(output) and not config.overwrite:
+        entries = visible_entries(output)
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UserError(f"--output {output} already holds other files ({shown}); choose a new or empty folder, "
+                        "or pass --overwrite to add the model beside them (files named like its files are replaced)")
+    return output
+
+
+def check_resumable(saved: dict, config: FinetuneConfig, source: Path) -> None:
+    """A UserError naming every training setting that differs from the run saved in ``source``."""
+    current = dataclasses.asdict(config)
+    differ = [name for name in RESUME_SETTINGS if saved.get(name) != current[name]]
+    if differ:
+        flags = ", ".join(f"--{n.replace('_', '-')} {current[n]} (saved: {saved.get(n)})" for n in differ)
+        raise UserError(f"--resume: this run differs from the one saved in {source}: {flags}; rerun with the saved "
+                        "values, or drop --resume and pass --overwrite (or another --output) to start a new run")
+
+
+def load_resume_state(config: FinetuneConfig, output: Path):
+    """(checkpoint, finished summary) for --resume, each checked against this run's settings."""
+    fix = "delete it or drop --resume (with --overwrite) to start again"
+    if (output / TRAINING_ARGS).is_file():
+        saved = read_json(output / TRAINING_ARGS, fix)
+        check_resumable(saved.get("args", {}), config, output / TRAINING_ARGS)
+        return None, saved.get("summary")
+    folder = latest_checkpoint(output)
+    if folder is None:
+        return None, None
+    fix = f"delete {folder} to resume from an earlier checkpoint, or drop --resume (with --overwrite) to start again"
+    checkpoint = Checkpoint(folder, *load_checkpoint(folder, fix))
+    check_resumable(checkpoint.state["settings"], config, folder)
+    return checkpoint, None
+
+
+def check_model_fits(config: FinetuneConfig, resume: Checkpoint | None, task: str) -> None:
+    """--num-stream-layers and --max-length against the model's layers and positions."""
+    model_config = resume.model_config if resume else load_base_config(config.base) if config.base else None
+    shape = model_config.to_dict() if model_config else MODEL_SIZES[config.from_scratch]
+    if not resume:  # a checkpoint brings its own stream layers
+        stream_layers(config.num_stream_layers, task, shape["num_layers"])
+    positions = shape["max_position_embeddings"]
+    if config.max_length > positions:
+        raise UserError(f"--max-length {config.max_length} exceeds the model's {positions} positions; "
+                        f"pass --max-length {positions} or less")
+
+
+def load_inputs(config: FinetuneConfig) -> Inputs:
+    """Read and check every input (output folder, checkpoint, model shape, data) before any work."""
+    output = check_output(config)
+    resume, summary = load_resume_state(config, output) if config.resume else (None, None)
+    task = get_task(config.dataset)
+    train_split = config.train_split or task.train_split
+    if summary is not None:
+        return Inputs(output, [], [], train_split, None, summary)
+    check_model_fits(config, resume, task.name)
+    train = load_examples(task.name, train_split, config.data_dir, config.max_train_samples)
+    evaluation = load_examples(task.name, config.eval_split, config.data_dir, config.max_eval_samples)
+    for examples, split, flag in ((train, train_split, "train"), (evaluation, config.eval_split, "eval")):
+        if not examples:
+            raise UserError(f"{task.name}/{split} has no examples; check its file in --data-dir, "
+                            f"or pick another --{flag}-split")
+    return Inputs(output, train, evaluation, train_split, resume, None)
+
+
+# ------------------------------------------------------------------------ the model
+
+
+def select_trainable(model, config: FinetuneConfig):
+    if config.freeze_base:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = "transformer.streams." in name
+        return model
+    if config.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
+                                                 target_modules=list(defaults.LORA_TARGETS), lora_dropout=0.0))
+        for name, parameter in model.named_parameters():
+            if "transformer.streams." in name:
+                parameter.requires_grad = True
+    return model
+
+
+@dataclass
+class Run:
+    """A fine-tuning run in progress: what the training loop, the checkpoints and the
+    final evaluation share."""
+
+    config: FinetuneConfig
+    inputs: Inputs
+    accelerator: Accelerator
+    model: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    features: list[dict]
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    first_loss: float | None = None
+    losses: list[float] = dataclasses.field(default_factory=list)
+    saved_step: int | None = None
+    tokens: int = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.accelerator.num_processes
+
+
+def build_run(config: FinetuneConfig, inputs: Inputs, accelerator: Accelerator) -> Run:
+    """Model, tokenizer, optimizer and schedule, restored from the checkpoint with --resume."""
+    task = get_task(config.dataset).name
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    state = inputs.resume.state if inputs.resume else None
+    if state:  # shapes and tokenizer were saved with the checkpoint, weights in its state file
+        model, tokenizer = GPTNeoForCausalLM(inputs.resume.model_config), inputs.resume.tokenizer
+    elif config.from_scratch:
+        model, tokenizer = build_from_scratch(config.from_scratch, [e.prompt + e.target for e in inputs.train],
+                                              config.num_spec_streams, config.num_stream_layers, task)
+    else:
+        model, tokenizer = load_base(config.base, config.num_spec_streams, config.num_stream_layers, task)
+    model.config.main_loss_weight, model.config.stream_loss_weight = config.main_loss_weight, config.stream_loss_weight
+    model = select_trainable(model, config)
+    if state:
+        model.load_state_dict(state["model"])
+    features = [tokenize_example(tokenizer, e, config.max_length) for e in inputs.train]
+    steps_per_epoch = math.ceil(len(features) / (config.batch_size * accelerator.num_processes))  # global batches
+    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    run = Run(config, inputs, accelerator, model, tokenizer, optimizer, scheduler, features, steps_per_epoch,
+              total_steps)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        run.step, run.first_loss, run.losses = state["step"], state["first_loss"], list(state["losses"])
+        run.saved_step = run.step
+        accelerator.print(f"resuming from {inputs.resume.folder} at step {run.step}/{total_steps}")
+    return run
+
+
+# ---------------------------------------------------------------------- training
 
 
 def make_batches(features, order, batch_size, pad_id):
@@ -105,8 +384,130 @@ def compute_loss(model, batch, train_pruner):
     out = model(**batch, early_exit=train_pruner)
     loss = out.loss
     if train_pruner:
-        loss = loss + PRUNER_LOSS_WEIGHT * shifted_cross_entropy(out.early_exit_logits, batch["labels"], 1)
+        loss = loss + defaults.PRUNER_LOSS_WEIGHT * shifted_cross_entropy(out.early_exit_logits, batch["labels"], 1)
     return loss, out
+
+
+def epoch_batches(run: Run, epoch: int) -> list[dict]:
+    """This process's batches of ``epoch``: a seeded shuffle, split across processes."""
+    accelerator = run.accelerator
+    order = torch.randperm(len(run.features), generator=torch.Generator().manual_seed(run.config.seed + epoch)).tolist()
+    mine = [i for b in range(0, len(order), run.global_batch) for i in
+            order[b:b + run.global_batch][accelerator.process_index::accelerator.num_processes]]
+    return list(make_batches(run.features, mine, run.config.batch_size, run.tokenizer.pad_token_id))
+
+
+def train_step(run: Run, batch: dict) -> float:
+    """One optimizer step; returns the loss averaged over processes."""
+    accelerator = run.accelerator
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    loss, _ = compute_loss(run.model, batch, run.config.train_pruner)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(run.model.parameters(), defaults.GRAD_CLIP_NORM)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad()
+    run.step += 1
+    run.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+    value = accelerator.gather(loss.detach()[None]).mean().item()
+    run.first_loss = value if run.first_loss is None else run.first_loss
+    run.losses.append(value)
+    return value
+
+
+def train(run: Run, stop: int, signals: StopSignals) -> None:
+    """Steps up to ``stop``, a checkpoint every --save-every steps, at each epoch end, at
+    ``stop``, and before leaving on SIGTERM / SIGINT."""
+    run.model.train()
+    progress = tqdm(total=run.total_steps, initial=run.step, desc=f"fine-tuning {run.config.dataset}",
+                    disable=not run.accelerator.is_local_main_process)
+    while run.step < stop:
+        epoch, offset = divmod(run.step, run.steps_per_epoch)
+        for batch in epoch_batches(run, epoch)[offset:]:
+            value = train_step(run, batch)
+            progress.update(1)
+            progress.set_postfix(loss=f"{value:.3f}")
+            step = run.step
+            if step % run.config.save_every == 0 or step == stop or step % run.steps_per_epoch == 0:
+                save_state(run)
+            signals.check(run)
+            if step >= stop:
+                break
+    progress.close()
+
+
+def resume_settings(config: FinetuneConfig) -> dict:
+    return {name: getattr(config, name) for name in RESUME_SETTINGS}
+
+
+def save_state(run: Run) -> None:
+    """Publish ``checkpoint-<step>``: everything `--resume` needs, as tensors and primitives
+    (loaded with ``weights_only=True``)."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    run.saved_step = run.step
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(run.model)
+    base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    state = {"model": unwrapped.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "step": run.step,
+             "first_loss": run.first_loss, "losses": list(run.losses), "settings": resume_settings(run.config)}
+
+    def write(folder: Path) -> None:
+        base.config.save_pretrained(folder)
+        run.tokenizer.save_pretrained(folder)
+        torch.save(state, folder / STATE_FILE)
+
+    save_checkpoint(run.inputs.output, run.step, write)
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT (Ctrl-C) only take note; :meth:`check`, called
+    after every finished step, then saves a checkpoint and leaves with exit status 143
+    (SIGTERM) or 130 (SIGINT, as KeyboardInterrupt). A second signal stops at once."""
+
+    HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+            self.previous = {number: signal.signal(number, self._note) for number in self.HANDLED}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _note(self, number, frame) -> None:
+        if self.received is not None:
+            self._leave(number)
+        self.received = number
+
+    def _leave(self, number: int) -> None:
+        if number == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + number)
+
+    def check(self, run: Run) -> None:
+        """Leave (after saving this step, unless just saved) when any process got a signal."""
+        number = self.received or 0
+        if run.accelerator.num_processes > 1:
+            number = int(run.accelerator.gather(torch.tensor([number], device=run.accelerator.device)).max())
+        if not number:
+            return
+        if run.saved_step != run.step:
+            save_state(run)
+        if run.accelerator.is_main_process:
+            print(f"{signal.Signals(number).name}: saved step {run.step} in {run.inputs.output}/checkpoint-{run.step};"
+                  " continue with --resume", file=sys.stderr)
+        self._leave(number)
+
+
+# -------------------------------------------------------------- evaluation and saving
 
 
 @torch.no_grad()
@@ -139,125 +540,46 @@ def evaluate(model, batches, unigram_token, accelerator) -> dict:
             "stream_accuracy": accuracy[1:], "unigram_accuracy": unigram_hits / max(unigram_total, 1)}
 
 
-def select_trainable(model, args):
-    if args.freeze_base:
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad = "transformer.streams." in name
-        return model
-    if args.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                                                 target_modules=LORA_TARGETS, lora_dropout=0.0))
-        for name, parameter in model.named_parameters():
-            if "transformer.streams." in name:
-                parameter.requires_grad = True
-    return model
-
-
-def finetune(args) -> dict:
-    check_args(args)
-    accelerator = Accelerator(mixed_precision=_precision(args.mixed_precision))
-    say = accelerator.print
-    output = Path(args.output)
-    checkpoint = output / "checkpoint-last"
-    state = torch.load(checkpoint / "state.pt", weights_only=False) if args.resume and (checkpoint / "state.pt").is_file() else None
-    if args.resume and state is None:
-        say(f"--resume: no checkpoint in {checkpoint}, starting fresh")
-    if state and state.get("finished") and (output / TRAINING_ARGS).is_file():
-        say(f"{output} is already fully trained; nothing to do")
-        return state["summary"]
-
-    task = TASKS[get_task(args.dataset).name]
-    train_split = args.train_split or task.train_split
-    train = load_examples(task.name, train_split, args.data_dir, args.max_train_samples)
-    evaluation = load_examples(task.name, args.eval_split, args.data_dir, args.max_eval_samples)
-    say(f"training on {task.name}/{train_split} ({len(train)} examples), "
-        f"validating on {task.name}/{args.eval_split} ({len(evaluation)} examples)")
-
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if state:  # shapes and tokenizer were saved with the checkpoint, weights in state.pt
-        model = GPTNeoForCausalLM(GPTNeoConfig.from_pretrained(checkpoint))
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    elif args.from_scratch:
-        model, tokenizer = build_from_scratch(args.from_scratch, [e.prompt + e.target for e in train],
-                                              args.num_spec_streams, args.num_stream_layers, task.name)
-    else:
-        model, tokenizer = load_base(args.base, args.num_spec_streams, args.num_stream_layers, task.name)
-    model.config.main_loss_weight, model.config.stream_loss_weight = args.main_loss_weight, args.stream_loss_weight
-    model = select_trainable(model, args)
-    if state:
-        model.load_state_dict(state["model"])
-
-    features = [tokenize_example(tokenizer, e, args.max_length) for e in train]
-    eval_features = [tokenize_example(tokenizer, e, args.max_length) for e in evaluation]
-    counts = torch.bincount(torch.tensor([t for f in features for t in f["labels"] if t != -100]))
-    unigram_token = int(counts.argmax())
-
-    global_batch = args.batch_size * accelerator.num_processes
-    steps_per_epoch = math.ceil(len(features) / global_batch)
-    total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    step, first_loss, losses = 0, None, []
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        step, first_loss, losses = state["step"], state["first_loss"], state["losses"]
-        say(f"resuming from {checkpoint} at step {step}/{total_steps}")
-
-    model.train()
-    stop = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    progress = tqdm(total=total_steps, initial=step, desc=f"fine-tuning {task.name}",
-                    disable=not accelerator.is_local_main_process)
-    tokens, started = 0, time.perf_counter()
-    while step < stop:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-        mine = [i for b in range(0, len(order), global_batch) for i in
-                order[b:b + global_batch][accelerator.process_index::accelerator.num_processes]]
-        for batch in list(make_batches(features, mine, args.batch_size, tokenizer.pad_token_id))[offset:]:
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            loss, _ = compute_loss(model, batch, args.train_pruner)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            value = accelerator.gather(loss.detach()[None]).mean().item()
-            first_loss = value if first_loss is None else first_loss
-            losses.append(value)
-            progress.update(1)
-            progress.set_postfix(loss=f"{value:.3f}")
-            if step % args.save_every == 0 or step == stop or step % steps_per_epoch == 0:
-                save_state(accelerator, model, optimizer, scheduler, tokenizer, checkpoint, step, first_loss, losses)
-            if step >= stop:
-                break
-    progress.close()
-    seconds = time.perf_counter() - started
-    if step < total_steps:
-        say(f"stopped at step {step}/{total_steps} (--max-steps); continue with --resume")
-        return {"steps": step, "final_loss": losses[-1], "first_loss": first_loss}
-
-    eval_batches = list(make_batches(eval_features, list(range(len(eval_features))), args.batch_size,
+def final_evaluation(run: Run, seconds: float) -> dict:
+    """The run's summary: losses, throughput and the validation figures."""
+    config, accelerator, tokenizer = run.config, run.accelerator, run.tokenizer
+    task = get_task(config.dataset).name
+    eval_features = [tokenize_example(tokenizer, e, config.max_length) for e in run.inputs.evaluation]
+    counts = torch.bincount(torch.tensor([t for f in run.features for t in f["labels"] if t != -100]))
+    eval_batches = list(make_batches(eval_features, list(range(len(eval_features))), config.batch_size,
                                      tokenizer.pad_token_id))
-    summary = {"steps": step, "first_loss": first_loss, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-               "train_split": f"{task.name}/{train_split}", "eval_split": f"{task.name}/{args.eval_split}",
-               "train_tokens_per_second": tokens / seconds if seconds else None,
-               **evaluate(model, eval_batches, unigram_token, accelerator)}
+    last = run.losses[-10:]
+    summary = {"steps": run.step, "first_loss": run.first_loss, "final_loss": sum(last) / len(last),
+               "train_split": f"{task}/{run.inputs.train_split}", "eval_split": f"{task}/{config.eval_split}",
+               "train_tokens_per_second": run.tokens / seconds if seconds else None,
+               **evaluate(run.model, eval_batches, int(counts.argmax()), accelerator)}
     if accelerator.device.type == "cuda":
-        parameters = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-        summary["mfu"] = 6 * parameters * summary["train_tokens_per_second"] / (args.peak_tflops * 1e12)
-    say(f"validation loss {summary['eval_loss']:.3f}, main accuracy {summary['main_accuracy']:.3f}, stream "
-        f"accuracy {', '.join(f'{a:.3f}' for a in summary['stream_accuracy'])} (unigram {summary['unigram_accuracy']:.3f})")
-    save_final(accelerator, model, tokenizer, output, args, summary)
-    save_state(accelerator, model, optimizer, scheduler, tokenizer, checkpoint, step, first_loss, losses, summary)
+        parameters = sum(p.numel() for p in accelerator.unwrap_model(run.model).parameters())
+        summary["mfu"] = 6 * parameters * summary["train_tokens_per_second"] / (config.peak_tflops * 1e12)
+    accelerator.print(f"validation loss {summary['eval_loss']:.3f}, main accuracy {summary['main_accuracy']:.3f}, "
+                      f"stream accuracy {', '.join(f'{a:.3f}' for a in summary['stream_accuracy'])} "
+                      f"(unigram {summary['unigram_accuracy']:.3f})")
     return summary
+
+
+def save_final(run: Run, summary: dict) -> None:
+    """The plain model (LoRA merged), tokenizer and training_args.json, into OUTPUT."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(run.model)
+    if hasattr(model, "merge_and_unload"):  # LoRA: save a plain model
+        model = model.merge_and_unload()
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        run.tokenizer.save_pretrained(folder)
+
+    publish_model(run.inputs.output, write, {"args": dataclasses.asdict(run.config), "summary": summary})
+
+
+# -------------------------------------------------------------------------- the run
 
 
 def _precision(choice: str) -> str:
@@ -266,41 +588,47 @@ def _precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def save_state(accelerator, model, optimizer, scheduler, tokenizer, checkpoint, step, first_loss, losses, summary=None):
-    """Everything `--resume` needs, written atomically."""
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    unwrapped = accelerator.unwrap_model(model)
-    with atomic_directory(checkpoint) as folder:
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        base.config.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        torch.save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
-                    "first_loss": first_loss, "losses": losses, "finished": summary is not None,
-                    "summary": summary}, folder / "state.pt")
+def start(inputs: Inputs) -> None:
+    """Prepare OUTPUT once every input has passed: stale temporaries go, and a run that
+    starts over (--overwrite) first drops the old run's finished marker."""
+    inputs.output.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(inputs.output)
+    if inputs.resume is None:
+        (inputs.output / TRAINING_ARGS).unlink(missing_ok=True)
 
 
-def save_final(accelerator, model, tokenizer, output, args, summary):
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    model = accelerator.unwrap_model(model)
-    if hasattr(model, "merge_and_unload"):  # LoRA: save a plain model
-        model = model.merge_and_unload()
-    checkpoint = output / "checkpoint-last"
-    with atomic_directory(output) as folder:
-        if checkpoint.exists():
-            checkpoint.rename(folder / "checkpoint-last")
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        write_json(folder / TRAINING_ARGS, {"args": vars(args), "summary": summary})
+def finetune(config: FinetuneConfig) -> dict:
+    """Fine-tune as ``config`` says; returns the run's summary (losses, validation figures)."""
+    config = check_config(config)
+    inputs = load_inputs(config)
+    if inputs.summary is not None:
+        remove_stale_temporaries(inputs.output)
+        print(f"{inputs.output} is already fully trained; nothing to do")
+        return inputs.summary
+    if config.resume and inputs.resume is None:
+        print(f"--resume: no checkpoint in {inputs.output}, starting fresh")
+    accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision))
+    accelerator.print(f"training on {config.dataset}/{inputs.train_split} ({len(inputs.train)} examples), "
+                      f"validating on {config.dataset}/{config.eval_split} ({len(inputs.evaluation)} examples)")
+    start(inputs)
+    run = build_run(config, inputs, accelerator)
+    stop = min(run.total_steps, config.max_steps) if config.max_steps else run.total_steps
+    started = time.perf_counter()
+    with StopSignals() as signals:
+        train(run, stop, signals)
+        if run.step < run.total_steps:
+            accelerator.print(f"stopped at step {run.step}/{run.total_steps} (--max-steps); continue with --resume")
+            return {"steps": run.step, "final_loss": run.losses[-1], "first_loss": run.first_loss}
+        summary = final_evaluation(run, time.perf_counter() - started)
+        signals.check(run)
+        save_final(run, summary)
+        signals.check(run)
+    return summary
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
-    finetune(build_parser().parse_args(argv))
+    finetune(parse_config(argv))
     return 0
 
 

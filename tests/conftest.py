@@ -1,5 +1,10 @@
 """Session fixtures: a briefly fine-tuned tiny model and the local dataset copies."""
 import os
+
+# OpenMP threads that spin while waiting make a shared machine crawl (one tiny training step:
+# 4.5 s spinning, 0.06 s sleeping); set before torch starts its thread pool, inherited by
+# the subprocesses the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pytest
@@ -34,3 +39,18 @@ def data_dir() -> Path:
         if candidate and Path(candidate, "e2e_nlg").is_dir():
             return Path(candidate)
     pytest.skip("local datasets not found: set SPEC_STREAM_DATA_DIR to a folder laid out like shared/datasets")
+
+
+@pytest.fixture(scope="session")
+def finetuned_checkpoint(tmp_path_factory, data_dir):
+    """One tiny model fine-tuned from scratch on 500 E2E-NLG rows for 5 epochs (with the
+    pruning adapter), shared by every test that needs a trained checkpoint:
+    ``(output folder, summary)``."""
+    from spec_stream.finetune import FinetuneConfig, finetune
+
+    output = tmp_path_factory.mktemp("finetuned") / "e2e_nlg-tiny"
+    summary = finetune(FinetuneConfig(
+        dataset="e2e_nlg", output=str(output), data_dir=str(data_dir), from_scratch="tiny", max_train_samples=500,
+        max_eval_samples=30, epochs=5.0, batch_size=8, max_length=128, lr=2e-3, seed=3, train_pruner=True,
+    ))
+    return output, summary

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import spec_stream.data as data_module
 from spec_stream.data import (
     TASKS,
     Example,
@@ -158,8 +159,31 @@ def test_unknown_spider_db_id(tmp_path):
 
 
 def test_negative_limit(data_dir):
-    with pytest.raises(UserError, match="limit"):
+    with pytest.raises(UserError, match=r"limit must be a number of examples >= 0 \(or None for all\), got -1$"):
         load_examples("e2e_nlg", "test", data_dir, limit=-1)
+
+
+def test_non_utf8_byte_names_file_line_and_byte(tmp_path):
+    path = tmp_path / "e2e_nlg" / "test.jsonl"
+    _write_jsonl(path, [{"meaning_representation": "name[A]", "human_reference": "A."}] * 3)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + lines[1].replace(b"A.", b"Caf\xe9.") + lines[2])
+    with pytest.raises(UserError) as error:
+        load_examples("e2e_nlg", "test", tmp_path)
+    column = lines[1].index(b"A.") + 4
+    assert str(error.value) == (f"{path} line 2: byte 0xe9 at column {column} is not UTF-8; "
+                                "save the file as UTF-8 or fix that line")
+    path.write_bytes(lines[0] + lines[1].replace(b"A.", "Café.".encode()) + lines[2])  # real UTF-8 reads fine
+    assert load_examples("e2e_nlg", "test", tmp_path)[0].references == ["A.", "Café.", "A."]
+
+
+def test_each_prompt_text_is_written_once():
+    """The prompt wording of each task lives in one place in the package: its builder."""
+    package = Path(data_module.__file__).parent
+    source = "".join(path.read_text(encoding="utf-8") for path in sorted(package.glob("*.py")))
+    for cue in ("Describe the restaurant:", "\\nDescription:", "Summarize the dialogue.", "\\nSummary:",
+                "Schema:\\n", "\\nQuestion:", "\\nSQL:"):
+        assert source.count(cue) == 1, cue
 
 
 def test_data_dir_from_environment(data_dir, monkeypatch):
