@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import random
 import signal
@@ -35,7 +36,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from spec_stream import GPTNeoForCausalLM, defaults, shifted_cross_entropy
+from spec_stream import GPTNeoForCausalLM, defaults
+from spec_stream.arithmetic import ModelShape, forward_flops, measure_machine
 from spec_stream.checkpoints import (MODEL_SIZES, STATE_FILE, TRAINING_ARGS, build_from_scratch, check_output_path,
                                      is_run_folder, latest_checkpoint, load_base, load_base_config,
                                      load_checkpoint, publish_model, read_json, remove_stale_temporaries,
@@ -321,7 +323,10 @@ class Run:
     first_loss: float | None = None
     losses: list[float] = dataclasses.field(default_factory=list)
     saved_step: int | None = None
-    tokens: int = 0
+    tokens: int = 0  # non-padding tokens trained on (all processes)
+    flops: float = 0.0  # matmul FLOPs of those steps (`batch_flops`)
+    peak_flops: float = 1.0  # the device's: a measured fp32 matmul rate on a CPU, --peak-tflops on a GPU
+    shape: ModelShape | None = None
 
     @property
     def global_batch(self) -> int:
@@ -352,7 +357,8 @@ def build_run(config: FinetuneConfig, inputs: Inputs, accelerator: Accelerator) 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     run = Run(config, inputs, accelerator, model, tokenizer, optimizer, scheduler, features, steps_per_epoch,
-              total_steps)
+              total_steps, peak_flops=peak_flops(accelerator.device, config),
+              shape=ModelShape.of(accelerator.unwrap_model(model).config))
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -361,6 +367,22 @@ def build_run(config: FinetuneConfig, inputs: Inputs, accelerator: Accelerator) 
         run.saved_step = run.step
         accelerator.print(f"resuming from {inputs.resume.folder} at step {run.step}/{total_steps}")
     return run
+
+
+def peak_flops(device: torch.device, config: FinetuneConfig) -> float:
+    """The denominator of MFU: on a GPU the datasheet peak (--peak-tflops); on a CPU the
+    fp32 matmul rate measured now (a short probe: no datasheet knows a shared machine)."""
+    if device.type == "cuda":
+        return config.peak_tflops * 1e12
+    return cpu_matmul_rate()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_matmul_rate() -> float:
+    """fp32 matmul FLOP/s of this process's threads, measured once (about half a second),
+    leaving the random state as it was (a resumed run must draw what the first one drew)."""
+    with torch.random.fork_rng(devices=[]):
+        return measure_machine("cpu", repeats=3, buffer_bytes=2**22).matmul_flops_per_second
 
 
 # ---------------------------------------------------------------------- training
@@ -381,27 +403,55 @@ def make_batches(features, order, batch_size, pad_id):
 
 
 def compute_loss(model, batch, train_pruner):
-    out = model(**batch, early_exit=train_pruner)
-    loss = out.loss
+    """The training loss (streams only where they have targets, the head only on target rows:
+    `GPTNeoForCausalLM._loss_on_targets`), plus the pruner's early-exit loss when trained."""
+    out = model(**batch, early_exit=train_pruner, loss_only=True)
     if train_pruner:
-        loss = loss + defaults.PRUNER_LOSS_WEIGHT * shifted_cross_entropy(out.early_exit_logits, batch["labels"], 1)
-    return loss, out
+        return out.loss + defaults.PRUNER_LOSS_WEIGHT * out.early_exit_loss
+    return out.loss
+
+
+def length_bucketed(order: list[int], lengths: list[int], global_batch: int, generator) -> list[list[int]]:
+    """Global batches of similar lengths (little padding): windows of ``BUCKET_WINDOW`` global
+    batches of the shuffled ``order`` are sorted by length and cut into batches, and the
+    batches are shuffled again. Deterministic for the generator's seed."""
+    span = global_batch * defaults.BUCKET_WINDOW
+    batches = []
+    for start in range(0, len(order), span):
+        window = sorted(order[start:start + span], key=lambda i: lengths[i])
+        batches += [window[b:b + global_batch] for b in range(0, len(window), global_batch)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def epoch_batches(run: Run, epoch: int) -> list[dict]:
-    """This process's batches of ``epoch``: a seeded shuffle, split across processes."""
+    """This process's batches of ``epoch``: a seeded shuffle, length-bucketed global
+    batches, each split across processes."""
     accelerator = run.accelerator
-    order = torch.randperm(len(run.features), generator=torch.Generator().manual_seed(run.config.seed + epoch)).tolist()
-    mine = [i for b in range(0, len(order), run.global_batch) for i in
-            order[b:b + run.global_batch][accelerator.process_index::accelerator.num_processes]]
-    return list(make_batches(run.features, mine, run.config.batch_size, run.tokenizer.pad_token_id))
+    generator = torch.Generator().manual_seed(run.config.seed + epoch)
+    order = torch.randperm(len(run.features), generator=generator).tolist()
+    lengths = [len(f["input_ids"]) for f in run.features]
+    batches = length_bucketed(order, lengths, run.global_batch, generator)
+    mine = [batch[accelerator.process_index::accelerator.num_processes] for batch in batches]
+    return [next(make_batches(run.features, rows, len(rows), run.tokenizer.pad_token_id)) for rows in mine if rows]
+
+
+def batch_flops(shape: ModelShape, batch: dict) -> float:
+    """Matmul FLOPs of one training step on ``batch`` (forward + backward = 3 x forward),
+    counting the rows the model really runs: every token through every layer, stream rows
+    at the target positions through the top layers, the head on target rows."""
+    total = 0.0
+    for tokens, targets in zip(batch["attention_mask"].sum(dim=1).tolist(),
+                               (batch["labels"] != -100).sum(dim=1).tolist()):
+        stream_rows = shape.streams * (targets + shape.streams)
+        total += forward_flops(shape, tokens, 0, logits_rows=targets + stream_rows, stream_rows=stream_rows)
+    return 3 * total
 
 
 def train_step(run: Run, batch: dict) -> float:
     """One optimizer step; returns the loss averaged over processes."""
     accelerator = run.accelerator
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    loss, _ = compute_loss(run.model, batch, run.config.train_pruner)
+    loss = compute_loss(run.model, batch, run.config.train_pruner)
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(run.model.parameters(), defaults.GRAD_CLIP_NORM)
     run.optimizer.step()
@@ -409,6 +459,7 @@ def train_step(run: Run, batch: dict) -> float:
     run.optimizer.zero_grad()
     run.step += 1
     run.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+    run.flops += batch_flops(run.shape, batch) * accelerator.num_processes
     value = accelerator.gather(loss.detach()[None]).mean().item()
     run.first_loss = value if run.first_loss is None else run.first_loss
     run.losses.append(value)
@@ -421,12 +472,15 @@ def train(run: Run, stop: int, signals: StopSignals) -> None:
     run.model.train()
     progress = tqdm(total=run.total_steps, initial=run.step, desc=f"fine-tuning {run.config.dataset}",
                     disable=not run.accelerator.is_local_main_process)
+    started, tokens, flops = time.perf_counter(), run.tokens, run.flops
     while run.step < stop:
         epoch, offset = divmod(run.step, run.steps_per_epoch)
         for batch in epoch_batches(run, epoch)[offset:]:
             value = train_step(run, batch)
+            seconds = time.perf_counter() - started
             progress.update(1)
-            progress.set_postfix(loss=f"{value:.3f}")
+            progress.set_postfix(loss=f"{value:.3f}", tok_s=f"{(run.tokens - tokens) / seconds:.0f}",
+                                 mfu=f"{(run.flops - flops) / seconds / run.peak_flops:.1%}")
             step = run.step
             if step % run.config.save_every == 0 or step == stop or step % run.steps_per_epoch == 0:
                 save_state(run)
@@ -552,10 +606,10 @@ def final_evaluation(run: Run, seconds: float) -> dict:
     summary = {"steps": run.step, "first_loss": run.first_loss, "final_loss": sum(last) / len(last),
                "train_split": f"{task}/{run.inputs.train_split}", "eval_split": f"{task}/{config.eval_split}",
                "train_tokens_per_second": run.tokens / seconds if seconds else None,
+               "train_flops_per_second": run.flops / seconds if seconds else None,
+               "peak_flops_per_second": run.peak_flops,
+               "mfu": run.flops / seconds / run.peak_flops if seconds else None,
                **evaluate(run.model, eval_batches, int(counts.argmax()), accelerator)}
-    if accelerator.device.type == "cuda":
-        parameters = sum(p.numel() for p in accelerator.unwrap_model(run.model).parameters())
-        summary["mfu"] = 6 * parameters * summary["train_tokens_per_second"] / (config.peak_tflops * 1e12)
     accelerator.print(f"validation loss {summary['eval_loss']:.3f}, main accuracy {summary['main_accuracy']:.3f}, "
                       f"stream accuracy {', '.join(f'{a:.3f}' for a in summary['stream_accuracy'])} "
                       f"(unigram {summary['unigram_accuracy']:.3f})")

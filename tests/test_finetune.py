@@ -84,7 +84,8 @@ def model_weights(output: Path) -> dict:
 
 
 def without_timing(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k != "train_tokens_per_second"}
+    timing = {"train_tokens_per_second", "train_flops_per_second", "peak_flops_per_second", "mfu"}
+    return {k: v for k, v in summary.items() if k not in timing}
 
 
 def temporaries(folder: Path) -> list[str]:
@@ -518,3 +519,30 @@ def test_signal_saves_the_finished_step_and_exits(reference, tmp_path, data_dir,
     if name == "SIGTERM":
         summary = finetune(resumable(output, data_dir, resume=True))
         assert_ends_like(reference, output, summary)
+
+
+def test_bucketed_padded_batches_give_the_loss_of_unpadded_examples():
+    """Length bucketing only changes how much padding a batch carries; the loss of a padded
+    batch is the loss of its examples run one by one (sum over targets / their count)."""
+    from spec_stream.finetune import length_bucketed, make_batches
+    from tests.helpers import tiny_model
+
+    model = tiny_model(num_spec_streams=1, num_stream_layers=2).train()
+    generator = torch.Generator().manual_seed(5)
+    features = []
+    for length in (7, 19, 12, 30, 9, 25):
+        ids = torch.randint(1, 100, (length,), generator=generator).tolist()
+        prompt = length // 2
+        features.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    batches = length_bucketed(list(range(6)), [len(f["input_ids"]) for f in features], 3, generator)
+    assert sorted(i for batch in batches for i in batch) == list(range(6))
+    assert {tuple(sorted(b)) for b in batches} == {(0, 2, 4), (1, 3, 5)}  # short ones together
+    # each loss term is a mean over its own targets: the main stream's (shift 1), the stream's (shift 2)
+    for shift, weights in ((1, (1.0, 0.0)), (2, (0.0, 1.0))):
+        model.config.main_loss_weight, model.config.stream_loss_weight = weights
+        for rows in batches:
+            padded = next(make_batches(features, rows, 3, pad_id=0))
+            alone = [next(make_batches(features, [i], 1, pad_id=0)) for i in rows]
+            counts = [int((a["labels"][:, shift:] != -100).sum()) for a in alone]
+            total = sum(model(**a, loss_only=True).loss * n for a, n in zip(alone, counts))
+            torch.testing.assert_close(model(**padded, loss_only=True).loss, total / sum(counts), atol=1e-5, rtol=0)
