@@ -61,7 +61,8 @@ def interpolate(step_seconds: dict[int, float], size: int) -> float:
 
 
 def choose_tree(acceptance, step_seconds: dict[int, float], num_streams: int) -> tuple:
-    """The candidate tree with the most expected tokens per second (ties: the smaller)."""
+    """The candidate tree with the most expected tokens per second (ties: the smaller);
+    ``step_seconds``: seconds per step by tree size (`probe_step_seconds`' by size)."""
     levels = min(num_streams, len(acceptance))
     def speed(widths):
         return expected_tokens_per_step(widths, acceptance) / interpolate(step_seconds, tree_size(widths))
@@ -69,9 +70,9 @@ def choose_tree(acceptance, step_seconds: dict[int, float], num_streams: int) ->
 
 
 @torch.no_grad()
-def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PROBE_TREES) -> dict[int, float]:
+def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PROBE_TREES) -> dict[tuple, float]:
     """Median seconds per decoding step of each probe tree the model can draft, after a
-    random prompt (the cost of a step hardly depends on the tokens)."""
+    random prompt (the cost of a step hardly depends on the tokens), by tree widths."""
     from .utils import DynamicTreeSteps, _no_timer  # the loop's own step: what "auto" trees will run
 
     config = model.config
@@ -87,8 +88,13 @@ def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PRO
             start = time.perf_counter()
             decoder.step(remaining=len(widths) + 1, timer=_no_timer).tolist()  # .tolist(): the step's host read
             times.append(time.perf_counter() - start)
-        result[tree_size(widths)] = sorted(times)[len(times) // 2]
+        result[tuple(widths)] = sorted(times)[len(times) // 2]
     return result
+
+
+def by_size(step_seconds: dict[tuple, float]) -> dict[int, float]:
+    """`probe_step_seconds`' result keyed by tree size, as `choose_tree` takes it."""
+    return {tree_size(widths): seconds for widths, seconds in step_seconds.items()}
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 
 from ..cache_utils import VariableLengthKVCache
-from .tree_search import choose_tree, probe_step_seconds
+from .tree_search import by_size, choose_tree, probe_step_seconds
 from .speculative_tree import (
     DEFAULT_MAX_NGRAM,
     DEFAULT_TREE_WIDTHS,
@@ -305,5 +305,5 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
             return DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams]
         probes = self.__dict__.setdefault("_step_seconds_by_device", {})
         if str(self.device) not in probes:
-            probes[str(self.device)] = probe_step_seconds(self)
+            probes[str(self.device)] = by_size(probe_step_seconds(self))
         return choose_tree(acceptance, probes[str(self.device)], self.config.num_spec_streams)

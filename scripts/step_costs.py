@@ -1,0 +1,150 @@
+"""What one decoding step costs, by tree, against upstream greedy and the roofline.
+
+    python scripts/step_costs.py                                # tiny, small and 125M shapes, random weights
+    python scripts/step_costs.py --model checkpoints/e2e_nlg-tiny --trees "(),(1,),(2,2),(4,3,2)"
+
+For each model (a checkpoint folder or a built-in size from `spec_stream.checkpoints`): the
+milliseconds per token of upstream `transformers` greedy decoding on the same weights, and
+the milliseconds per step of our dynamic loop for each tree (`DynamicTreeSteps`, after a
+``--prompt``-token prompt), each the median of ``--repeats`` measurements of ``--steps``
+steps, with the min-max spread. Beside each cell, the roofline bound of that forward pass
+(`spec_stream.arithmetic`: FLOPs over the measured fp32 matmul rate, weight and cache bytes
+over the measured memory read rate; the larger binds). Prints a table and writes JSON.
+Run it on an otherwise idle machine: anything running beside it inflates every cell.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from huggingface.transformers.generation.speculative_tree import tree_size
+from huggingface.transformers.generation.tree_search import probe_step_seconds
+from spec_stream import GPTNeoForCausalLM
+from spec_stream.arithmetic import (ModelShape, forward_bytes, forward_flops, load_config, measure_machine,
+                                    roofline_seconds)
+from spec_stream.benchmark import machine_info
+from spec_stream.errors import UserError, exit_on_user_error
+
+TREES = ((), (1,), (1, 1, 1), (2, 2), (2, 2, 2), (4, 3, 2), (8, 4, 2))
+
+
+def parse_trees(text: str) -> tuple:
+    """``"(),(1,),(2,2)"`` -> ((), (1,), (2, 2))."""
+    try:
+        trees = ast.literal_eval(f"[{text}]")
+        return tuple(tuple(int(k) for k in tree) for tree in trees)
+    except (ValueError, SyntaxError, TypeError):
+        raise UserError(f"--trees {text!r}: give tuples of widths like \"(),(1,),(2,2),(4,3,2)\"") from None
+
+
+def build_model(name: str, streams: int) -> GPTNeoForCausalLM:
+    """A checkpoint as saved, or a built-in size with random weights and ``streams`` streams."""
+    config = load_config(name)
+    if not Path(name).is_dir():
+        config.num_spec_streams = streams
+        config.num_stream_layers = max(1, config.num_layers // 2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return GPTNeoForCausalLM.from_pretrained(name) if Path(name).is_dir() else GPTNeoForCausalLM(config).eval()
+
+
+def upstream_ms_per_token(model, prompt: torch.Tensor, tokens: int, repeats: int) -> list[float]:
+    """Upstream greedy on our weights: (time for 1 + tokens new tokens - time for 1) / tokens."""
+    upstream = transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(**model.config.to_dict())).eval()
+    upstream.load_state_dict(model.state_dict(), strict=False)
+
+    def seconds(new):
+        start = time.perf_counter()
+        upstream.generate(prompt, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        return time.perf_counter() - start
+
+    seconds(2)  # warm-up
+    return [1e3 * (seconds(1 + tokens) - seconds(1)) / tokens for _ in range(repeats)]
+
+
+def roofline_ms(shape: ModelShape, widths: tuple, prompt: int, probe) -> float:
+    """The bound of one tree step: its nodes through the model, stream rows where they run."""
+    nodes = tree_size(widths)
+    streams = shape.streams * nodes if widths else 0
+    flops = forward_flops(shape, nodes, prompt, logits_rows=nodes, stream_rows=streams)
+    return 1e3 * roofline_seconds(flops, forward_bytes(shape, torch.float32, nodes, prompt), probe)["seconds"]
+
+
+def measure(name: str, trees, args, probe) -> dict:
+    model = build_model(name, args.streams)
+    trees = [t for t in trees if len(t) <= model.config.num_spec_streams]
+    prompt = torch.randint(1, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    shape = ModelShape.of(model.config)
+    row = {"model": name, "upstream_naive": spread(upstream_ms_per_token(model, prompt, args.steps, args.repeats)),
+           "upstream_roofline": roofline_ms(shape, (), args.prompt, probe), "trees": {}}
+    runs = [probe_step_seconds(model, args.prompt, args.steps, trees) for _ in range(args.repeats)]
+    for widths in trees:
+        row["trees"][str(widths)] = {**spread([1e3 * run[widths] for run in runs]),
+                                     "roofline": roofline_ms(shape, widths, args.prompt, probe)}
+    return row
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def print_table(rows: list[dict], trees) -> None:
+    header = ["model", "upstream"] + [str(t) for t in trees]
+    print(" | ".join(header))
+    for row in rows:
+        cells = [row["model"], f"{row['upstream_naive']['median']:.2f} ({row['upstream_roofline']:.2f})"]
+        for widths in trees:
+            cell = row["trees"].get(str(widths))
+            cells.append("-" if cell is None else f"{cell['median']:.2f} ({cell['roofline']:.2f})")
+        print(" | ".join(cells))
+    print("ms per token (upstream) or per step (trees), median; roofline bound in brackets")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", action="append", help="checkpoint folder or built-in size (repeatable); "
+                        "default: tiny, small, 125M")
+    parser.add_argument("--trees", default=",".join(str(t) for t in TREES), help="trees to time")
+    parser.add_argument("--streams", type=int, default=3, help="streams of a built-in size")
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens before the timed steps")
+    parser.add_argument("--steps", type=int, default=16, help="steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per cell")
+    parser.add_argument("--output", default="results/step_costs.json", help="JSON file for every figure")
+    args = parser.parse_args(argv)
+    for name in ("streams", "prompt", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    args.trees = parse_trees(args.trees)
+    args.model = args.model or ["tiny", "small", "125M"]
+    for name in args.model:
+        load_config(name)  # every model checked before any timing
+    return args
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    probe = measure_machine("cpu")
+    print(f"matmul {probe.matmul_flops_per_second / 1e9:.0f} GFLOP/s, memory read "
+          f"{probe.read_bytes_per_second / 1e9:.1f} GB/s, {probe.threads} threads")
+    rows = [measure(name, args.trees, args, probe) for name in args.model]
+    print_table(rows, args.trees)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"machine": machine_info(torch.device("cpu")), "probe": vars(probe),
+                                  "settings": {k: v for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
