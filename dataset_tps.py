@@ -3,10 +3,14 @@
     python dataset_tps.py --model_type spec_stream            # spec_stream vs naive, all datasets
     python dataset_tps.py --model_type all --dataset e2e_nlg --data-dir ../shared/datasets
 
-Batch 1, greedy, the same prompts for every engine, warm-up excluded, the device
-synchronised around each timed call. `naive` always runs first: it is the reference for
-speedup and for "identical outputs". Prints a table and writes every figure (and the
-machine) to a JSON file; `scripts/plot_results.py` turns that into plots.
+Batch 1, greedy, the same prompts for every engine. Every argument, path and checkpoint
+is checked before the first engine starts. Per engine: one warm-up prompt, then
+`--repeats` timed passes over the prompts (the median tokens/s is reported with its
+spread). `naive` always runs first: the fp32 reference for speedup. "identical" compares
+each engine with greedy decoding of its own model in its own dtype; the comparison with
+fp32 `naive` is a column of its own (see `spec_stream.benchmark`). Quality, SQL validity
+(Spider) and repeated 4-grams are reported beside the speed. Prints a table and writes
+every figure (and the machine) to a JSON file; `scripts/plot_results.py` plots it.
 """
 from __future__ import annotations
 
@@ -14,124 +18,195 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from spec_stream import defaults
+from spec_stream.benchmark import (BenchmarkSettings, benchmark_task, check_draft_model, check_tree_depth,
+                                   default_checkpoint, machine_info, measure_copy_rate, prepare_task, uses_streams)
+from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
 from spec_stream.errors import UserError, exit_on_user_error
 
-DATASETS = ("spider", "dialogsum", "e2e_nlg")
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    from spec_stream.engines import ENGINE_NAMES
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_type", "--model-type", default="spec_stream",
-                        help=f"one of {', '.join(ENGINE_NAMES)}, a comma-separated list, or all (naive always runs)")
-    parser.add_argument("--dataset", default="all", help=f"one of {', '.join(DATASETS)}, or all")
-    parser.add_argument("--model", default=None,
-                        help="fine-tuned checkpoint; default: one per dataset, prepared once under --checkpoint-dir")
-    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where default checkpoints live")
-    parser.add_argument("--data-dir", default=os.environ.get("SPEC_STREAM_DATA_DIR"),
-                        help="local JSON-lines copies laid out like shared/datasets (default: the hub)")
-    parser.add_argument("--split", default=None, help="benchmark split (default: test; validation for spider)")
-    parser.add_argument("--num-samples", type=int, default=None, help="prompts per dataset (default 20 CPU, 30 GPU)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 64 CPU, 128 GPU")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--output", default="results/dataset_tps.json", help="JSON file for every figure")
-    parser.add_argument("--half-dtype", choices=("fp16", "bf16"), default="fp16")
-    parser.add_argument("--draft-model", default=None, help="small GPT-Neo draft model for the assisted engine")
-    parser.add_argument("--tree-widths", default="4,3,2", help="spec_stream tree, top-k per stream")
-    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                        help="run static/spec_stream steps eagerly on a GPU (default: one CUDA graph per step)")
-    args = parser.parse_args(argv)
-    return validate(args)
+    add = parser.add_argument
+    add("--model_type", "--model-type", default="spec_stream",
+        help=f"one of {', '.join(ENGINE_NAMES)}, a comma-separated list, or all (naive always runs)")
+    add("--dataset", default="all", help=f"one of {', '.join(defaults.DATASETS)}, or all")
+    add("--model", default=None, help="fine-tuned checkpoint folder or hub id; default: one per dataset, "
+        "prepared once under --checkpoint-dir")
+    add("--checkpoint-dir", default=defaults.CHECKPOINT_DIR, help="where default checkpoints live")
+    add("--data-dir", default=os.environ.get("SPEC_STREAM_DATA_DIR"),
+        help="local JSON-lines copies laid out like shared/datasets (default: the hub)")
+    add("--split", default=None, help="benchmark split (default: test; validation for spider)")
+    add("--num-samples", type=int, default=None, help=f"prompts per dataset (default {defaults.NUM_SAMPLES})")
+    add("--max-new-tokens", type=int, default=None, help=f"default {defaults.MAX_NEW_TOKENS}")
+    add("--repeats", type=int, default=defaults.REPEATS, help="timed passes over the prompts per engine")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add("--output", default=defaults.REPORT_PATH, help="JSON file for every figure")
+    add("--half-dtype", choices=("fp16", "bf16"), default=defaults.HALF_DTYPE)
+    add("--draft-model", default=None, help="small GPT-Neo draft model for the assisted engine")
+    add("--tree-widths", default=",".join(map(str, defaults.DEFAULT_TREE_WIDTHS)),
+        help="spec_stream tree: top-k per stream, one width per level")
+    add("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+        help="run static/spec_stream steps eagerly on a GPU (default: one CUDA graph per step)")
+    return parser
 
 
-def validate(args: argparse.Namespace) -> argparse.Namespace:
-    from spec_stream.engines import ENGINE_NAMES
-
-    requested = ENGINE_NAMES if args.model_type == "all" else tuple(t.strip() for t in args.model_type.split(","))
+def resolve_engines(model_type: str, draft_model: str | None, device: torch.device) -> tuple[str, ...]:
+    """The engines to run, `naive` first. `all` means every engine that runs on ``device``
+    (`assisted` only with a draft model)."""
+    requested = engines_for(device) if model_type == "all" else tuple(t.strip() for t in model_type.split(","))
     unknown = [t for t in requested if t not in ENGINE_NAMES]
     if unknown:
         raise UserError(f"unknown --model_type {', '.join(unknown)}; choose from {', '.join(ENGINE_NAMES)} or all")
-    if args.model_type == "all" and not args.draft_model:
-        requested = tuple(t for t in requested if t != "assisted")  # needs a draft model
-    args.engines = ["naive"] + [t for t in requested if t != "naive"]
-    if args.dataset != "all" and args.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)} or all")
-    args.datasets = list(DATASETS) if args.dataset == "all" else [args.dataset]
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elsewhere = [t for t in requested if device.type not in ENGINES[t].devices]
+    if elsewhere:
+        raise UserError(f"--model_type {', '.join(elsewhere)} cannot run on {device.type}; drop it or pass "
+                        f"--device {ENGINES[elsewhere[0]].devices[0]}")
+    if "assisted" in requested and not draft_model:
+        if model_type != "all":
+            raise UserError("the assisted engine needs a small GPT-Neo draft model: pass --draft-model PATH_OR_ID")
+        requested = tuple(t for t in requested if t != "assisted")
+    return ("naive",) + tuple(t for t in dict.fromkeys(requested) if t != "naive")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        args.device = torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N") from None
-    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
-    gpu = args.device.type == "cuda"
-    args.num_samples = args.num_samples if args.num_samples is not None else (30 if gpu else 20)
-    args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (128 if gpu else 64)
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples {args.num_samples}: measure at least 1 sample per dataset")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: generate at least 1 token")
+    return device
+
+
+def parse_tree_widths(text: str) -> tuple[int, ...]:
     try:
-        args.tree_widths = tuple(int(k) for k in args.tree_widths.split(",") if k.strip())
+        widths = tuple(int(k) for k in text.split(","))
     except ValueError:
-        raise UserError(f"--tree-widths {args.tree_widths!r}: give comma-separated integers like 4,3,2") from None
-    args.half_dtype = torch.float16 if args.half_dtype == "fp16" else torch.bfloat16
-    if args.model and not Path(args.model).exists() and "/" not in args.model:
-        raise UserError(f"--model {args.model}: no such checkpoint folder; fine-tune one with "
-                        "python -m spec_stream.finetune --dataset NAME --output DIR")
-    return args
+        raise UserError(f"--tree-widths {text!r}: give comma-separated integers like 4,3,2") from None
+    if any(k < 1 for k in widths):
+        raise UserError(f"--tree-widths {text}: every width must be at least 1 (top-k per stream), e.g. 4,3,2")
+    return widths
 
 
-def print_table(rows: list[dict], console: Console) -> None:
-    table = Table(title="dataset_tps: batch 1, greedy")
-    for column in ("dataset", "engine", "backend", "tok/s", "speedup", "tok/call", "accept", "identical",
-                   "BW share", "quality", "peak MB"):
+def at_least(flag: str, value: int, minimum: int, what: str) -> int:
+    if value < minimum:
+        raise UserError(f"{flag} {value}: {what}; pass at least {minimum}")
+    return value
+
+
+def parse_settings(argv=None) -> BenchmarkSettings:
+    """The command line as checked settings; every bad value is a UserError."""
+    args = build_parser().parse_args(argv)
+    if args.dataset != "all" and args.dataset not in defaults.DATASETS:
+        raise UserError(f"unknown --dataset {args.dataset!r}; choose from {', '.join(defaults.DATASETS)} or all")
+    device = resolve_device(args.device)
+    sized = "cuda" if device.type == "cuda" else "cpu"
+    num_samples = defaults.NUM_SAMPLES[sized] if args.num_samples is None else args.num_samples
+    max_new_tokens = defaults.MAX_NEW_TOKENS[sized] if args.max_new_tokens is None else args.max_new_tokens
+    return BenchmarkSettings(
+        engines=resolve_engines(args.model_type, args.draft_model, device),
+        datasets=defaults.DATASETS if args.dataset == "all" else (args.dataset,),
+        device=device,
+        num_samples=at_least("--num-samples", num_samples, 1, "measure at least 1 sample per dataset"),
+        max_new_tokens=at_least("--max-new-tokens", max_new_tokens, 1, "generate at least 1 token"),
+        repeats=at_least("--repeats", args.repeats, 1, "time every prompt at least once (3 give a spread)"),
+        tree_widths=parse_tree_widths(args.tree_widths),
+        half_dtype=torch.float16 if args.half_dtype == "fp16" else torch.bfloat16,
+        output=Path(args.output), model=args.model, checkpoint_dir=Path(args.checkpoint_dir),
+        data_dir=args.data_dir, split=args.split, draft_model=args.draft_model, cuda_graphs=args.cuda_graphs,
+    )
+
+
+def check_output(output: Path) -> None:
+    """Fail now, not after the benchmark: ``output`` must be a file path in a writable place."""
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; name a JSON file, e.g. --output {output / 'dataset_tps.json'}")
+    if output.exists() and not output.is_file():
+        raise UserError(f"--output {output} is not a regular file; name a JSON file")
+    existing = next(folder for folder in output.parents if folder.exists())
+    if not existing.is_dir():
+        raise UserError(f"--output {output} lies under the file {existing}; choose a path under a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"--output {output}: cannot write in {existing} ({error.strerror}); "
+                        "choose a folder you can write to") from None
+
+
+def write_report(report: dict, output: Path) -> None:
+    """Write ``report`` to ``output`` in one rename; nothing is left behind on failure."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(report, indent=2))
+        os.replace(temporary, output)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def checkpoints_for(settings: BenchmarkSettings) -> dict[str, str]:
+    """The checkpoint of each dataset: --model for all, else the default one (prepared
+    once, after checking that the tree fits the streams it will have)."""
+    if settings.model:
+        return {task: settings.model for task in settings.datasets}
+    if uses_streams(settings.engines):
+        check_tree_depth(settings.tree_widths, defaults.NUM_SPEC_STREAMS, "the default checkpoint")
+    return {task: str(default_checkpoint(task, settings.device, settings.checkpoint_dir, settings.data_dir))
+            for task in settings.datasets}
+
+
+def table_cells(r: dict) -> list[str]:
+    spread = r["tokens_per_second_spread"]
+    return [
+        r["dataset"], r["engine"], r["backend"], f"{r['tokens_per_second']:.1f}",
+        f"{spread['min']:.1f}-{spread['max']:.1f} ({spread['iqr']:.1f})", f"{r['speedup_vs_naive']:.2f}x",
+        f"{r['tokens_per_call']:.2f}", "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}",
+        f"{r['identical_to_greedy']:.0%}", f"{r['identical_to_naive']:.0%}", f"{r['bandwidth_share']:.1%}",
+        ", ".join(f"{k} {v:.3g}" for k, v in r["quality"].items()), f"{r['repetition']:.0%}",
+        f"{r['peak_memory_mb']:.0f}",
+    ]
+
+
+def print_table(rows: list[dict], console: Console, repeats: int) -> None:
+    table = Table(title=f"dataset_tps: batch 1, greedy; tok/s = median of {repeats} timed passes, "
+                        "spread = min-max (IQR)")
+    columns = ("dataset", "engine", "backend", "tok/s", "spread", "speedup", "tok/call", "accept", "identical",
+               "= naive fp32", "BW share", "quality", "repeat 4-gram", "peak MB")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("dataset", "engine", "backend") else "right")
-    for r in rows:
-        quality = ", ".join(f"{k} {v:.3g}" for k, v in r["quality"].items())
-        accept = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
-        table.add_row(r["dataset"], r["engine"], r["backend"], f"{r['tokens_per_second']:.1f}",
-                      f"{r['speedup_vs_naive']:.2f}x", f"{r['tokens_per_call']:.2f}", accept,
-                      f"{r['identical_to_naive']:.0%}", f"{r['bandwidth_share']:.1%}", quality,
-                      f"{r['peak_memory_mb']:.0f}")
+    for row in rows:
+        table.add_row(*table_cells(row))
     console.print(table)
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from spec_stream.benchmark import benchmark_task, default_checkpoint, machine_info, measure_copy_rate
-    from spec_stream.checkpoints import load_for_inference
-
-    args.copy_rate = measure_copy_rate(args.device)
-    print(f"{args.device}: device copy rate {args.copy_rate / 1e9:.1f} GB/s (the bandwidth yardstick)")
-    rows = []
-    for task in args.datasets:
-        checkpoint = Path(args.model) if args.model else default_checkpoint(
-            task, args.device, Path(args.checkpoint_dir), args.data_dir)
-        if "spec_stream" in args.engines:
-            load_for_inference(str(checkpoint), require_streams=True)  # clear error before any timing
-        rows += benchmark_task(task, args.engines, checkpoint, args, args.device)
+    settings = parse_settings(argv)
+    check_output(settings.output)
+    checkpoints = checkpoints_for(settings)
+    inputs = [prepare_task(task, checkpoints[task], settings) for task in settings.datasets]
+    if "assisted" in settings.engines:
+        check_draft_model(settings.draft_model)
+    copy_rate = measure_copy_rate(settings.device)
+    print(f"{settings.device}: device copy rate {copy_rate / 1e9:.1f} GB/s (the bandwidth yardstick)")
+    rows = [row for task_inputs in inputs for row in benchmark_task(task_inputs, settings, copy_rate)]
     console = Console()
-    print_table(rows, console if console.is_terminal else Console(width=180))  # logs get the full table
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v) for k, v in vars(args).items()}
-    machine = {**machine_info(args.device), "copy_gb_per_second": args.copy_rate / 1e9}
-    report = {"machine": machine, "settings": settings, "results": rows}
-    temporary = output.with_suffix(output.suffix + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2))
-    os.replace(temporary, output)
-    print(f"wrote {output}")
+    print_table(rows, console if console.is_terminal else Console(width=260), settings.repeats)  # logs: full table
+    machine = {**machine_info(settings.device), "copy_gb_per_second": copy_rate / 1e9}
+    write_report({"machine": machine, "settings": settings.to_json(), "results": rows}, settings.output)
+    print(f"wrote {settings.output}")
     return 0
 
 

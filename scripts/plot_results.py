@@ -2,8 +2,10 @@
 
     python scripts/plot_results.py results/dataset_tps.json --out images
 
-1. tokens_per_second.png: tokens/s per engine and dataset (grouped bars);
-2. speedup_vs_tokens_per_call.png: speedup over naive against tokens per forward call;
+1. tokens_per_second.png: median tokens/s per engine and dataset (grouped bars), the
+   whiskers spanning the fastest and slowest timed pass;
+2. speedup_vs_tokens_per_call.png: speedup over naive (median over median) against
+   tokens per forward call, the whiskers the engine's min-max over naive's median;
 3. step_breakdown.png: spec_stream's time per step split into draft / forward / verify
    (one replayed graph per step when CUDA graphs ran).
 Each title names the machine the figures come from.
@@ -34,30 +36,40 @@ def finish(figure, axes, title, path):
     plt.close(figure)
 
 
-def plot_tokens_per_second(rows, label, path):
+def whiskers(rows, scale=lambda row: 1.0):
+    """Asymmetric error bars from each row's min-max tokens/s around its median."""
+    below = [(r["tokens_per_second"] - r["tokens_per_second_spread"]["min"]) * scale(r) for r in rows]
+    above = [(r["tokens_per_second_spread"]["max"] - r["tokens_per_second"]) * scale(r) for r in rows]
+    return [below, above]
+
+
+def plot_tokens_per_second(rows, label, path, repeats):
     datasets = sorted({r["dataset"] for r in rows})
     engines = list(dict.fromkeys(r["engine"] for r in rows))
     width = 0.8 / len(engines)
     figure, axes = plt.subplots(figsize=(max(6, 2 * len(datasets) + 2), 4))
     for i, engine in enumerate(engines):
-        values = [next((r["tokens_per_second"] for r in rows if r["engine"] == engine and r["dataset"] == d), 0)
-                  for d in datasets]
-        axes.bar([x + i * width for x in range(len(datasets))], values, width, label=engine)
+        measured = [r for r in rows if r["engine"] == engine]
+        positions = [datasets.index(r["dataset"]) + i * width for r in measured]
+        axes.bar(positions, [r["tokens_per_second"] for r in measured], width, label=engine,
+                 yerr=whiskers(measured), capsize=2, error_kw={"linewidth": 0.8})
     axes.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(datasets))], datasets)
-    axes.set_ylabel("tokens / s (batch 1, greedy)")
+    axes.set_ylabel(f"tokens / s, median of {repeats} passes (min-max)")
     finish(figure, axes, f"Decoding speed on {label}", path)
 
 
 def plot_speedup(rows, label, path):
+    naive = {r["dataset"]: r["tokens_per_second"] for r in rows if r["engine"] == "naive"}
     figure, axes = plt.subplots(figsize=(6, 4))
     for engine in dict.fromkeys(r["engine"] for r in rows):
         points = [r for r in rows if r["engine"] == engine]
-        axes.scatter([r["tokens_per_call"] for r in points], [r["speedup_vs_naive"] for r in points], label=engine)
+        axes.errorbar([r["tokens_per_call"] for r in points], [r["speedup_vs_naive"] for r in points],
+                      yerr=whiskers(points, lambda r: 1 / naive[r["dataset"]]), fmt="o", capsize=2, label=engine)
         for r in points:
             axes.annotate(r["dataset"], (r["tokens_per_call"], r["speedup_vs_naive"]), fontsize=7)
     axes.axhline(1.0, color="grey", linewidth=0.5)
     axes.set_xlabel("tokens per forward call")
-    axes.set_ylabel("speedup over naive (tokens/s ratio)")
+    axes.set_ylabel("speedup over naive (median tokens/s ratio)")
     finish(figure, axes, f"Speedup against acceptance on {label}", path)
 
 
@@ -71,7 +83,8 @@ def plot_step_breakdown(rows, label, path):
     bottoms = [0.0] * len(rows)
     for section in sections:
         # milliseconds per tree step: forward calls minus the prefill of each sample
-        values = [1000 * r["step_seconds"].get(section, 0.0) / max(r["forward_calls"] - r["samples"], 1) for r in rows]
+        values = [1000 * r["step_seconds"].get(section, 0.0) / max(r["forward_calls"] - r["samples"], 1)
+                  for r in rows]
         axes.bar([r["dataset"] for r in rows], values, bottom=bottoms, label=section)
         bottoms = [b + v for b, v in zip(bottoms, values)]
     axes.set_ylabel("ms per tree step")
@@ -86,15 +99,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         report = json.loads(Path(args.report).read_text())
-        rows = report["results"]
-    except (OSError, ValueError, KeyError) as error:
-        print(f"error: cannot read a dataset_tps report from {args.report} ({error}); run dataset_tps.py first",
-              file=sys.stderr)
+        rows, repeats = report["results"], report["settings"]["repeats"]
+        if not all("tokens_per_second_spread" in row for row in rows):  # a report from before repeated timing
+            raise KeyError("tokens_per_second_spread")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"error: cannot read a dataset_tps report with repeated timings from {args.report} "
+              f"({type(error).__name__}: {error}); run dataset_tps.py (again) first", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     label = machine_label(report)
-    plot_tokens_per_second(rows, label, out / "tokens_per_second.png")
+    plot_tokens_per_second(rows, label, out / "tokens_per_second.png", repeats)
     plot_speedup(rows, label, out / "speedup_vs_tokens_per_call.png")
     written = ["tokens_per_second.png", "speedup_vs_tokens_per_call.png"]
     if plot_step_breakdown(rows, label, out / "step_breakdown.png"):

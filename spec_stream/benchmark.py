@@ -1,32 +1,91 @@
-"""Measurement loop behind `dataset_tps.py`: same prompts for every engine, warm-up
-excluded, device synchronised around each timed call, figures gathered into rows."""
+"""Measurement loop behind `dataset_tps.py`: the same prompts for every engine, every
+input checked before the first engine starts, figures gathered into rows.
+
+Timing. Per engine, one warm-up prompt (untimed), then ``repeats`` timed passes over all
+prompts, the device synchronised around each call. A pass's rate is its tokens over its
+seconds; a row reports the median rate over the passes (``tokens_per_second``) with their
+spread (min, quartiles, max, IQR) and keeps each prompt's tokens, forward calls and
+seconds per pass. Counts, outputs and quality come from the first pass (greedy decoding
+gives the same tokens in every pass; ``repeats_agree`` checks it).
+
+Exactness. ``identical_to_greedy`` compares an engine's outputs with greedy decoding
+(upstream `generate`, ``do_sample=False``, untimed) of the *same* model: the engine's own
+weights, attention implementation and weight format (dtype, or int8). That is the output
+an exact engine must reproduce. ``identical_to_naive`` compares with fp32 `naive` and so
+adds the effects of the format (half precision on a GPU, int8) and of the attention
+kernel: it is reported apart.
+
+Which attention paths are bit-stable in half precision. A tree step verifies every node
+in one call: each query attends over the cache plus the whole tree, other nodes' keys
+masked out, where a greedy step attends over the cache plus one token without a mask. In
+fp32 both agree to about 1e-6 and outputs match greedy decoding. In fp16/bf16:
+
+- eager (``eager_attention``, GPT-Neo's reference) is stable in practice: it computes
+  scores and softmax in fp32 from half inputs (products of half values are exact in fp32,
+  masked keys add exact zeros), so only the final ``weights @ V`` runs in half, and a
+  query's result seldom depends on the call's other rows or masked keys (random inputs on
+  the development CPU, torch 2.13: 0 of 300 bf16 rows and 1 of 300 fp16 rows differed, by
+  one half-precision step; spec_stream matched greedy on 120 of 120 random-model prompts
+  in bf16 and in fp16). Not bit-exact by construction, though.
+- SDPA is not: its fused kernels tile the keys into blocks and accumulate the softmax
+  block by block in rounded steps, and the kernel and tiling follow the key length and
+  the presence of a mask, so the same query over the same visible keys rounds differently
+  in a tree step than in a one-token step (same probe: 2 of 300 bf16 rows, 17 of 300 fp16
+  rows differed). At a near-tie of the top two logits the argmax flips: on the same
+  random models, 6 of 120 bf16 prompts (5%) and 0 of 120 fp16 prompts differed from
+  greedy decoding of the same SDPA model.
+GPU kernels were not measured here (no GPU was lent); the same reasoning applies to them.
+"""
 from __future__ import annotations
 
 import gc
-import logging
+import json
+import os
 import platform
 import resource
+import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from tqdm.auto import tqdm
 
-from spec_stream.data import TASKS, load_examples
-from spec_stream.engines import Engine, GenerationResult, build_engine
-from spec_stream.timing import synchronize
+from spec_stream import GPTNeoForCausalLM
+from spec_stream.checkpoints import load_for_inference
+from spec_stream.data import DATA_DIR_ENV, SPIDER_TABLES_ENV, TASKS, load_examples, load_spider_schemas
+from spec_stream.defaults import BATCH_SIZES, COPY_PROBE_MB
+from spec_stream.engines import ENGINES, Engine, GenerationResult, build_engine
 from spec_stream.errors import UserError
-from spec_stream.metrics import task_quality
+from spec_stream.metrics import repetition_rate, spider_database, task_quality
+from spec_stream.timing import synchronize
 
-log = logging.getLogger("spec_stream.benchmark")
 
-# Default checkpoints, prepared once per dataset with the fine-tuning code and reused.
-DEFAULT_RECIPES = {
-    "cpu": dict(size="tiny", max_train_samples=1500, epochs=2),
-    "cuda": dict(size="125M", max_train_samples=None, epochs=1),
-}
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """What a benchmark run measures, checked by `dataset_tps.py`'s parser."""
+
+    engines: tuple[str, ...]  # `naive` first: the fp32 reference
+    datasets: tuple[str, ...]
+    device: torch.device
+    num_samples: int
+    max_new_tokens: int
+    repeats: int
+    tree_widths: tuple[int, ...]
+    half_dtype: torch.dtype
+    output: Path
+    model: str | None = None  # one checkpoint for every dataset; None: the default ones
+    checkpoint_dir: Path = Path("checkpoints")
+    data_dir: str | None = None
+    split: str | None = None  # None: each task's benchmark split
+    draft_model: str | None = None
+    cuda_graphs: bool = True
+
+    def to_json(self) -> dict:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: str(v) if isinstance(v, (torch.device, torch.dtype, Path)) else v for k, v in values.items()}
 
 
 @dataclass
@@ -34,6 +93,18 @@ class Prompt:
     ids: torch.Tensor  # (1, length)
     references: list[str]
     truncated: bool
+    database: sqlite3.Connection | None = None  # spider: an empty database with the prompt's schema
+
+
+@dataclass
+class TaskInputs:
+    """One dataset, checked and loaded before any engine runs."""
+
+    task: str
+    split: str
+    checkpoint: str
+    tokenizer: object
+    prompts: list[Prompt]
 
 
 def cpu_name() -> str:
@@ -64,38 +135,98 @@ def machine_info(device: torch.device) -> dict:
 def default_checkpoint(task: str, device: torch.device, root: Path, data_dir: str | None) -> Path:
     """The fine-tuned checkpoint for ``task`` sized for the device: prepared on first use
     (from scratch, since offline machines reach no pretrained weights), reused after."""
-    from spec_stream.finetune import build_parser, finetune
+    from spec_stream import defaults
+    from spec_stream.checkpoints import TRAINING_ARGS
+    from spec_stream.finetune import FinetuneConfig, finetune
 
-    recipe = DEFAULT_RECIPES["cuda" if device.type == "cuda" else "cpu"]
+    recipe = defaults.DEFAULT_RECIPES["cuda" if device.type == "cuda" else "cpu"]
     output = root / f"{task}-{recipe['size']}"
-    if (output / "training_args.json").is_file():
+    if (output / TRAINING_ARGS).is_file():
         return output
     print(f"preparing the default {recipe['size']} checkpoint for {task} in {output} "
           f"(fine-tuning from scratch, once; pass --model to use your own)")
-    argv = ["--dataset", task, "--output", str(output), "--from-scratch", recipe["size"],
-            "--epochs", str(recipe["epochs"]), "--resume"]
-    if recipe["max_train_samples"]:
-        argv += ["--max-train-samples", str(recipe["max_train_samples"])]
-    if data_dir:
-        argv += ["--data-dir", str(data_dir)]
-    finetune(build_parser().parse_args(argv))
+    finetune(FinetuneConfig(dataset=task, output=str(output), data_dir=data_dir, from_scratch=recipe["size"],
+                            epochs=float(recipe["epochs"]), max_train_samples=recipe["max_train_samples"],
+                            resume=True))
     return output
 
 
-def load_prompts(task: str, split: str, tokenizer, data_dir, num_samples: int, context: int,
-                 max_new_tokens: int) -> list[Prompt]:
+def uses_streams(engines: tuple[str, ...]) -> bool:
+    """Whether any of ``engines`` drafts with the speculative streams (takes a tree)."""
+    return any("tree_widths" in ENGINES[name].settings for name in engines)
+
+
+def check_tree_depth(tree_widths: tuple[int, ...], num_streams: int, checkpoint: str) -> None:
+    """A UserError unless the spec_stream tree has at most one level per stream of the model."""
+    if len(tree_widths) > num_streams:
+        widths = ",".join(map(str, tree_widths))
+        raise UserError(f"--tree-widths {widths} has {len(tree_widths)} levels but {checkpoint} has {num_streams} "
+                        f"speculative streams; pass at most {num_streams} widths, e.g. --tree-widths "
+                        f"{','.join(map(str, tree_widths[:num_streams]))}")
+
+
+def spider_tables_path(data_dir: str | None) -> Path:
+    """The tables.json that `load_examples` read the schemas from (it checked that one exists)."""
+    root = data_dir or os.environ.get(DATA_DIR_ENV)
+    return Path(root).expanduser() / "spider" / "tables.json" if root else Path(os.environ[SPIDER_TABLES_ENV])
+
+
+def spider_databases(prompts_text: list[str], data_dir: str | None) -> list[sqlite3.Connection]:
+    """An empty SQLite database per Spider prompt, with the schema of the prompt's database.
+
+    Examples carry no ``db_id``; a prompt holds its database's schema text as
+    `load_spider_schemas` writes it, so the longest schema text found in the prompt names
+    the database. Databases whose schema texts are equal have the same tables and columns,
+    so whichever is picked judges every query alike.
+    """
+    tables_path = spider_tables_path(data_dir)
+    entries = {entry["db_id"]: entry for entry in json.loads(tables_path.read_text(encoding="utf-8"))}
+    schemas = sorted(load_spider_schemas(tables_path).items(), key=lambda item: -len(item[1]))
+    built: dict[str, sqlite3.Connection] = {}
+    databases = []
+    for text in prompts_text:
+        db_id = next(db_id for db_id, schema in schemas if schema in text)
+        if db_id not in built:
+            built[db_id] = spider_database(entries[db_id])
+        databases.append(built[db_id])
+    return databases
+
+
+def load_prompts(task: str, split: str, tokenizer, context: int, settings: BenchmarkSettings) -> list[Prompt]:
     """Benchmark prompts; a prompt longer than ``context - max_new_tokens`` keeps its end."""
-    room = context - max_new_tokens
+    room = context - settings.max_new_tokens
     if room < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+        raise UserError(f"--max-new-tokens {settings.max_new_tokens} leaves no room for a prompt in the model's "
                         f"context of {context} tokens; lower --max-new-tokens")
+    examples = load_examples(task, split, data_dir=settings.data_dir, limit=settings.num_samples)
+    if not examples:
+        raise UserError(f"{task}/{split} gave no examples; check --data-dir and --split")
+    texts = [example.prompt for example in examples]
+    databases = spider_databases(texts, settings.data_dir) if task == "spider" else [None] * len(examples)
     prompts = []
-    for example in load_examples(task, split, data_dir=data_dir, limit=num_samples):
+    for example, database in zip(examples, databases):
         ids = tokenizer(example.prompt, return_tensors="pt").input_ids
-        prompts.append(Prompt(ids[:, -room:], example.references, ids.shape[1] > room))
-    if not prompts:
-        raise UserError(f"{task}/{split} gave no examples; check --data-dir")
+        prompts.append(Prompt(ids[:, -room:], example.references, ids.shape[1] > room, database))
     return prompts
+
+
+def prepare_task(task: str, checkpoint: str, settings: BenchmarkSettings) -> TaskInputs:
+    """Check ``checkpoint`` for ``task`` (loadable, streams when spec_stream runs, a tree
+    it can draft) and load the prompts: every failure a UserError, before any engine runs."""
+    needs_streams = uses_streams(settings.engines)
+    model, tokenizer = load_for_inference(checkpoint, require_streams=needs_streams)
+    config = model.config
+    del model
+    if needs_streams:
+        check_tree_depth(settings.tree_widths, config.num_spec_streams, checkpoint)
+    split = settings.split or TASKS[task].benchmark_split
+    prompts = load_prompts(task, split, tokenizer, config.max_position_embeddings, settings)
+    return TaskInputs(task, split, checkpoint, tokenizer, prompts)
+
+
+def check_draft_model(draft_model: str) -> None:
+    """A UserError now, not after other engines ran, if the draft model cannot be loaded."""
+    load_for_inference(draft_model)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -104,7 +235,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
 
 
-def measure_copy_rate(device: torch.device, megabytes: int = 256, repeats: int = 10) -> float:
+def measure_copy_rate(device: torch.device, megabytes: int = COPY_PROBE_MB, repeats: int = 10) -> float:
     """Bytes per second a large on-device copy moves (read + write): the yardstick for the
     memory-bandwidth limit of a decode step, which must read every weight once."""
     source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
@@ -118,84 +249,140 @@ def measure_copy_rate(device: torch.device, megabytes: int = 256, repeats: int =
     return 2 * source.numel() * repeats / (time.perf_counter() - start)
 
 
-def measure(engine: Engine, prompts: list[Prompt], max_new_tokens: int, eos_token_id: int | None,
-            label: str) -> list[GenerationResult]:
-    """Warm up on the first prompt (not timed), then time every prompt."""
-    engine.run(prompts[0].ids, min(max_new_tokens, 8), eos_token_id)
+def measure(engine: Engine, prompts: list[Prompt], settings: BenchmarkSettings, eos_token_id: int | None,
+            label: str) -> list[list[GenerationResult]]:
+    """Warm up on the first prompt (untimed), then time every prompt in each of
+    ``settings.repeats`` passes (`Engine.run_many`: one by one, or in batches):
+    ``passes[repeat][prompt]``."""
+    engine.run_many([prompts[0].ids], settings.max_new_tokens, eos_token_id)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
-    return [engine.run(p.ids, max_new_tokens, eos_token_id) for p in tqdm(prompts, desc=label, leave=False)]
+    passes = []
+    for _ in tqdm(range(settings.repeats), desc=label, leave=False):
+        passes.append(engine.run_many([p.ids for p in prompts], settings.max_new_tokens, eos_token_id))
+    return passes
 
 
-def summarize(engine: Engine, task: str, prompts, results: list[GenerationResult], tokenizer,
-              reference_outputs: list[list[int]] | None, copy_rate: float) -> dict:
-    tokens = sum(len(r.new_tokens) for r in results)
-    seconds = sum(r.seconds for r in results)
-    calls = sum(r.forward_calls for r in results)
-    drafted = sum(r.drafted for r in results)
-    predictions = [tokenizer.decode(r.new_tokens, skip_special_tokens=True).strip() for r in results]
-    row = {
-        "engine": engine.name,
-        "dataset": task,
-        "backend": engine.description,
-        "samples": len(results),
-        "truncated_prompts": sum(p.truncated for p in prompts),
-        "new_tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_second": tokens / seconds,
-        "peak_memory_mb": peak_memory_mb(engine.device),
-        "forward_calls": calls,
-        "tokens_per_call": tokens / calls,
-        # weights read per second (each forward call reads them all) against the copy rate
-        "weight_gb_per_second": engine.weight_bytes * calls / seconds / 1e9,
-        "bandwidth_share": engine.weight_bytes * calls / seconds / copy_rate,
-        "acceptance_rate": sum(r.accepted for r in results) / drafted if drafted else None,
-        "quality": task_quality(task, predictions, [p.references for p in prompts]),
-        "identical_to_naive": None,
-        "speedup_vs_naive": None,
-        "step_seconds": _sum_steps(results),
-        "outputs": predictions,
+def timing_figures(passes: list[list[GenerationResult]]) -> dict:
+    """Median tokens/s over the passes, its spread, and every prompt's record."""
+    tokens = [sum(len(r.new_tokens) for r in results) for results in passes]
+    seconds = [sum(r.seconds for r in results) for results in passes]
+    rates = [t / s for t, s in zip(tokens, seconds)]
+    low, q1, median, q3, high = (float(x) for x in np.percentile(rates, [0, 25, 50, 75, 100]))
+    per_prompt = list(zip(*passes))
+    return {
+        "repeats": len(passes),
+        "tokens_per_second": median,
+        "tokens_per_second_spread": {"min": low, "q1": q1, "q3": q3, "max": high, "iqr": q3 - q1},
+        "tokens_per_second_per_repeat": rates,
+        "seconds": tokens[0] / median,  # one pass at the median rate
+        "seconds_per_repeat": seconds,
+        "repeats_agree": all(r.new_tokens == runs[0].new_tokens for runs in per_prompt for r in runs),
+        "prompts": [{"tokens": len(runs[0].new_tokens), "forward_calls": runs[0].forward_calls,
+                     "seconds": [r.seconds for r in runs]} for runs in per_prompt],
     }
-    if reference_outputs is not None:
-        same = sum(r.new_tokens == ref for r, ref in zip(results, reference_outputs))
-        row["identical_to_naive"] = same / len(results)
-    return row
 
 
-def _sum_steps(results):
+def step_seconds_per_pass(passes: list[list[GenerationResult]]) -> dict[str, float] | None:
+    """Seconds per named step section (spec_stream's draft / forward / verify), summed over
+    a pass and averaged over the passes; None for engines that report none."""
     total: dict[str, float] = {}
-    for result in results:
-        for name, seconds in result.step_seconds.items():
-            total[name] = total.get(name, 0.0) + seconds
+    for results in passes:
+        for result in results:
+            for name, seconds in result.step_seconds.items():
+                total[name] = total.get(name, 0.0) + seconds / len(passes)
     return total or None
 
 
-def benchmark_task(task: str, engines: list[str], checkpoint: Path, args, device: torch.device) -> list[dict]:
-    """Every engine on the same prompts of one task; `naive` first, as the reference."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    config = transformers.AutoConfig.from_pretrained(checkpoint)
-    split = args.split or TASKS[task].benchmark_split
-    prompts = load_prompts(task, split, tokenizer, args.data_dir, args.num_samples,
-                           config.max_position_embeddings, args.max_new_tokens)
-    print(f"{task}: benchmarking on {task}/{split} ({len(prompts)} prompts, checkpoint {checkpoint})")
-    rows, naive_outputs = [], None
-    for name in engines:
-        engine = build_engine(name, str(checkpoint), device, half_dtype=args.half_dtype,
-                              draft_model=args.draft_model, tree_widths=args.tree_widths,
-                              cuda_graphs=args.cuda_graphs)
-        results = measure(engine, prompts, args.max_new_tokens, tokenizer.eos_token_id, f"{task}/{name}")
-        row = summarize(engine, task, prompts, results, tokenizer, naive_outputs, args.copy_rate)
-        if name == "naive":
-            naive_outputs = [r.new_tokens for r in results]
-            row["identical_to_naive"] = 1.0
-        rows.append(row)
+def share_identical(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    return sum(a == b for a, b in zip(outputs, reference)) / len(outputs)
+
+
+def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationResult]], copy_rate: float) -> dict:
+    """One row: speed with its spread, calls, acceptance, quality and repetition."""
+    first = passes[0]
+    timing = timing_figures(passes)
+    tokens = sum(len(r.new_tokens) for r in first)
+    calls = sum(r.forward_calls for r in first)
+    drafted = sum(r.drafted for r in first)
+    predictions = [inputs.tokenizer.decode(r.new_tokens, skip_special_tokens=True).strip() for r in first]
+    references = [p.references for p in inputs.prompts]
+    databases = [p.database for p in inputs.prompts] if inputs.task == "spider" else None
+    weights_per_second = engine.weight_bytes * calls / timing["seconds"]  # each call reads every weight
+    return {
+        "engine": engine.name, "dataset": inputs.task, "split": inputs.split, "backend": engine.description,
+        "samples": len(first), "truncated_prompts": sum(p.truncated for p in inputs.prompts),
+        "new_tokens": tokens, **timing,
+        "peak_memory_mb": peak_memory_mb(engine.device),
+        "forward_calls": calls, "tokens_per_call": tokens / calls,
+        "weight_gb_per_second": weights_per_second / 1e9, "bandwidth_share": weights_per_second / copy_rate,
+        "acceptance_rate": sum(r.accepted for r in first) / drafted if drafted else None,
+        "quality": task_quality(inputs.task, predictions, references, databases),
+        "repetition": repetition_rate(predictions, references),
+        "step_seconds": step_seconds_per_pass(passes),
+        "outputs": predictions,
+    }
+
+
+@torch.no_grad()
+def greedy_outputs(model, prompts: list[Prompt], max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
+    """Upstream greedy `generate` of ``model`` as it is (weights, attention, dtype), untimed."""
+    outputs = []
+    for prompt in prompts:
+        ids = prompt.ids.to(model.device)
+        sequences = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+        outputs.append(sequences[0, ids.shape[1]:].tolist())
+    return outputs
+
+
+def model_key(engine: Engine) -> tuple[str, str, str]:
+    """What decides an engine's greedy output: model code, attention and weight format."""
+    model = engine.model
+    owner = "spec-stream" if isinstance(model, GPTNeoForCausalLM) else "upstream"
+    return owner, model.config._attn_implementation, engine.weight_format
+
+
+def greedy_reference(engine: Engine, prompts: list[Prompt], max_new_tokens: int, eos_token_id: int | None,
+                     known: dict) -> list[list[int]]:
+    """Greedy decoding of the engine's own model in its own weight format: what an exact
+    engine must reproduce. Computed once per `model_key` and kept in ``known`` (which
+    `naive`'s outputs seed: they are upstream greedy of the fp32 model)."""
+    key = model_key(engine)
+    if key not in known:
+        known[key] = greedy_outputs(engine.model, prompts, max_new_tokens, eos_token_id)
+    return known[key]
+
+
+def engine_builds(engines: tuple[str, ...]) -> list[tuple[str, int | None]]:
+    """(engine, batch size) per report row: `batched` once per size in BATCH_SIZES."""
+    return [(name, size) for name in engines for size in (BATCH_SIZES if name == "batched" else (None,))]
+
+
+def benchmark_task(inputs: TaskInputs, settings: BenchmarkSettings, copy_rate: float) -> list[dict]:
+    """Every engine on the same prompts of one task; `naive` first, as the fp32 reference."""
+    eos = inputs.tokenizer.eos_token_id
+    print(f"{inputs.task}: benchmarking on {inputs.task}/{inputs.split} ({len(inputs.prompts)} prompts, "
+          f"{settings.repeats} timed passes, checkpoint {inputs.checkpoint})")
+    rows, naive_outputs, references = [], None, {}
+    for name, batch_size in engine_builds(settings.engines):
+        engine = build_engine(name, inputs.checkpoint, settings.device, half_dtype=settings.half_dtype,
+                              draft_model=settings.draft_model, tree_widths=settings.tree_widths,
+                              cuda_graphs=settings.cuda_graphs, batch_size=batch_size)
+        passes = measure(engine, inputs.prompts, settings, eos, f"{inputs.task}/{engine.name}")
+        outputs = [r.new_tokens for r in passes[0]]
+        if naive_outputs is None:  # naive runs first: upstream greedy of the fp32 model
+            naive_outputs = references[model_key(engine)] = outputs
+        reference = greedy_reference(engine, inputs.prompts, settings.max_new_tokens, eos, references)
+        owner, attention, weights = model_key(engine)
+        rows.append({**summarize(engine, inputs, passes, copy_rate),
+                     "greedy_reference": f"greedy generate of the {owner} model ({attention}, {weights})",
+                     "identical_to_greedy": share_identical(outputs, reference),
+                     "identical_to_naive": share_identical(outputs, naive_outputs)})
         del engine
         gc.collect()
-        if device.type == "cuda":
+        if settings.device.type == "cuda":
             torch.cuda.empty_cache()
-    naive = next((r for r in rows if r["engine"] == "naive"), None)
     for row in rows:
-        if naive:
-            row["speedup_vs_naive"] = row["tokens_per_second"] / naive["tokens_per_second"]
-        row["split"] = split
+        row["speedup_vs_naive"] = row["tokens_per_second"] / rows[0]["tokens_per_second"]
     return rows

@@ -37,6 +37,11 @@ BUCKET_WINDOW = 50  # global batches sorted by length together: little padding, 
 GRAD_CLIP_NORM = 1.0  # the usual transformer clip; fresh stream embeddings spike early
 MIXED_PRECISION = "auto"  # bf16 on a GPU that has it, fp32 elsewhere
 
+# -- your own data ---------------------------------------------------------------------------
+HOLDOUT_SHARE = 0.1  # a single file's rows held out for validation and again for test: 80/10/10, the usual
+HOLDOUT_SEED = 0  # fixed, not --seed: one file always gives the same test rows to training and benchmark
+TREE_WIDTHS_SAVED = "auto"  # the tree a fine-tuned checkpoint asks generate for: the fastest for the device
+
 # -- default checkpoints the benchmark prepares once per dataset (from scratch: offline) --
 DEFAULT_RECIPES = {
     "cpu": dict(size="tiny", max_train_samples=1500, epochs=2),  # ~13 min per dataset on 2 cores

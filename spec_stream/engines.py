@@ -1,21 +1,40 @@
-"""Decoding engines the benchmark compares, all batch 1 and greedy.
+"""Decoding engines the benchmark compares, all greedy.
 
-Every engine turns a prompt (token ids) into new tokens and reports the forward calls it
-made; `Engine.run` times it honestly (device synchronised before and after). They differ
-only in how they build the model and which `generate` they call:
+Every engine turns prompts (token ids) into new tokens and reports the forward calls it
+made; `Engine.run` times one prompt honestly (device synchronised before and after),
+`Engine.run_many` a list of them (one by one, or in batches for `batched`). They differ
+in how they build the model and which `generate` they call:
 
 | engine            | model                               | decoding                                   |
 |-------------------|-------------------------------------|--------------------------------------------|
 | naive             | upstream GPT-Neo, fp32              | upstream greedy `generate`                 |
+| no_cache          | upstream GPT-Neo, fp32              | upstream greedy, `use_cache=False`: every step recomputes the sequence |
+| batched           | upstream GPT-Neo, fp32              | upstream greedy over `batch_size` prompts at once (left-padded) |
 | half              | upstream GPT-Neo, fp16 (or bf16)    | upstream greedy `generate`                 |
+| int8              | upstream GPT-Neo, int8 linear layers (CPU) | upstream greedy `generate`          |
 | flash_attention2  | upstream + flash-attn, else ours SDPA, fp16 | upstream greedy `generate`         |
 | prompt_lookup     | upstream GPT-Neo                    | `generate(prompt_lookup_num_tokens=...)`   |
 | assisted          | upstream GPT-Neo + draft GPT-Neo    | `generate(assistant_model=...)`            |
 | static            | ours, static KV cache               | our loop with an empty tree (1 token/call) |
 | spec_stream       | ours, static KV cache               | tree drafts, `speculative_streaming=True`  |
+| spec_stream_int8  | ours, int8 linear layers (CPU)      | tree drafts: exact w.r.t. the int8 model's own greedy decoding |
 
 On a GPU `static` and `spec_stream` replay each decode step as a CUDA graph
-(`FixedShapeDecoder`) unless ``cuda_graphs=False``.
+(`FixedShapeDecoder`) unless ``cuda_graphs=False``. Settings an engine takes (tree widths,
+batch size, ...) are named in its ``settings``; `build_engine` passes each engine its own.
+
+int8 (`Int8Linear`): weights int8 with one scale per output channel, activations quantized
+to int8 per row (token) at run time, products summed in int32 by `torch._int_mm`. With
+per-row scales a row's output is the same bits whatever else the call carries (integer
+products, then per-element scaling), so `spec_stream_int8` verifies a tree against exactly
+what the int8 model's one-token greedy steps compute. Why not the usual tools (2-core
+development CPU, torch 2.13, one thread, CPU time, GPT-Neo-125M shape, upstream greedy):
+fp32 40.3 ms per token, `Int8Linear` 12.4 ms, `torch.ao.quantization.quantize_dynamic`
+10.9 ms; but quantize_dynamic is deprecated, and its per-tensor activation scale makes a
+row's output depend on the other rows of the call (row 0 of a 64-wide layer moved by 3e-2
+when two rows joined it), so a tree step could not reproduce greedy steps. torchao 0.18's
+row-exact `Int8DynamicActivationInt8WeightConfig` ran its 768 x 50257 LM head at one row in
+65 ms against fp32's 9.5 ms and `torch._int_mm`'s 1.1 ms (and is not a dependency here).
 """
 from __future__ import annotations
 
@@ -27,20 +46,22 @@ import torch
 import transformers
 
 from spec_stream import FixedShapeDecoder, GPTNeoForCausalLM
+from spec_stream.arithmetic import ModelShape, dtype_name, step_weight_bytes
+from spec_stream.defaults import BATCH_SIZES, DEFAULT_TREE_WIDTHS, PROMPT_LOOKUP_TOKENS
 from spec_stream.errors import UserError
 from spec_stream.timing import StepTimer, synchronize
-
-ENGINE_NAMES = ("naive", "half", "flash_attention2", "prompt_lookup", "assisted", "static", "spec_stream")
 
 
 @dataclass
 class GenerationResult:
     new_tokens: list[int]
-    seconds: float
-    forward_calls: int
+    seconds: float  # this prompt's wall time; in a batch, its share of the batch's
+    forward_calls: float  # in a batch, this prompt's share of the batch's calls
     drafted: int = 0  # draft tokens the verifier could have accepted (tree depth per step)
     accepted: int = 0  # draft tokens it did accept
     step_seconds: dict[str, float] = field(default_factory=dict)
+    latency: float | None = None  # seconds until this prompt's tokens were out (a batch's whole time)
+    call_seconds: list[float] = field(default_factory=list)  # wall time from each forward call to the next
 
 
 def load_upstream(checkpoint: str, attn_implementation: str):
@@ -55,16 +76,65 @@ def load_upstream(checkpoint: str, attn_implementation: str):
 
 
 class ForwardCounter:
-    """Counts forward calls of a module with a pre-hook. Hooked on the model's
-    ``transformer`` (the decoder stack), it counts upstream `generate` loops, which go
-    through ``model.forward``, and our loop, which calls the decoder directly, alike."""
+    """Counts forward calls of a module with a pre-hook and notes when each began. Hooked
+    on the model's ``transformer`` (the decoder stack), it counts upstream `generate`
+    loops, which go through ``model.forward``, and our loop, which calls the decoder
+    directly, alike. (Upstream `generate` synchronises a GPU every step, so the times hold
+    there too; CUDA-graph replays bypass hooks.)"""
 
     def __init__(self, module: torch.nn.Module):
-        self.calls = 0
-        module.register_forward_pre_hook(self._count)
+        self.starts: list[float] = []
+        module.register_forward_pre_hook(self._note)
 
-    def _count(self, module, args):
-        self.calls += 1
+    @property
+    def calls(self) -> int:
+        return len(self.starts)
+
+    def reset(self) -> None:
+        self.starts = []
+
+    def _note(self, module, args):
+        self.starts.append(time.perf_counter())
+
+    def call_seconds(self, end: float) -> list[float]:
+        times = self.starts + [end]
+        return [later - earlier for earlier, later in zip(times, times[1:])]
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer in int8 (see the module docstring): weight (out, in) int8 with a scale
+    per output channel, each input row quantized with its own scale, int32 products."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        quantized = torch.round(rows / scale).to(torch.int8)
+        out = torch._int_mm(quantized, self.weight.t()).float().mul_(scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Every `nn.Linear` of ``model`` (LM head included; a tied embedding stays fp32 for
+    the lookup) replaced in place by an `Int8Linear`."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, child_name, Int8Linear(child))
+    return model
 
 
 class Engine:
@@ -72,36 +142,62 @@ class Engine:
 
     name = "engine"
     backend = "eager"
+    settings: tuple[str, ...] = ()  # keyword settings `build_engine` hands to this engine
+    devices = ("cpu", "cuda")  # device types the engine runs on
+    precision = "auto"  # "fp32": always; "half": the half dtype everywhere; "auto": half on a GPU only
+    quantization: str | None = None  # "int8" for the int8 engines
 
     def __init__(self, checkpoint: str, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype, self.checkpoint = device, dtype, checkpoint
         self.model = self._load(checkpoint).to(device=device, dtype=dtype).eval()
         self.counter = ForwardCounter(self.model.transformer)
 
+    @classmethod
+    def dtype_for(cls, device: torch.device, half_dtype: torch.dtype) -> torch.dtype:
+        """naive-like engines are fp32 by definition; the others run in half precision on a
+        GPU. On the CPU half precision is slow and spec_stream must match naive token for
+        token, so only `half` keeps its half dtype there."""
+        if cls.precision == "half" or (cls.precision == "auto" and device.type == "cuda"):
+            return half_dtype
+        return torch.float32
+
     def _load(self, checkpoint: str):
         return load_upstream(checkpoint, "eager")
 
     @property
     def description(self) -> str:
-        return f"{self.backend}, {str(self.dtype).removeprefix('torch.')}"
+        return f"{self.backend}, {self.weight_format}"
+
+    @property
+    def weight_format(self) -> str:
+        """'int8' for the int8 engines, else the dtype's name ('float32', ...)."""
+        return self.quantization or dtype_name(self.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights each forward call reads at least (`arithmetic.step_weight_bytes`:
+        every block and the LM head in the engine's format; embedding rows and the streams
+        left out)."""
+        return step_weight_bytes(ModelShape.of(self.model.config), self.weight_format)
 
     @torch.no_grad()
     def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> GenerationResult:
         prompt_ids = prompt_ids.to(self.device)
-        self.counter.calls = 0
+        self.counter.reset()
         synchronize(self.device)
         start = time.perf_counter()
         sequences, extra = self._generate(prompt_ids, max_new_tokens, eos_token_id)
         synchronize(self.device)
-        seconds = time.perf_counter() - start
+        end = time.perf_counter()
         new_tokens = sequences[0, prompt_ids.shape[1]:].tolist()
         extra.setdefault("forward_calls", self.counter.calls)  # CUDA-graph replays bypass hooks
-        return GenerationResult(new_tokens, seconds, **extra)
+        return GenerationResult(new_tokens, end - start, latency=end - start,
+                                call_seconds=self.counter.call_seconds(end), **extra)
 
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of the target model's weights: what each forward call reads at least."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+    def run_many(self, prompts: list[torch.Tensor], max_new_tokens: int,
+                 eos_token_id: int | None) -> list[GenerationResult]:
+        """Every prompt, in order; one at a time here, in batches in `BatchedEngine`."""
+        return [self.run(prompt_ids, max_new_tokens, eos_token_id) for prompt_ids in prompts]
 
     def _generate(self, prompt_ids, max_new_tokens, eos_token_id):
         sequences = self.model.generate(
@@ -116,10 +212,84 @@ class Engine:
 
 class NaiveEngine(Engine):
     name = "naive"
+    precision = "fp32"
+
+
+class NoCacheEngine(Engine):
+    """What the KV cache buys: each step runs the whole sequence again."""
+
+    name = "no_cache"
+    backend = "eager, no KV cache"
+    precision = "fp32"
+
+    def generate_kwargs(self):
+        return {"use_cache": False}
 
 
 class HalfEngine(Engine):
     name = "half"
+    precision = "half"
+
+
+class BatchedEngine(Engine):
+    """What batching buys: upstream greedy `generate` over up to ``batch_size`` prompts at
+    once, left-padded with an attention mask (positions follow the mask, so each row decodes
+    as it would alone, up to float rounding). A row's result carries its share of the
+    batch's seconds and forward calls, so a pass's sums are the batches' totals (tokens over
+    seconds is the throughput), and as ``latency`` the batch's whole time, what each prompt
+    waited. A row stops at its first end-of-sequence token, as it would alone."""
+
+    name = "batched"
+    backend = "eager, batched"
+    precision = "fp32"
+    settings = ("batch_size",)
+
+    def __init__(self, *args, batch_size: int = BATCH_SIZES[-1], **kwargs):
+        if batch_size < 1:
+            raise UserError(f"batch size {batch_size}: a batch holds at least 1 prompt")
+        super().__init__(*args, **kwargs)
+        self.batch_size = batch_size
+        self.name = f"batched_{batch_size}"  # one row per batch size in a report
+        self.backend = f"eager, batches of {batch_size}"
+
+    @torch.no_grad()
+    def run(self, prompt_ids, max_new_tokens, eos_token_id):
+        return self.run_batch([prompt_ids], max_new_tokens, eos_token_id)[0]
+
+    def run_many(self, prompts, max_new_tokens, eos_token_id):
+        size = self.batch_size
+        return [result for start in range(0, len(prompts), size)
+                for result in self.run_batch(prompts[start:start + size], max_new_tokens, eos_token_id)]
+
+    @torch.no_grad()
+    def run_batch(self, prompts: list[torch.Tensor], max_new_tokens: int,
+                  eos_token_id: int | None) -> list[GenerationResult]:
+        width = max(p.shape[1] for p in prompts)
+        pad = eos_token_id if eos_token_id is not None else 0
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - prompt.shape[1]:] = prompt[0]
+            mask[row, width - prompt.shape[1]:] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self.counter.reset()
+        synchronize(self.device)
+        start = time.perf_counter()
+        sequences = self.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                        eos_token_id=eos_token_id, pad_token_id=pad)
+        synchronize(self.device)
+        seconds = time.perf_counter() - start
+        share = len(prompts)
+        return [GenerationResult(until_eos(row, eos_token_id), seconds / share, self.counter.calls / share,
+                                 latency=seconds) for row in sequences[:, width:].tolist()]
+
+
+def until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
+    """``tokens`` up to and including the first ``eos_token_id`` (a finished batch row is
+    padded after it)."""
+    if eos_token_id is None or eos_token_id not in tokens:
+        return tokens
+    return tokens[:tokens.index(eos_token_id) + 1]
 
 
 class FlashAttention2Engine(Engine):
@@ -141,8 +311,9 @@ class FlashAttention2Engine(Engine):
 class PromptLookupEngine(Engine):
     name = "prompt_lookup"
     backend = "upstream prompt lookup"
+    settings = ("lookup_tokens",)
 
-    def __init__(self, *args, lookup_tokens: int = 10, **kwargs):
+    def __init__(self, *args, lookup_tokens: int = PROMPT_LOOKUP_TOKENS, **kwargs):
         super().__init__(*args, **kwargs)
         self.lookup_tokens = lookup_tokens
 
@@ -153,8 +324,11 @@ class PromptLookupEngine(Engine):
 class AssistedEngine(Engine):
     name = "assisted"
     backend = "upstream assisted generation"
+    settings = ("draft_model",)
 
-    def __init__(self, *args, draft_model: str, **kwargs):
+    def __init__(self, *args, draft_model: str | None = None, **kwargs):
+        if not draft_model:
+            raise UserError("the assisted engine needs a small GPT-Neo draft model: pass --draft-model PATH_OR_ID")
         super().__init__(*args, **kwargs)
         self.assistant = self._load(draft_model).to(device=self.device, dtype=self.dtype).eval()
 
@@ -169,8 +343,9 @@ class SpecStreamEngine(Engine):
     otherwise the dynamic loop of ``generate(speculative_streaming=True)`` runs."""
 
     name = "spec_stream"
+    settings = ("tree_widths", "cuda_graphs")
 
-    def __init__(self, *args, tree_widths=(4, 3, 2), cuda_graphs: bool = True, **kwargs):
+    def __init__(self, *args, tree_widths=DEFAULT_TREE_WIDTHS, cuda_graphs: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.tree_widths = tuple(tree_widths)
         self.decoder = None
@@ -203,37 +378,63 @@ class SpecStreamEngine(Engine):
 
 class StaticEngine(SpecStreamEngine):
     name = "static"
+    settings = ("cuda_graphs",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, tree_widths=(), **kwargs)
 
 
-ENGINES = {cls.name: cls for cls in (NaiveEngine, HalfEngine, FlashAttention2Engine, PromptLookupEngine,
-                                     AssistedEngine, StaticEngine, SpecStreamEngine)}
+class Int8Mixin:
+    """The engine's model with every linear layer in int8 (`quantize_int8`); CPU only
+    (`torch._int_mm` on a GPU wants more than 16 rows and widths divisible by 8)."""
+
+    devices = ("cpu",)
+    precision = "fp32"
+    quantization = "int8"
+
+    def _load(self, checkpoint):
+        return quantize_int8(super()._load(checkpoint))
 
 
-def engine_dtype(name: str, device: torch.device, half_dtype: torch.dtype) -> torch.dtype:
-    """naive is fp32 by definition; the others run in half precision on a GPU. On the CPU,
-    half precision is slow and spec_stream must match naive token for token, so only
-    `half` keeps its half dtype there."""
-    if name == "naive":
-        return torch.float32
-    if name == "half" or device.type == "cuda":
-        return half_dtype
-    return torch.float32
+class Int8Engine(Int8Mixin, Engine):
+    name = "int8"
+    backend = "eager, int8 linear layers (per-token activations)"
 
 
-def build_engine(name: str, checkpoint: str, device: torch.device, half_dtype=torch.float16,
-                 draft_model: str | None = None, tree_widths=(4, 3, 2), cuda_graphs: bool = True) -> Engine:
+class SpecStreamInt8Engine(Int8Mixin, SpecStreamEngine):
+    name = "spec_stream_int8"
+    settings = ("tree_widths",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, cuda_graphs=False, **kwargs)
+        self.backend += ", int8 linear layers (per-token activations)"
+
+
+ENGINES = {cls.name: cls for cls in (
+    NaiveEngine, NoCacheEngine, BatchedEngine, HalfEngine, Int8Engine, FlashAttention2Engine, PromptLookupEngine,
+    AssistedEngine, StaticEngine, SpecStreamEngine, SpecStreamInt8Engine)}
+ENGINE_NAMES = tuple(ENGINES)
+ENGINE_SETTINGS = frozenset(setting for cls in ENGINES.values() for setting in cls.settings)
+
+
+def build_engine(name: str, checkpoint: str, device: torch.device, half_dtype: torch.dtype = torch.float16,
+                 **settings) -> Engine:
+    """The engine ``name`` on ``checkpoint``. ``settings`` may hold any engine's settings
+    (`ENGINE_SETTINGS`: tree_widths, cuda_graphs, batch_size, draft_model, lookup_tokens);
+    each engine takes its own and ignores the rest, and None leaves an engine's default."""
     if name not in ENGINES:
         raise UserError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)} or all")
-    kwargs = dict(device=device, dtype=engine_dtype(name, device, half_dtype))
-    if name == "assisted":
-        if not draft_model:
-            raise UserError("the assisted engine needs a small GPT-Neo draft model: pass --draft-model PATH_OR_ID")
-        kwargs["draft_model"] = draft_model
-    if name in ("spec_stream", "static"):
-        kwargs["cuda_graphs"] = cuda_graphs
-    if name == "spec_stream":
-        kwargs["tree_widths"] = tree_widths
-    return ENGINES[name](checkpoint, **kwargs)
+    unknown = set(settings) - ENGINE_SETTINGS
+    if unknown:
+        raise TypeError(f"build_engine got unknown settings {sorted(unknown)}; engines take {sorted(ENGINE_SETTINGS)}")
+    engine_class = ENGINES[name]
+    if device.type not in engine_class.devices:
+        raise UserError(f"the {name} engine runs on {' or '.join(engine_class.devices)} only, not {device.type}; "
+                        f"drop it from --model_type or pass --device cpu")
+    own = {key: value for key, value in settings.items() if key in engine_class.settings and value is not None}
+    return engine_class(checkpoint, device=device, dtype=engine_class.dtype_for(device, half_dtype), **own)
+
+
+def engines_for(device: torch.device) -> tuple[str, ...]:
+    """The engines that run on ``device`` (what `--model_type all` means there)."""
+    return tuple(name for name, cls in ENGINES.items() if device.type in cls.devices)

@@ -2,12 +2,20 @@
 
 - ``spider``: :func:`spider_exact_match`, the share of predictions whose SQL equals the
   reference *as a string* after :func:`normalize_sql`. This is stricter and simpler than
-  Spider's official component matching (no parsing, no value or alias handling) and runs
-  no database; use it to compare decoders on the same model, not to report Spider scores.
+  Spider's official component matching (no parsing, no value or alias handling); use it
+  to compare decoders on the same model, not to report Spider scores. Beside it,
+  :func:`sql_validity`: the share of predictions that SQLite accepts for their database's
+  schema (:func:`spider_database` builds an empty in-memory database from the official
+  ``tables.json``; :func:`is_valid_sql` compiles the query with ``EXPLAIN`` without running
+  it). Every gold query of Spider's validation split passes.
 - ``dialogsum``: :func:`rouge_l`, ROUGE-L F1 (Porter stemmer), the best over each
   example's references, averaged over examples, in [0, 1].
 - ``e2e_nlg``: :func:`bleu`, sacrebleu corpus BLEU (13a tokenizer) against all references
   of each meaning representation, in [0, 100], and :func:`rouge_l`.
+
+For every task, :func:`repetition_rate`: the share of predictions that repeat a 4-gram
+more often than any of their references does, so degenerate output (``T2.id = T2.id =
+T2.id``) shows even where a quality metric barely moves.
 
 Predictions and references are stripped of surrounding whitespace (targets start with a
 space, see :mod:`spec_stream.data`). Each entry of ``references_list`` is a list of
@@ -17,7 +25,9 @@ the single metrics and give ``{}`` from :func:`task_quality` (nothing was measur
 from __future__ import annotations
 
 import re
-from typing import Sequence
+import sqlite3
+from collections import Counter
+from typing import Any, Mapping, Sequence
 
 from spec_stream.errors import UserError
 
@@ -100,8 +110,79 @@ def bleu(predictions: Sequence[str], references_list: Sequence[References]) -> f
     return float(sacrebleu.corpus_bleu(hypotheses, streams).score)
 
 
-def task_quality(task: str, predictions: Sequence[str], references_list: Sequence[References]) -> dict[str, float]:
-    """The metrics of ``task``: spider ``exact_match``; dialogsum ``rougeL``; e2e_nlg ``bleu``, ``rougeL``.
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def spider_database(schema: Mapping[str, Any]) -> sqlite3.Connection:
+    """An empty in-memory SQLite database with the tables and columns of one entry of
+    Spider's ``tables.json`` (``table_names_original``, ``column_names_original``,
+    ``column_types``), read-only once built.
+
+    Keys are left out: they never decide whether a query compiles. Tables named
+    ``sqlite_*`` (``sqlite_sequence`` in a few schemas) are SQLite's own and are skipped, as
+    are repeated column names within a table (SQLite compares names case-insensitively).
+    """
+    database = sqlite3.connect(":memory:")
+    columns: list[dict[str, str]] = [{} for _ in schema["table_names_original"]]
+    for (table, column), kind in zip(schema["column_names_original"], schema["column_types"]):
+        if table >= 0:
+            columns[table].setdefault(column.lower(), f"{_quote(column)} {kind}")
+    for table, definitions in zip(schema["table_names_original"], columns):
+        if not table.lower().startswith("sqlite_"):
+            database.execute(f"CREATE TABLE {_quote(table)} ({', '.join(definitions.values())})")
+    database.execute("PRAGMA query_only = ON")
+    return database
+
+
+def is_valid_sql(query: str, database: sqlite3.Connection) -> bool:
+    """Whether SQLite compiles ``query`` (one statement) against ``database``'s schema:
+    ``EXPLAIN`` prepares it and lists its bytecode, so nothing is executed or changed."""
+    if not query.strip():
+        return False
+    try:
+        database.execute(f"EXPLAIN {query}").fetchall()
+    except (sqlite3.Error, sqlite3.Warning):  # syntax, unknown table/column, several statements
+        return False
+    return True
+
+
+def sql_validity(predictions: Sequence[str], databases: Sequence[sqlite3.Connection]) -> float:
+    """Share in [0, 1] of predictions that :func:`is_valid_sql` accepts for their database
+    (``databases[i]`` belongs to ``predictions[i]``); 0.0 for no predictions."""
+    if len(predictions) != len(databases):
+        raise UserError(f"{len(predictions)} predictions but {len(databases)} databases; pass one per prediction")
+    if not predictions:
+        return 0.0
+    return sum(is_valid_sql(p, db) for p, db in zip(predictions, databases)) / len(predictions)
+
+
+def _ngram_counts(text: str, n: int) -> Counter:
+    tokens = re.findall(r"\w+|[^\w\s]", text.lower())  # words and single punctuation marks
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def repeats_beyond_references(prediction: str, references: Sequence[str], n: int = 4) -> bool:
+    """Whether ``prediction`` holds an ``n``-gram at least twice and more often than every
+    reference does (case-insensitive; words and punctuation marks are the tokens)."""
+    reference_counts = [_ngram_counts(reference, n) for reference in references]
+    return any(count >= 2 and all(count > counts[gram] for counts in reference_counts)
+               for gram, count in _ngram_counts(prediction, n).items())
+
+
+def repetition_rate(predictions: Sequence[str], references_list: Sequence[References], n: int = 4) -> float:
+    """Share in [0, 1] of predictions that :func:`repeats_beyond_references`; 0.0 for none."""
+    reference_lists = _reference_lists(predictions, references_list)
+    if not predictions:
+        return 0.0
+    flagged = sum(repeats_beyond_references(p, refs, n) for p, refs in zip(predictions, reference_lists))
+    return flagged / len(predictions)
+
+
+def task_quality(task: str, predictions: Sequence[str], references_list: Sequence[References],
+                 databases: Sequence[sqlite3.Connection] | None = None) -> dict[str, float]:
+    """The metrics of ``task``: spider ``exact_match`` (plus ``valid_sql`` when ``databases``,
+    one per prediction, are given); dialogsum ``rougeL``; e2e_nlg ``bleu``, ``rougeL``.
 
     Returns ``{}`` for no predictions (nothing measured, rather than a misleading 0).
     """
@@ -112,4 +193,7 @@ def task_quality(task: str, predictions: Sequence[str], references_list: Sequenc
     if not predictions:
         return {}
     functions = {"exact_match": spider_exact_match, "rougeL": rouge_l, "bleu": bleu}
-    return {name: functions[name](predictions, references_list) for name in TASK_METRICS[key]}
+    scores = {name: functions[name](predictions, references_list) for name in TASK_METRICS[key]}
+    if key == "spider" and databases is not None:
+        scores["valid_sql"] = sql_validity(predictions, databases)
+    return scores

@@ -1,10 +1,14 @@
-"""Tests of spec_stream.metrics: SQL normalisation, ROUGE-L, BLEU and the per-task summary."""
+"""Tests of spec_stream.metrics: SQL normalisation and validity, ROUGE-L, BLEU, repetition
+and the per-task summary."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from spec_stream.errors import UserError
-from spec_stream.metrics import bleu, normalize_sql, rouge_l, spider_exact_match, task_quality
+from spec_stream.metrics import (bleu, is_valid_sql, normalize_sql, repeats_beyond_references, repetition_rate,
+                                 rouge_l, spider_database, spider_exact_match, sql_validity, task_quality)
 
 
 def test_normalize_sql():
@@ -65,5 +69,64 @@ def test_task_quality_keys_and_errors():
     e2e = task_quality("e2e_nlg", ["the cat sat on the mat"], [["the cat sat on the mat"]])
     assert set(e2e) == {"bleu", "rougeL"} and e2e["bleu"] == pytest.approx(100.0)
     assert task_quality("e2e_nlg", [], []) == {}
+    database = spider_database({"table_names_original": ["t"], "column_names_original": [[-1, "*"], [0, "a"]],
+                                "column_types": ["text", "text"]})
+    spider = task_quality("spider", ["SELECT a FROM t", "SELECT b FROM t"], ["select a from t", "x"], [database] * 2)
+    assert spider == {"exact_match": 0.5, "valid_sql": 0.5}
     with pytest.raises(UserError, match="unknown task 'squad'.*spider"):
         task_quality("squad", ["a"], [["a"]])
+
+
+@pytest.fixture(scope="module")
+def spider_schemas(data_dir):
+    return {entry["db_id"]: entry for entry in json.loads((data_dir / "spider" / "tables.json").read_text())}
+
+
+def test_sql_validity_accepts_a_gold_query_and_rejects_broken_ones(spider_schemas):
+    database = spider_database(spider_schemas["concert_singer"])
+    gold = 'SELECT name , country , age FROM singer WHERE country = "France" ORDER BY age DESC'
+    assert is_valid_sql(gold, database) and is_valid_sql(gold + " ;", database)
+    for broken in ("SELECT nme FROM singer", "SELECT name FROM singers", "SELECT name FROM", "JOIN AS T2 ON T2.id",
+                   "SELECT name FROM singer; SELECT 1", "", "   "):
+        assert not is_valid_sql(broken, database), broken
+    assert sql_validity([gold, "SELECT nme FROM singer"], [database, database]) == 0.5
+    assert sql_validity([], []) == 0.0
+    with pytest.raises(UserError, match="2 predictions but 1 databases"):
+        sql_validity([gold, gold], [database])
+
+
+def test_every_gold_query_of_spider_validation_is_valid(spider_schemas, data_dir):
+    rows = [json.loads(line) for line in (data_dir / "spider" / "validation.jsonl").read_text().splitlines()]
+    databases = {db_id: spider_database(schema) for db_id, schema in spider_schemas.items()}
+    invalid = [row["query"] for row in rows if not is_valid_sql(row["query"], databases[row["db_id"]])]
+    assert len(rows) == 1034 and invalid == []
+
+
+def test_validity_check_changes_nothing(spider_schemas):
+    database = spider_database(spider_schemas["concert_singer"])
+    assert is_valid_sql("DROP TABLE singer", database)  # compiles: valid SQL, but EXPLAIN runs nothing
+    assert is_valid_sql("SELECT count(*) FROM singer", database)
+    assert database.execute("SELECT count(*) FROM singer").fetchone() == (0,)
+
+
+def test_database_skips_sqlite_tables_and_repeated_columns():
+    schema = {"table_names_original": ["sqlite_sequence", "Item"],
+              "column_names_original": [[-1, "*"], [0, "name"], [0, "seq"], [1, "id"], [1, "ID"], [1, "label"]],
+              "column_types": ["text", "text", "text", "number", "number", "text"]}
+    database = spider_database(schema)
+    assert is_valid_sql("SELECT id, label FROM item", database)
+    assert [row[1] for row in database.execute("PRAGMA table_info(Item)")] == ["id", "label"]
+
+
+def test_repetition_counts_only_repeats_the_references_lack():
+    assert repeats_beyond_references("JOIN T2 ON T2.id = T2.id = T2.id", ["SELECT a FROM t"])
+    assert not repeats_beyond_references("the cat sat on the mat", ["x"])
+    # the reference repeats this 4-gram twice: twice is fine, three times is not
+    twice = "a b c d and a b c d"
+    assert not repeats_beyond_references(twice, [twice])
+    assert repeats_beyond_references("a b c d a b c d a b c d", [twice])
+    assert repeats_beyond_references("A B C D a b c d", ["z"])  # case-insensitive
+    assert not repeats_beyond_references("a b c a b c", ["z"])  # a repeated 3-gram is no repeated 4-gram
+    predictions = ["T1.id = T2.id = T1.id = T2.id", "fine text here", "the the the the the", "x"]
+    assert repetition_rate(predictions, [["T1.id = T2.id"], ["y"], "the", ["x"]]) == 0.5
+    assert repetition_rate([], []) == 0.0

@@ -1,0 +1,136 @@
+"""Engines on a briefly trained tiny checkpoint: no_cache and batched reproduce naive,
+int8 and spec_stream on int8 reproduce the int8 model's greedy decoding, and the registry
+hands each engine its own settings."""
+import re
+
+import pytest
+import torch
+
+import spec_stream.engines
+from spec_stream.engines import (ENGINE_NAMES, ENGINES, Int8Linear, build_engine, load_upstream, quantize_int8,
+                                 until_eos)
+from spec_stream.errors import UserError
+from tests.helpers import phrase_text
+
+CPU = torch.device("cpu")
+EOS = 0
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engines") / "tiny"
+    trained_model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    generator = torch.Generator().manual_seed(11)
+    return [phrase_text(1, length, generator) for length in (5, 9, 14, 20, 7, 31)]
+
+
+def outputs(name, checkpoint, prompts, **settings):
+    engine = build_engine(name, checkpoint, CPU, **settings)
+    return [r.new_tokens for r in engine.run_many(prompts, NEW_TOKENS, EOS)], engine
+
+
+@pytest.fixture(scope="module")
+def naive_outputs(checkpoint, prompts):
+    return outputs("naive", checkpoint, prompts)[0]
+
+
+@torch.no_grad()
+def greedy_without_cache(model, prompt, max_new_tokens, eos):
+    """Greedy decoding from scratch: the full sequence through the model at every step."""
+    ids = prompt
+    for _ in range(max_new_tokens):
+        token = model(ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, token.view(1, 1)], dim=1)
+        if token == eos:
+            break
+    return ids[0, prompt.shape[1]:].tolist()
+
+
+def test_no_cache_equals_naive(checkpoint, prompts, naive_outputs):
+    result, engine = outputs("no_cache", checkpoint, prompts)
+    assert result == naive_outputs
+    assert engine.generate_kwargs() == {"use_cache": False}
+
+
+def test_batched_rows_equal_naive_and_share_the_batch(checkpoint, prompts, naive_outputs):
+    engine = build_engine("batched", checkpoint, CPU, batch_size=4)
+    results = engine.run_many(prompts, NEW_TOKENS, EOS)  # a batch of 4 (mixed lengths), then one of 2
+    assert [r.new_tokens for r in results] == naive_outputs
+    assert engine.name == "batched_4"
+    first, second = results[:4], results[4:]
+    for batch in (first, second):
+        assert all(r.latency == batch[0].latency for r in batch)
+        assert sum(r.seconds for r in batch) == pytest.approx(batch[0].latency)
+        steps = max(len(r.new_tokens) for r in batch)  # one call per token of the longest row
+        assert sum(r.forward_calls for r in batch) == pytest.approx(steps)
+    assert all(r.forward_calls < NEW_TOKENS for r in results)
+
+
+def test_until_eos_cuts_padding_after_the_first_eos():
+    assert until_eos([5, 6, 0, 0, 0], 0) == [5, 6, 0]
+    assert until_eos([5, 6, 7], 0) == [5, 6, 7]
+    assert until_eos([5, 0, 6], None) == [5, 0, 6]
+
+
+def test_int8_linear_rows_are_independent_and_close_to_fp32():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    int8 = Int8Linear(linear)
+    x = torch.randn(7, 64) * torch.logspace(-2, 1, 7)[:, None]  # rows of very different ranges
+    together = int8(x)
+    alone = torch.cat([int8(row[None]) for row in x])
+    assert torch.equal(together, alone)  # bit for bit: per-row scales, integer products
+    error = (together - linear(x)).abs().amax(dim=1) / linear(x).abs().amax(dim=1)
+    assert error.max() < 0.05
+    assert int8.weight.dtype == torch.int8
+
+
+def test_int8_engines_equal_int8_greedy(checkpoint, prompts, naive_outputs):
+    reference_model = quantize_int8(load_upstream(checkpoint, "eager").eval())
+    reference = [greedy_without_cache(reference_model, p, NEW_TOKENS, EOS) for p in prompts]
+    int8, int8_engine = outputs("int8", checkpoint, prompts)
+    assert int8 == reference
+    speculative, engine = outputs("spec_stream_int8", checkpoint, prompts, tree_widths=(3, 2, 2))
+    assert speculative == reference
+    results = engine.run_many(prompts, NEW_TOKENS, EOS)
+    assert sum(r.accepted for r in results) > 0  # the tree really drafted and was verified
+    assert engine.tree_widths == (3, 2, 2) and engine.weight_format == "int8"
+    assert sum(isinstance(m, Int8Linear) for m in engine.model.modules()) > 0
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8_engine.model.modules())
+    fp32_bytes = build_engine("naive", checkpoint, CPU).weight_bytes
+    assert int8_engine.weight_bytes < fp32_bytes
+
+
+def test_every_engine_is_in_the_table_and_the_names():
+    table_names = re.findall(r"^\| (\w+)\s+\|", spec_stream.engines.__doc__, flags=re.MULTILINE)
+    assert set(table_names) - {"engine"} == set(ENGINE_NAMES) == set(ENGINES)
+
+
+def test_build_engine_checks_before_loading(tmp_path):
+    missing = str(tmp_path / "nothing")  # any load would fail: the checks must come first
+    with pytest.raises(UserError, match="unknown engine"):
+        build_engine("fast", missing, CPU)
+    with pytest.raises(UserError, match="draft model"):
+        build_engine("assisted", missing, CPU, draft_model=None)
+    with pytest.raises(UserError, match="runs on cpu only"):
+        build_engine("int8", missing, torch.device("cuda"))
+    with pytest.raises(UserError, match="batch size 0"):
+        build_engine("batched", missing, CPU, batch_size=0)
+    with pytest.raises(TypeError, match="unknown settings"):
+        build_engine("naive", missing, CPU, tree_width=(2,))
+
+
+def test_build_engine_hands_each_engine_its_own_settings(checkpoint):
+    settings = dict(tree_widths=(2, 2), batch_size=3, cuda_graphs=False, draft_model=None, lookup_tokens=4)
+    assert build_engine("spec_stream", checkpoint, CPU, **settings).tree_widths == (2, 2)
+    assert build_engine("static", checkpoint, CPU, **settings).tree_widths == ()
+    assert build_engine("batched", checkpoint, CPU, **settings).batch_size == 3
+    assert build_engine("prompt_lookup", checkpoint, CPU, **settings).lookup_tokens == 4
+    assert build_engine("half", checkpoint, CPU, half_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert build_engine("no_cache", checkpoint, CPU, half_dtype=torch.bfloat16).dtype == torch.float32
