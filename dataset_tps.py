@@ -26,8 +26,9 @@ from rich.console import Console
 from rich.table import Table
 
 from spec_stream import defaults
+from spec_stream.arithmetic import measure_machine
 from spec_stream.benchmark import (BenchmarkSettings, benchmark_task, check_draft_model, check_tree_depth,
-                                   default_checkpoint, machine_info, measure_copy_rate, prepare_task, uses_streams)
+                                   default_checkpoint, machine_info, prepare_task, uses_streams)
 from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
 from spec_stream.errors import UserError, exit_on_user_error
 
@@ -171,7 +172,9 @@ def table_cells(r: dict) -> list[str]:
     spread = r["tokens_per_second_spread"]
     return [
         r["dataset"], r["engine"], r["backend"], f"{r['tokens_per_second']:.1f}",
-        f"{spread['min']:.1f}-{spread['max']:.1f} ({spread['iqr']:.1f})", f"{r['speedup_vs_naive']:.2f}x",
+        f"{spread['min']:.1f}-{spread['max']:.1f} ({spread['iqr']:.1f})",
+        f"{1e3 / r['tokens_per_second']:.2f} / {r['predicted_ms_per_token']['ms']:.2f} "
+        f"{r['predicted_ms_per_token']['bound'][:3]}", f"{r['speedup_vs_naive']:.2f}x",
         f"{r['tokens_per_call']:.2f}", "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}",
         f"{r['identical_to_greedy']:.0%}", f"{r['identical_to_naive']:.0%}", f"{r['bandwidth_share']:.1%}",
         ", ".join(f"{k} {v:.3g}" for k, v in r["quality"].items()), f"{r['repetition']:.0%}",
@@ -182,7 +185,7 @@ def table_cells(r: dict) -> list[str]:
 def print_table(rows: list[dict], console: Console, repeats: int) -> None:
     table = Table(title=f"dataset_tps: batch 1, greedy; tok/s = median of {repeats} timed passes, "
                         "spread = min-max (IQR)")
-    columns = ("dataset", "engine", "backend", "tok/s", "spread", "speedup", "tok/call", "accept", "identical",
+    columns = ("dataset", "engine", "backend", "tok/s", "spread", "ms/token / bound", "speedup", "tok/call", "accept", "identical",
                "= naive fp32", "BW share", "quality", "repeat 4-gram", "peak MB")
     for column in columns:
         table.add_column(column, justify="left" if column in ("dataset", "engine", "backend") else "right")
@@ -199,12 +202,15 @@ def main(argv=None) -> int:
     inputs = [prepare_task(task, checkpoints[task], settings) for task in settings.datasets]
     if "assisted" in settings.engines:
         check_draft_model(settings.draft_model)
-    copy_rate = measure_copy_rate(settings.device)
-    print(f"{settings.device}: device copy rate {copy_rate / 1e9:.1f} GB/s (the bandwidth yardstick)")
-    rows = [row for task_inputs in inputs for row in benchmark_task(task_inputs, settings, copy_rate)]
+    probe = measure_machine(settings.device)
+    print(f"{settings.device}: copy {probe.copy_bytes_per_second / 1e9:.1f} GB/s (read + write), read "
+          f"{probe.read_bytes_per_second / 1e9:.1f} GB/s, fp32 matmul {probe.matmul_flops_per_second / 1e9:.0f} GFLOP/s")
+    rows = [row for task_inputs in inputs for row in benchmark_task(task_inputs, settings, probe)]
     console = Console()
     print_table(rows, console if console.is_terminal else Console(width=260), settings.repeats)  # logs: full table
-    machine = {**machine_info(settings.device), "copy_gb_per_second": copy_rate / 1e9}
+    machine = {**machine_info(settings.device), "copy_gb_per_second": probe.copy_bytes_per_second / 1e9,
+               "read_gb_per_second": probe.read_bytes_per_second / 1e9,
+               "matmul_gflops_per_second": probe.matmul_flops_per_second / 1e9}
     write_report({"machine": machine, "settings": settings.to_json(), "results": rows}, settings.output)
     print(f"wrote {settings.output}")
     return 0

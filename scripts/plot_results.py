@@ -92,6 +92,27 @@ def plot_step_breakdown(rows, label, path):
     return True
 
 
+def plot_kv_cache(rows, label, path):
+    """Milliseconds per forward call against the number of tokens generated so far, with
+    (`naive`) and without (`no_cache`) the KV cache, one line per dataset; False when the
+    report has no `no_cache` row."""
+    pairs = [(r, next((n for n in rows if n["engine"] == "naive" and n["dataset"] == r["dataset"]), None))
+             for r in rows if r["engine"] == "no_cache"]
+    if not pairs:
+        return False
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for no_cache, naive in pairs:
+        for row, style in ((naive, "-"), (no_cache, "--")):
+            if row and row.get("call_seconds_by_step"):
+                seconds = row["call_seconds_by_step"][1:]  # call 0 is the prefill
+                axes.plot(range(1, len(seconds) + 1), [1e3 * s for s in seconds], style,
+                          label=f"{row['dataset']}: {row['engine']}")
+    axes.set_xlabel("tokens generated so far")
+    axes.set_ylabel("ms per forward call (median over prompts)")
+    finish(figure, axes, f"What the KV cache buys on {label}", path)
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", help="JSON written by dataset_tps.py")
@@ -114,6 +135,8 @@ def main(argv=None) -> int:
     written = ["tokens_per_second.png", "speedup_vs_tokens_per_call.png"]
     if plot_step_breakdown(rows, label, out / "step_breakdown.png"):
         written.append("step_breakdown.png")
+    if plot_kv_cache(rows, label, out / "kv_cache.png"):
+        written.append("kv_cache.png")
     print(f"wrote {', '.join(str(out / name) for name in written)}")
     return 0
 

@@ -44,7 +44,6 @@ import os
 import platform
 import resource
 import sqlite3
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -56,11 +55,11 @@ from tqdm.auto import tqdm
 from spec_stream import GPTNeoForCausalLM
 from spec_stream.checkpoints import load_for_inference
 from spec_stream.data import DATA_DIR_ENV, SPIDER_TABLES_ENV, TASKS, load_examples, load_spider_schemas
-from spec_stream.defaults import BATCH_SIZES, COPY_PROBE_MB
-from spec_stream.engines import ENGINES, Engine, GenerationResult, build_engine
+from spec_stream.arithmetic import MachineProbe, predicted_bound
+from spec_stream.defaults import BATCH_SIZES
+from spec_stream.engines import ENGINES, Engine, GenerationResult, build_engine, plain_decoding
 from spec_stream.errors import UserError
 from spec_stream.metrics import repetition_rate, spider_database, task_quality
-from spec_stream.timing import synchronize
 
 
 @dataclass(frozen=True)
@@ -235,20 +234,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
 
 
-def measure_copy_rate(device: torch.device, megabytes: int = COPY_PROBE_MB, repeats: int = 10) -> float:
-    """Bytes per second a large on-device copy moves (read + write): the yardstick for the
-    memory-bandwidth limit of a decode step, which must read every weight once."""
-    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    target.copy_(source)  # warm-up
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        target.copy_(source)
-    synchronize(device)
-    return 2 * source.numel() * repeats / (time.perf_counter() - start)
-
-
 def measure(engine: Engine, prompts: list[Prompt], settings: BenchmarkSettings, eos_token_id: int | None,
             label: str) -> list[list[GenerationResult]]:
     """Warm up on the first prompt (untimed), then time every prompt in each of
@@ -298,8 +283,25 @@ def share_identical(outputs: list[list[int]], reference: list[list[int]]) -> flo
     return sum(a == b for a, b in zip(outputs, reference)) / len(outputs)
 
 
-def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationResult]], copy_rate: float) -> dict:
-    """One row: speed with its spread, calls, acceptance, quality and repetition."""
+def predicted_ms_per_token(engine: Engine, inputs: TaskInputs, tokens_per_call: float, probe: MachineProbe) -> dict:
+    """The roofline's fastest time per token for this engine's model, weight format and
+    batch (`arithmetic.predicted_bound`, at the mean context of a step); a call that gains
+    several tokens reads the weights once for all of them."""
+    context = sum(p.ids.shape[1] for p in inputs.prompts) // len(inputs.prompts)
+    bound = predicted_bound(engine.model.config, engine.weight_format, getattr(engine, "batch_size", None) or 1,
+                            probe, context=context)
+    return {"ms": 1e3 * bound["seconds"] / tokens_per_call, "bound": bound["bound"]}
+
+
+def call_seconds_by_step(results: list[GenerationResult]) -> list[float]:
+    """Median over prompts of the i-th forward call's seconds (call 0 is the prefill): how
+    a step's cost grows with the sequence (the KV cache's effect, next to `no_cache`)."""
+    steps = max(len(r.call_seconds) for r in results)
+    return [float(np.median([r.call_seconds[i] for r in results if len(r.call_seconds) > i])) for i in range(steps)]
+
+
+def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationResult]], probe: MachineProbe) -> dict:
+    """One row: speed with its spread, calls, acceptance, quality, repetition, the bound."""
     first = passes[0]
     timing = timing_figures(passes)
     tokens = sum(len(r.new_tokens) for r in first)
@@ -315,7 +317,10 @@ def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationRe
         "new_tokens": tokens, **timing,
         "peak_memory_mb": peak_memory_mb(engine.device),
         "forward_calls": calls, "tokens_per_call": tokens / calls,
-        "weight_gb_per_second": weights_per_second / 1e9, "bandwidth_share": weights_per_second / copy_rate,
+        "weight_gb_per_second": weights_per_second / 1e9,
+        "bandwidth_share": weights_per_second / probe.copy_bytes_per_second,
+        "predicted_ms_per_token": predicted_ms_per_token(engine, inputs, tokens / calls, probe),
+        "call_seconds_by_step": call_seconds_by_step(first),
         "acceptance_rate": sum(r.accepted for r in first) / drafted if drafted else None,
         "quality": task_quality(inputs.task, predictions, references, databases),
         "repetition": repetition_rate(predictions, references),
@@ -331,7 +336,8 @@ def greedy_outputs(model, prompts: list[Prompt], max_new_tokens: int, eos_token_
     for prompt in prompts:
         ids = prompt.ids.to(model.device)
         sequences = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+                                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+                                   **plain_decoding(model))
         outputs.append(sequences[0, ids.shape[1]:].tolist())
     return outputs
 
@@ -359,7 +365,7 @@ def engine_builds(engines: tuple[str, ...]) -> list[tuple[str, int | None]]:
     return [(name, size) for name in engines for size in (BATCH_SIZES if name == "batched" else (None,))]
 
 
-def benchmark_task(inputs: TaskInputs, settings: BenchmarkSettings, copy_rate: float) -> list[dict]:
+def benchmark_task(inputs: TaskInputs, settings: BenchmarkSettings, probe: MachineProbe) -> list[dict]:
     """Every engine on the same prompts of one task; `naive` first, as the fp32 reference."""
     eos = inputs.tokenizer.eos_token_id
     print(f"{inputs.task}: benchmarking on {inputs.task}/{inputs.split} ({len(inputs.prompts)} prompts, "
@@ -375,7 +381,7 @@ def benchmark_task(inputs: TaskInputs, settings: BenchmarkSettings, copy_rate: f
             naive_outputs = references[model_key(engine)] = outputs
         reference = greedy_reference(engine, inputs.prompts, settings.max_new_tokens, eos, references)
         owner, attention, weights = model_key(engine)
-        rows.append({**summarize(engine, inputs, passes, copy_rate),
+        rows.append({**summarize(engine, inputs, passes, probe),
                      "greedy_reference": f"greedy generate of the {owner} model ({attention}, {weights})",
                      "identical_to_greedy": share_identical(outputs, reference),
                      "identical_to_naive": share_identical(outputs, naive_outputs)})

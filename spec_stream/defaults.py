@@ -57,7 +57,6 @@ REPEATS = 3  # timed passes over the prompts per engine: the fewest that give a 
 HALF_DTYPE = "fp16"  # half precision of the GPU engines: every CUDA GPU has it, bf16 needs Ampere
 REPORT_PATH = "results/dataset_tps.json"  # where the benchmark's JSON goes; the plots read it
 CHECKPOINT_DIR = "checkpoints"  # default checkpoints, prepared once and reused by later runs
-COPY_PROBE_MB = 256  # bandwidth probe size: far above any last-level cache, so it measures memory
 BATCH_SIZES = (4, 16)  # the `batched` engine's rows: 20 CPU prompts fill one batch of 16; 4 shows the trend
 
 # -- inference arithmetic and the attention micro-benchmark ---------------------------------

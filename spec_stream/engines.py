@@ -75,6 +75,12 @@ def load_upstream(checkpoint: str, attn_implementation: str):
         transformers.logging.set_verbosity(verbosity)
 
 
+def plain_decoding(model) -> dict:
+    """What asks our model for plain `generate` (a checkpoint's generation config may turn
+    its streams on by default); nothing for upstream's model, which knows no such flag."""
+    return {"speculative_streaming": False} if isinstance(model, GPTNeoForCausalLM) else {}
+
+
 class ForwardCounter:
     """Counts forward calls of a module with a pre-hook and notes when each began. Hooked
     on the model's ``transformer`` (the decoder stack), it counts upstream `generate`
@@ -202,7 +208,8 @@ class Engine:
     def _generate(self, prompt_ids, max_new_tokens, eos_token_id):
         sequences = self.model.generate(
             prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False, max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id, pad_token_id=eos_token_id, **self.generate_kwargs(),
+            eos_token_id=eos_token_id, pad_token_id=eos_token_id, **plain_decoding(self.model),
+            **self.generate_kwargs(),
         )
         return sequences, {}
 

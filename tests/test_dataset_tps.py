@@ -14,7 +14,7 @@ import dataset_tps
 import spec_stream.benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ["naive", "half", "flash_attention2", "prompt_lookup", "static", "spec_stream"]  # one of each kind
+ENGINES = ["naive", "no_cache", "half", "flash_attention2", "prompt_lookup", "static", "spec_stream"]  # one of each kind
 DATASETS = ("spider", "dialogsum", "e2e_nlg")
 
 
@@ -55,7 +55,9 @@ def test_figures_are_positive_and_consistent(report):
         assert 0 < row["bandwidth_share"] < 1
         assert row["quality"] and all(v >= 0 for v in row["quality"].values())
         assert 0 <= row["repetition"] <= 1
-        if row["engine"] in ("naive", "half", "flash_attention2", "static"):
+        assert row["predicted_ms_per_token"]["ms"] > 0 and row["predicted_ms_per_token"]["bound"] in ("memory", "compute")
+        assert len(row["call_seconds_by_step"]) >= 2 and min(row["call_seconds_by_step"]) > 0
+        if row["engine"] in ("naive", "no_cache", "half", "flash_attention2", "static"):
             assert row["tokens_per_call"] == 1.0, row  # one token per forward call, no speculation
     for row in report["results"]:
         if row["engine"] == "spec_stream":
@@ -115,7 +117,7 @@ def test_plots_are_written(report, tmp_path):
     (tmp_path / "report.json").write_text(json.dumps(report))
     assert plot_results.main([str(tmp_path / "report.json"), "--out", str(tmp_path / "images")]) == 0
     written = sorted(p.name for p in (tmp_path / "images").iterdir())
-    assert written == ["speedup_vs_tokens_per_call.png", "step_breakdown.png", "tokens_per_second.png"]
+    assert written == ["kv_cache.png", "speedup_vs_tokens_per_call.png", "step_breakdown.png", "tokens_per_second.png"]
 
 
 # ---------------------------------------------------------------- bad input, in-process
