@@ -39,12 +39,15 @@ class GPTNeoConfig(UpstreamGPTNeoConfig):
     num_spec_streams: gamma, streams drafting tokens t+2 .. t+1+gamma (0 = plain GPT-Neo).
     num_stream_layers: N_s, the top layers that run multi-stream attention.
     pruner_rank: rank of the tree-pruning adapter (0 = none).
+    stream_adapter_rank: rank of the streams' own low-rank adapters in the stream layers
+        (0 = none: the streams share the layers' weights and own only their embeddings).
     main_loss_weight, stream_loss_weight: a0 and a_j of the training loss.
     """
 
     num_spec_streams: int = 0
     num_stream_layers: int = 0
     pruner_rank: int = 8
+    stream_adapter_rank: int = 0
     main_loss_weight: float = 1.0
     stream_loss_weight: float = 0.1
 
@@ -208,6 +211,41 @@ def flash_attention(q, k, v, window, dropout_p=0.0):
     return out.transpose(1, 2)
 
 
+def project(linear: nn.Linear, x: torch.Tensor, low_rank: nn.Module | None, num_main: int) -> torch.Tensor:
+    """``linear(x)``, plus ``low_rank`` on the rows after the first ``num_main`` (the
+    streams' rows); the main rows never see it, so the main stream stays the base model."""
+    y = linear(x)
+    if low_rank is None or x.shape[1] == num_main:
+        return y
+    return torch.cat([y[:, :num_main], y[:, num_main:] + low_rank(x[:, num_main:])], dim=1)
+
+
+class LowRank(nn.Module):
+    """``up(down(x))``, rank ``rank``; ``up`` starts at zero, so a fresh adapter adds nothing."""
+
+    def __init__(self, inputs: int, outputs: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(inputs, rank, bias=False)
+        self.up = nn.Linear(rank, outputs, bias=False)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+class StreamLayerAdapter(nn.Module):
+    """The streams' own capacity in one stream layer (a decision the paper leaves open, made
+    for ``--freeze-base``: there the shared weights cannot move, so without these only the
+    stream embeddings would train). Low-rank deltas on the layer's q, k, v, out, fc and proj
+    projections, applied to the stream rows only (`project`)."""
+
+    def __init__(self, config: "GPTNeoConfig"):
+        super().__init__()
+        hidden, inner, rank = config.hidden_size, config.intermediate_size or 4 * config.hidden_size, \
+            config.stream_adapter_rank
+        self.q, self.k, self.v, self.out = (LowRank(hidden, hidden, rank) for _ in range(4))
+        self.fc, self.proj = LowRank(hidden, inner, rank), LowRank(inner, hidden, rank)
+
+
 class GPTNeoSelfAttention(nn.Module):
     def __init__(self, config: GPTNeoConfig, attention_type: str, layer_id: int):
         super().__init__()
@@ -226,13 +264,14 @@ class GPTNeoSelfAttention(nn.Module):
     def _heads(self, x):
         return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states, masks: AttentionMasks, cache=None, num_main: int | None = None):
+    def forward(self, hidden_states, masks: AttentionMasks, cache=None, num_main: int | None = None, adapter=None):
         """``num_main``: the first rows are main-stream tokens (cached); any rows after them
-        are speculative-stream queries whose keys/values live for this forward only."""
+        are speculative-stream queries whose keys/values live for this forward only, and
+        the stream rows alone go through ``adapter`` (`StreamLayerAdapter`) if any."""
         num_main = hidden_states.shape[1] if num_main is None else num_main
-        q = self._heads(self.q_proj(hidden_states))
-        k = self._heads(self.k_proj(hidden_states))
-        v = self._heads(self.v_proj(hidden_states))
+        q = self._heads(project(self.q_proj, hidden_states, adapter and adapter.q, num_main))
+        k = self._heads(project(self.k_proj, hidden_states, adapter and adapter.k, num_main))
+        v = self._heads(project(self.v_proj, hidden_states, adapter and adapter.v, num_main))
         if cache is not None:
             main_k, main_v = cache.update(k[:, :, :num_main], v[:, :, :num_main], self.layer_id)
             k = torch.cat([main_k, k[:, :, num_main:]], dim=2)
@@ -248,7 +287,7 @@ class GPTNeoSelfAttention(nn.Module):
         else:
             out = eager_attention(q, k, v, mask, dropout)
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:2], -1)
-        return self.resid_dropout(self.out_proj(out))
+        return self.resid_dropout(project(self.out_proj, out, adapter and adapter.out, num_main))
 
 
 class GPTNeoAttention(nn.Module):
@@ -270,8 +309,10 @@ class GPTNeoMLP(nn.Module):
         self.act = ACT2FN[config.activation_function]
         self.dropout = nn.Dropout(float(config.resid_dropout))
 
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+    def forward(self, x, num_main: int | None = None, adapter=None):
+        num_main = x.shape[1] if num_main is None else num_main
+        inner = self.act(project(self.c_fc, x, adapter and adapter.fc, num_main))
+        return self.dropout(project(self.c_proj, inner, adapter and adapter.proj, num_main))
 
 
 class GPTNeoBlock(nn.Module):
@@ -283,9 +324,9 @@ class GPTNeoBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = GPTNeoMLP(inner, config)
 
-    def forward(self, hidden_states, masks, cache=None, num_main=None):
-        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), masks, cache, num_main)
-        return hidden_states + self.mlp(self.ln_2(hidden_states))
+    def forward(self, hidden_states, masks, cache=None, num_main=None, adapter=None):
+        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), masks, cache, num_main, adapter)
+        return hidden_states + self.mlp(self.ln_2(hidden_states), num_main, adapter)
 
 
 class SpeculativeStreams(nn.Module):
@@ -300,6 +341,9 @@ class SpeculativeStreams(nn.Module):
     def __init__(self, config: GPTNeoConfig):
         super().__init__()
         self.embeddings = nn.Parameter(torch.zeros(config.num_spec_streams, config.hidden_size))
+        self.adapters = None  # one per stream layer, bottom to top
+        if config.stream_adapter_rank:
+            self.adapters = nn.ModuleList(StreamLayerAdapter(config) for _ in range(config.num_stream_layers))
         self.pruner_down = self.pruner_up = None
         if config.pruner_rank:
             self.pruner_down = nn.Linear(config.hidden_size, config.pruner_rank, bias=False)
@@ -328,10 +372,13 @@ class GPTNeoPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, SpeculativeStreams):
+        if isinstance(module, SpeculativeStreams):  # (children first: zeros here are not overwritten)
             init.normal_(module.embeddings, mean=0.0, std=self.config.initializer_range)
             if module.pruner_up is not None:
                 init.zeros_(module.pruner_up.weight)
+            for low_rank in module.modules():
+                if isinstance(low_rank, LowRank):
+                    init.zeros_(low_rank.up.weight)
 
 
 class GPTNeoModel(GPTNeoPreTrainedModel):
@@ -399,7 +446,8 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
                 else stream_positions.to(hidden.device)
             hidden = torch.cat([hidden, self.streams.initial_states(hidden[:, anchors])], dim=1)  # (B, T + g*n, H)
             masks = masks.with_streams(anchors, self.config.num_spec_streams)
-        hidden = self.ln_f(self._run_blocks(self.h[first:], hidden, masks, cache, num_main))
+        adapters = self.streams.adapters if self.streams is not None else None
+        hidden = self.ln_f(self._run_blocks(self.h[first:], hidden, masks, cache, num_main, adapters))
         cache.commit()
         stream_hidden = None
         if hidden.shape[1] > num_main:  # (B, gamma, n, H), stream-major
@@ -411,9 +459,9 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
                                      set(self.config.attention_layers))
 
     @staticmethod
-    def _run_blocks(blocks, hidden, masks, cache, num_main=None):
-        for block in blocks:
-            hidden = block(hidden, masks, cache, num_main)
+    def _run_blocks(blocks, hidden, masks, cache, num_main=None, adapters=None):
+        for index, block in enumerate(blocks):
+            hidden = block(hidden, masks, cache, num_main, adapters[index] if adapters is not None else None)
         return hidden
 
 
