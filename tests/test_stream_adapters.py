@@ -54,3 +54,14 @@ def test_adapters_save_load_and_upstream_ignores_them(tmp_path):
         expected, again = model(ids, stream_positions="all"), loaded(ids, stream_positions="all")
         assert torch.equal(expected.stream_logits, again.stream_logits)
         assert (upstream(ids).logits - expected.logits).abs().max() <= 1e-4
+
+
+def test_adapters_added_to_a_trained_model_start_as_no_change():
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    ids = torch.randint(1, TINY["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model(ids, stream_positions="all")
+        model.add_stream_adapters(8)
+        after = model(ids, stream_positions="all")
+    assert model.config.stream_adapter_rank == 8 and len(model.transformer.streams.adapters) == 2
+    assert torch.equal(before.logits, after.logits) and torch.equal(before.stream_logits, after.stream_logits)

@@ -563,6 +563,22 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
                                 reduction="sum")
         return total / (labels[:, shift:] != -100).sum().clamp(min=1)
 
+    def add_stream_adapters(self, rank: int) -> None:
+        """Give the streams adapters of ``rank`` (`StreamLayerAdapter`), fresh: they add
+        nothing until trained. For fine-tuning the streams of a model whose base stays frozen."""
+        if not self.config.num_spec_streams:
+            raise ValueError("stream adapters need a model with speculative streams (num_spec_streams > 0).")
+        if rank < 1:
+            raise ValueError(f"stream adapter rank {rank} must be at least 1.")
+        self.config.stream_adapter_rank = rank
+        parameter = self.transformer.streams.embeddings
+        adapters = nn.ModuleList(StreamLayerAdapter(self.config) for _ in range(self.config.num_stream_layers))
+        for low_rank in adapters.modules():
+            if isinstance(low_rank, LowRank):
+                nn.init.normal_(low_rank.down.weight, std=self.config.initializer_range)
+                nn.init.zeros_(low_rank.up.weight)
+        self.transformer.streams.adapters = adapters.to(device=parameter.device, dtype=parameter.dtype)
+
     # -- the contract with generation ------------------------------------------------------
     def run_tree(
         self,
