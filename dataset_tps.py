@@ -30,6 +30,7 @@ from spec_stream.arithmetic import measure_machine
 from spec_stream.benchmark import (BenchmarkSettings, benchmark_task, check_draft_model, check_tree_depth,
                                    default_checkpoint, machine_info, prepare_task, uses_streams)
 from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
+from spec_stream.data import is_preset, resolve_dataset
 from spec_stream.errors import UserError, exit_on_user_error
 
 
@@ -39,13 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--model_type", "--model-type", default="spec_stream",
         help=f"one of {', '.join(ENGINE_NAMES)}, a comma-separated list, or all (naive always runs)")
-    add("--dataset", default="all", help=f"one of {', '.join(defaults.DATASETS)}, or all")
+    add("--dataset", default="all", help=f"a preset ({', '.join(defaults.DATASETS)}), all, or your own data: a .jsonl, "
+        ".json, .csv or .parquet file, a folder of them, or a hub dataset id (with --prompt-template and "
+        "--response-field); quality is then ROUGE-L and BLEU against the response")
+    add("--prompt-template", default=None, help="your own data: a row's prompt, str.format over its columns, e.g. "
+        "'Question: {question}\\nAnswer:'")
+    add("--response-field", default=None, help="your own data: the column holding the reference response")
+    add("--response-template", default=None, help="your own data: the reference as a template instead")
     add("--model", default=None, help="fine-tuned checkpoint folder or hub id; default: one per dataset, "
         "prepared once under --checkpoint-dir")
     add("--checkpoint-dir", default=defaults.CHECKPOINT_DIR, help="where default checkpoints live")
     add("--data-dir", default=os.environ.get("SPEC_STREAM_DATA_DIR"),
         help="local JSON-lines copies laid out like shared/datasets (default: the hub)")
-    add("--split", default=None, help="benchmark split (default: test; validation for spider)")
+    add("--split", "--test-split", default=None, help="benchmark split (default: test; validation for spider; "
+        "a single file of your own is split 80/10/10 into train, validation and test by a fixed-seed hold-out)")
     add("--num-samples", type=int, default=None, help=f"prompts per dataset (default {defaults.NUM_SAMPLES})")
     add("--max-new-tokens", type=int, default=None, help=f"default {defaults.MAX_NEW_TOKENS}")
     add("--repeats", type=int, default=defaults.REPEATS, help="timed passes over the prompts per engine")
@@ -106,18 +114,32 @@ def at_least(flag: str, value: int, minimum: int, what: str) -> int:
     return value
 
 
+def resolve_datasets(args: argparse.Namespace) -> tuple:
+    """--dataset with the template flags: the presets' names, or one dataset of the user's."""
+    templates = (args.prompt_template, args.response_field, args.response_template)
+    if args.dataset == "all":
+        if templates != (None, None, None):
+            raise UserError("--prompt-template, --response-field and --response-template describe your own data; "
+                            "pass it with --dataset FILE_OR_HUB_ID instead of all")
+        return defaults.DATASETS
+    if args.prompt_template is None and not is_preset(args.dataset) and not Path(args.dataset).exists():
+        raise UserError(f"unknown --dataset {args.dataset!r}; choose from {', '.join(defaults.DATASETS)} or all, or "
+                        "name your own data (a .jsonl, .json, .csv or .parquet file or a hub dataset id) with "
+                        "--prompt-template and --response-field")
+    return (resolve_dataset(args.dataset, *templates),)
+
+
 def parse_settings(argv=None) -> BenchmarkSettings:
     """The command line as checked settings; every bad value is a UserError."""
     args = build_parser().parse_args(argv)
-    if args.dataset != "all" and args.dataset not in defaults.DATASETS:
-        raise UserError(f"unknown --dataset {args.dataset!r}; choose from {', '.join(defaults.DATASETS)} or all")
+    datasets = resolve_datasets(args)
     device = resolve_device(args.device)
     sized = "cuda" if device.type == "cuda" else "cpu"
     num_samples = defaults.NUM_SAMPLES[sized] if args.num_samples is None else args.num_samples
     max_new_tokens = defaults.MAX_NEW_TOKENS[sized] if args.max_new_tokens is None else args.max_new_tokens
     return BenchmarkSettings(
         engines=resolve_engines(args.model_type, args.draft_model, device),
-        datasets=defaults.DATASETS if args.dataset == "all" else (args.dataset,),
+        datasets=datasets,
         device=device,
         num_samples=at_least("--num-samples", num_samples, 1, "measure at least 1 sample per dataset"),
         max_new_tokens=at_least("--max-new-tokens", max_new_tokens, 1, "generate at least 1 token"),

@@ -39,12 +39,13 @@ GPU kernels were not measured here (no GPU was lent); the same reasoning applies
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import platform
 import resource
 import sqlite3
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +55,13 @@ from tqdm.auto import tqdm
 
 from spec_stream import GPTNeoForCausalLM
 from spec_stream.checkpoints import load_for_inference
-from spec_stream.data import DATA_DIR_ENV, SPIDER_TABLES_ENV, TASKS, load_examples, load_spider_schemas
+from spec_stream.data import (DATA_DIR_ENV, SPIDER_TABLES_ENV, CustomDataset, default_split, is_preset, load_examples,
+                              load_spider_schemas)
 from spec_stream.arithmetic import MachineProbe, predicted_bound
 from spec_stream.defaults import BATCH_SIZES
 from spec_stream.engines import ENGINES, Engine, GenerationResult, build_engine, plain_decoding
 from spec_stream.errors import UserError
-from spec_stream.metrics import repetition_rate, spider_database, task_quality
+from spec_stream.metrics import bleu, repetition_rate, rouge_l, spider_database, task_quality
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class BenchmarkSettings:
     """What a benchmark run measures, checked by `dataset_tps.py`'s parser."""
 
     engines: tuple[str, ...]  # `naive` first: the fp32 reference
-    datasets: tuple[str, ...]
+    datasets: tuple[str | CustomDataset, ...]  # presets' names, or one dataset of the user's
     device: torch.device
     num_samples: int
     max_new_tokens: int
@@ -84,6 +86,7 @@ class BenchmarkSettings:
 
     def to_json(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["datasets"] = [d if isinstance(d, str) else asdict(d) for d in self.datasets]
         return {k: str(v) if isinstance(v, (torch.device, torch.dtype, Path)) else v for k, v in values.items()}
 
 
@@ -131,22 +134,29 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def default_checkpoint(task: str, device: torch.device, root: Path, data_dir: str | None) -> Path:
+def default_checkpoint(task: str | CustomDataset, device: torch.device, root: Path, data_dir: str | None) -> Path:
     """The fine-tuned checkpoint for ``task`` sized for the device: prepared on first use
-    (from scratch, since offline machines reach no pretrained weights), reused after."""
+    (from scratch, since offline machines reach no pretrained weights), reused after. Your
+    own data gets a folder named after it and a digest of its source and templates."""
     from spec_stream import defaults
     from spec_stream.checkpoints import TRAINING_ARGS
     from spec_stream.finetune import FinetuneConfig, finetune
 
     recipe = defaults.DEFAULT_RECIPES["cuda" if device.type == "cuda" else "cpu"]
-    output = root / f"{task}-{recipe['size']}"
+    custom = asdict(task) if isinstance(task, CustomDataset) else {}
+    if custom:
+        digest = hashlib.sha256(json.dumps(custom, sort_keys=True).encode()).hexdigest()[:8]
+        output = root / f"{task.name}-{digest}-{recipe['size']}"
+        task = custom.pop("source")
+    else:
+        output = root / f"{task}-{recipe['size']}"
     if (output / TRAINING_ARGS).is_file():
         return output
     print(f"preparing the default {recipe['size']} checkpoint for {task} in {output} "
           f"(fine-tuning from scratch, once; pass --model to use your own)")
     finetune(FinetuneConfig(dataset=task, output=str(output), data_dir=data_dir, from_scratch=recipe["size"],
                             epochs=float(recipe["epochs"]), max_train_samples=recipe["max_train_samples"],
-                            resume=True))
+                            resume=True, **custom))
     return output
 
 
@@ -191,7 +201,8 @@ def spider_databases(prompts_text: list[str], data_dir: str | None) -> list[sqli
     return databases
 
 
-def load_prompts(task: str, split: str, tokenizer, context: int, settings: BenchmarkSettings) -> list[Prompt]:
+def load_prompts(task: str | CustomDataset, split: str, tokenizer, context: int,
+                 settings: BenchmarkSettings) -> list[Prompt]:
     """Benchmark prompts; a prompt longer than ``context - max_new_tokens`` keeps its end."""
     room = context - settings.max_new_tokens
     if room < 1:
@@ -199,7 +210,7 @@ def load_prompts(task: str, split: str, tokenizer, context: int, settings: Bench
                         f"context of {context} tokens; lower --max-new-tokens")
     examples = load_examples(task, split, data_dir=settings.data_dir, limit=settings.num_samples)
     if not examples:
-        raise UserError(f"{task}/{split} gave no examples; check --data-dir and --split")
+        raise UserError(f"{dataset_label(task)}/{split} gave no examples; check --data-dir and --split")
     texts = [example.prompt for example in examples]
     databases = spider_databases(texts, settings.data_dir) if task == "spider" else [None] * len(examples)
     prompts = []
@@ -209,7 +220,20 @@ def load_prompts(task: str, split: str, tokenizer, context: int, settings: Bench
     return prompts
 
 
-def prepare_task(task: str, checkpoint: str, settings: BenchmarkSettings) -> TaskInputs:
+def dataset_label(task: str | CustomDataset) -> str:
+    """The report's "dataset": a preset's name, or your own data's file or hub id as given."""
+    return task.source if isinstance(task, CustomDataset) else task
+
+
+def quality(task: str, predictions: list[str], references: list[list[str]], databases) -> dict[str, float]:
+    """The preset's metrics (`metrics.task_quality`); ROUGE-L and BLEU against the response
+    field for your own data (``{}`` for no predictions)."""
+    if is_preset(task):
+        return task_quality(task, predictions, references, databases)
+    return {"rougeL": rouge_l(predictions, references), "bleu": bleu(predictions, references)} if predictions else {}
+
+
+def prepare_task(task: str | CustomDataset, checkpoint: str, settings: BenchmarkSettings) -> TaskInputs:
     """Check ``checkpoint`` for ``task`` (loadable, streams when spec_stream runs, a tree
     it can draft) and load the prompts: every failure a UserError, before any engine runs."""
     needs_streams = uses_streams(settings.engines)
@@ -218,9 +242,9 @@ def prepare_task(task: str, checkpoint: str, settings: BenchmarkSettings) -> Tas
     del model
     if needs_streams:
         check_tree_depth(settings.tree_widths, config.num_spec_streams, checkpoint)
-    split = settings.split or TASKS[task].benchmark_split
+    split = settings.split or default_split(task, "test")
     prompts = load_prompts(task, split, tokenizer, config.max_position_embeddings, settings)
-    return TaskInputs(task, split, checkpoint, tokenizer, prompts)
+    return TaskInputs(dataset_label(task), split, checkpoint, tokenizer, prompts)
 
 
 def check_draft_model(draft_model: str) -> None:
@@ -322,7 +346,7 @@ def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationRe
         "predicted_ms_per_token": predicted_ms_per_token(engine, inputs, tokens / calls, probe),
         "call_seconds_by_step": call_seconds_by_step(first),
         "acceptance_rate": sum(r.accepted for r in first) / drafted if drafted else None,
-        "quality": task_quality(inputs.task, predictions, references, databases),
+        "quality": quality(inputs.task, predictions, references, databases),
         "repetition": repetition_rate(predictions, references),
         "step_seconds": step_seconds_per_pass(passes),
         "outputs": predictions,

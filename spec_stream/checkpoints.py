@@ -10,6 +10,7 @@ next start removes. Nothing else in the folder is touched.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
-from spec_stream import GPTNeoConfig, GPTNeoForCausalLM
+from spec_stream import GPTNeoConfig, GPTNeoForCausalLM, defaults
 from spec_stream.errors import UserError
 from spec_stream.tokenization import train_tokenizer
 
@@ -66,6 +67,7 @@ def build_from_scratch(size: str, texts, num_spec_streams: int, num_stream_layer
     shape = dict(MODEL_SIZES[size])
     layers = stream_layers(num_stream_layers, task, shape["num_layers"])
     tokenizer = train_tokenizer(texts, shape.pop("tokenizer_vocab"))
+    tokenizer.model_max_length = shape["max_position_embeddings"]  # saved with it: pipelines truncate there
     shape["vocab_size"] = max(shape["vocab_size"], len(tokenizer))
     config = GPTNeoConfig(
         **shape, num_spec_streams=num_spec_streams, num_stream_layers=layers if num_spec_streams else 0,
@@ -97,7 +99,20 @@ def load_base(name: str, num_spec_streams: int, num_stream_layers: int | None, t
                         "id, or train from scratch offline with --from-scratch SIZE") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.model_max_length = model.config.max_position_embeddings  # a hub tokenizer may say 1e30
     return model, tokenizer
+
+
+def streams_by_default(model) -> str:
+    """Make speculative streaming the default of ``model.generate`` and of pipelines once
+    the model is saved: ``speculative_streaming`` and ``tree_widths`` in its generation
+    config (``generation_config.json``). Returns a line saying so, for the log."""
+    config = model.generation_config
+    config.speculative_streaming = True
+    config.tree_widths = defaults.TREE_WIDTHS_SAVED
+    config._from_model_config = False  # else from_pretrained drops the two settings above
+    return (f"generation_config.json: speculative_streaming=True, tree_widths={config.tree_widths!r}: generate() and "
+            "pipelines decode greedily with the streams by default (speculative_streaming=False turns them off)")
 
 
 def load_for_inference(path: str, require_streams: bool = False):
@@ -161,10 +176,11 @@ def _is_temporary(path: Path) -> bool:
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete what a killed run left half-written or half-deleted in ``folder``."""
     for path in folder.iterdir():
-        if _is_temporary(path) and path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif _is_temporary(path):
-            path.unlink()
+        with contextlib.suppress(FileNotFoundError):  # another process of the same run was first
+            if _is_temporary(path) and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif _is_temporary(path):
+                path.unlink()
 
 
 def visible_entries(folder: Path) -> list[str]:

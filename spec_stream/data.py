@@ -1,7 +1,8 @@
-"""Benchmark tasks, their prompts, and loading them from a local folder or the hub.
+"""Datasets, their prompts, and loading them from a local folder, a file or the hub.
 
-Three tasks: ``spider`` (text-to-SQL), ``dialogsum`` (dialogue summarisation) and
-``e2e_nlg`` (restaurant data-to-text). Each :class:`Example` holds a ``prompt`` and a
+Three presets: ``spider`` (text-to-SQL), ``dialogsum`` (dialogue summarisation) and
+``e2e_nlg`` (restaurant data-to-text), with the prompt formats written below. Any other
+dataset is a :class:`CustomDataset` (see "Your own data" below). Each :class:`Example` holds a ``prompt`` and a
 ``target``: the prompt never ends with a space and the target always starts with one, so a
 BPE tokenizer sees the first target word as `` word``, as in running text. The target holds
 no end-of-sequence token; :func:`tokenize_example` appends the tokenizer's eos.
@@ -24,17 +25,37 @@ Local data: ``DIR/{spider,dialogsum,e2e_nlg}/{split}.jsonl`` plus ``DIR/spider/t
 read with plain :mod:`json`, where ``DIR`` is ``data_dir`` or ``$SPEC_STREAM_DATA_DIR``.
 Without either, rows come from the Hugging Face hub through :mod:`datasets` (imported only
 there), and Spider's schemas from the file named by ``$SPEC_STREAM_SPIDER_TABLES``.
+
+Your own data (:func:`resolve_dataset`): ``--dataset`` names a local JSON-lines, JSON,
+CSV or Parquet file, a folder of such files, or a hub dataset id, read with
+``datasets.load_dataset``; ``--prompt-template`` is a :meth:`str.format` template over a
+row's columns (``"Question: {question}\\nAnswer:"``), and the target is the column named by
+``--response-field`` or the text of ``--response-template`` (in a template, ``\\n`` and ``\\t``
+are a newline and a tab, as a shell passes them). The prompt loses its trailing
+whitespace and the target is the response with its ends stripped and one space in front,
+as in the presets; the response is the one reference. Splits: a source with several splits
+(a hub dataset, a folder with ``train.jsonl`` and ``test.jsonl``, ...) keeps them and the
+split flags name them; a source with one split (a single file) is split here by a seeded
+hold-out: ``HOLDOUT_SHARE`` of the rows (at least one) become ``test``, as many others
+``validation``, the rest ``train``, drawn by ``random.Random(HOLDOUT_SEED)`` (a fixed seed,
+not ``--seed``) and kept in file order, so the same file always gives the same test rows
+to fine-tuning and the benchmark. A CSV file's cells are read as the text they hold ("NA" and
+"007" included).
 """
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
+import random
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from spec_stream import defaults
 from spec_stream.errors import UserError
 
 DATA_DIR_ENV = "SPEC_STREAM_DATA_DIR"
@@ -166,12 +187,18 @@ def task_names() -> list[str]:
     return list(TASKS)
 
 
+def is_preset(name: str) -> bool:
+    """Whether ``name`` is one of the three built-in tasks."""
+    return str(name).strip().lower().replace("-", "_") in TASKS
+
+
 def get_task(name: str) -> Task:
     """The :class:`Task` called ``name`` (case-insensitive, ``-`` accepted for ``_``)."""
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in TASKS:
-        raise UserError(f"unknown task {name!r}; use one of: {', '.join(TASKS)}")
-    return TASKS[key]
+    if not is_preset(name):
+        raise UserError(f"unknown task {name!r}; use one of: {', '.join(TASKS)}, or your own data: a JSON-lines, "
+                        "JSON, CSV or Parquet file or a hub dataset id, with --prompt-template TEMPLATE and "
+                        "--response-field COLUMN (or --response-template TEMPLATE)")
+    return TASKS[str(name).strip().lower().replace("-", "_")]
 
 
 def resolve_tasks(name: str) -> list[str]:
@@ -285,22 +312,25 @@ def _hub_rows(task: Task, split: str) -> Iterator[Row]:
 
 
 def load_examples(
-    task: str,
+    task: str | CustomDataset,
     split: str,
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
 ) -> list[Example]:
     """Load the examples of ``task``'s ``split`` (at most ``limit`` of them).
 
-    ``data_dir`` (or ``$SPEC_STREAM_DATA_DIR``) is a local folder laid out like
+    ``task`` is a preset's name or a :class:`CustomDataset` (which ignores ``data_dir``).
+    For a preset, ``data_dir`` (or ``$SPEC_STREAM_DATA_DIR``) is a local folder laid out like
     ``shared/datasets``; without one, rows come from the hub. ``limit`` counts examples,
     so on grouped E2E-NLG splits it counts distinct meaning representations.
     Every bad input (unknown task or split, missing file or column, unknown Spider
     database, unreachable hub) raises :class:`UserError`.
     """
-    spec = get_task(task)
+    spec = task if isinstance(task, CustomDataset) else get_task(task)
     if limit is not None and limit < 0:
         raise UserError(f"limit must be a number of examples >= 0 (or None for all), got {limit}")
+    if isinstance(spec, CustomDataset):
+        return _custom_examples(spec, split, limit)
     if data_dir is None:
         data_dir = os.environ.get(DATA_DIR_ENV) or None
     extra: dict[str, Any] = {}
@@ -324,6 +354,196 @@ def load_examples(
         rows = _hub_rows(spec, split)
     examples = spec.build(_checked(rows, spec), split=split, evaluation=split != spec.train_split, **extra)
     return list(itertools.islice(examples, limit))
+
+
+# ------------------------------------------------------------------------ your own data
+
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # datasets' builders
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+@dataclass(frozen=True)
+class CustomDataset:
+    """A dataset of the user's (see the module docstring): ``source`` is a data file, a
+    folder of them or a hub id; the templates make each row's prompt and target."""
+
+    source: str
+    prompt_template: str
+    response_field: str | None = None
+    response_template: str | None = None
+
+    @property
+    def name(self) -> str:
+        """A short name for logs and reports: the file's stem, the folder's or the hub dataset's name."""
+        path = Path(self.source)
+        return path.stem if path.suffix.lower() in DATA_FILE_TYPES else path.name or self.source
+
+
+@dataclass
+class _Split:
+    """One split of a custom dataset; ``numbers``: each row's 1-based row in the source
+    file when the split was held out of it (None: the source's own split)."""
+
+    rows: Any
+    numbers: list[int] | None = None
+
+
+def resolve_dataset(dataset: str, prompt_template: str | None = None, response_field: str | None = None,
+                    response_template: str | None = None) -> str | CustomDataset:
+    """``--dataset`` with the template flags: a preset's name, or the :class:`CustomDataset`
+    they describe. Every flag is checked (UserError) before any data is read."""
+    if is_preset(dataset):
+        if (prompt_template, response_field, response_template) != (None, None, None):
+            raise UserError(f"--dataset {dataset} is a preset with its own prompt format; --prompt-template, "
+                            "--response-field and --response-template apply to your own data (a file or hub id)")
+        return get_task(dataset).name
+    path = Path(dataset).expanduser()
+    if prompt_template is None and (path.exists() or path.suffix.lower() in DATA_FILE_TYPES):
+        raise UserError(f"--dataset {dataset} is your own data: say how a row becomes a prompt with "
+                        "--prompt-template (e.g. 'Question: {question}\\nAnswer:') and its target with "
+                        "--response-field COLUMN or --response-template TEMPLATE")
+    if prompt_template is None:
+        get_task(dataset)  # the unknown-task error, which lists everything --dataset takes
+    if (response_field is None) == (response_template is None):
+        raise UserError("give the target of each row with exactly one of --response-field COLUMN or "
+                        "--response-template TEMPLATE")
+    if path.is_file() and path.suffix.lower() not in DATA_FILE_TYPES:
+        raise UserError(f"--dataset {dataset}: unknown file type {path.suffix or '(none)'!r}; "
+                        "use a .jsonl, .json, .csv or .parquet file")
+    if not path.exists() and (path.suffix.lower() in DATA_FILE_TYPES or not HUB_ID.fullmatch(dataset)):
+        raise UserError(f"--dataset {dataset}: no such file; check the path, or name a hub dataset id (owner/name)")
+    prompt_template, response_template = (_with_escapes(t) for t in (prompt_template, response_template))
+    template_columns(prompt_template, "--prompt-template")
+    if response_template is not None:
+        template_columns(response_template, "--response-template")
+    return CustomDataset(dataset, prompt_template, response_field, response_template)
+
+
+def _with_escapes(template: str | None) -> str | None:
+    """``\\n`` and ``\\t`` typed in a template (a shell passes them as two characters) as a
+    newline and a tab."""
+    return None if template is None else template.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def dataset_name(dataset: str | CustomDataset) -> str:
+    """The name logs, reports and checkpoint folders use for a preset or a custom dataset."""
+    return dataset.name if isinstance(dataset, CustomDataset) else get_task(dataset).name
+
+
+def default_split(dataset: str | CustomDataset, role: str) -> str:
+    """The split a preset or a custom dataset uses for ``role``: "train", "eval" or "test"
+    (the benchmark's). Custom datasets: ``train``, ``validation`` and ``test``."""
+    if isinstance(dataset, CustomDataset):
+        return {"train": "train", "eval": "validation", "test": "test"}[role]
+    task = get_task(dataset)
+    return {"train": task.train_split, "eval": "validation", "test": task.benchmark_split}[role]
+
+
+def template_columns(template: str, flag: str) -> list[str]:
+    """The columns a :meth:`str.format` template reads (``{a}``, ``{a[0]}``, ``{a.b}`` read ``a``)."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as error:
+        raise UserError(f"{flag} {template!r}: {error}; write a column as {{column}} and a literal brace "
+                        "as {{ or }}") from None
+    columns = [re.match(r"[^.\[]*", field).group(0) for field in fields]
+    if not columns or not all(column and not column.isdigit() for column in columns):
+        raise UserError(f"{flag} {template!r} must name the columns it uses, e.g. {{question}}")
+    return columns
+
+
+def _read_source(spec: CustomDataset):
+    """``datasets.load_dataset`` of the file, folder or hub id: a DatasetDict; every failure a UserError."""
+    try:
+        import datasets  # noqa: PLC0415  (optional: the GPU machine lacks it)
+    except ImportError:
+        raise UserError("reading your own data needs the `datasets` package: pip install datasets") from None
+    path = Path(spec.source).expanduser()
+    kind = DATA_FILE_TYPES.get(path.suffix.lower()) if path.is_file() else None
+    try:
+        if kind == "csv":  # every cell as the text it is ("NA" and "007" included)
+            with open(path, newline="", encoding="utf-8") as handle:
+                header = next(csv.reader(handle), [])
+            text = datasets.Features({column: datasets.Value("string") for column in header})
+            return datasets.load_dataset(kind, data_files=str(path), features=text, keep_default_na=False,
+                                         na_filter=False)
+        if kind:
+            return datasets.load_dataset(kind, data_files=str(path))
+        return datasets.load_dataset(str(path) if path.exists() else spec.source)
+    except Exception as error:  # noqa: BLE001  (parse errors, encodings, network, unknown id, ...)
+        cause = error.__cause__ or error  # datasets wraps the reader's error
+        reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+        if path.exists():
+            raise UserError(f"cannot read {path} ({reason}); fix the file, or save it as UTF-8 JSON lines, "
+                            "CSV or Parquet") from None
+        raise UserError(f"could not load {spec.source!r} from the Hugging Face hub ({reason}); check the id and "
+                        "the connection, or pass a local file: --dataset FILE.jsonl") from None
+
+
+def _custom_splits(spec: CustomDataset) -> dict[str, _Split]:
+    """The splits of ``spec``: the source's own, or train/validation/test held out of its only one."""
+    loaded = _read_source(spec)
+    if len(loaded) > 1:
+        return {name: _Split(rows) for name, rows in loaded.items()}
+    (rows,) = loaded.values()
+    held = max(1, round(defaults.HOLDOUT_SHARE * len(rows)))
+    if len(rows) < 2 * held + 1:
+        raise UserError(f"{spec.source} has {len(rows)} rows in its only split; it needs at least 3, since "
+                        "validation and test rows are held out of it: add rows")
+    order = random.Random(defaults.HOLDOUT_SEED).sample(range(len(rows)), len(rows))
+    parts = {"train": order[2 * held:], "validation": order[held:2 * held], "test": order[:held]}
+    return {name: _Split(rows.select(sorted(part)), [i + 1 for i in sorted(part)]) for name, part in parts.items()}
+
+
+def _used_columns(spec: CustomDataset, columns: list[str]) -> set[str]:
+    """The columns the templates and --response-field read; a UserError naming the flag, the
+    missing column and the columns that exist when one is not in ``columns``."""
+    wanted = [("--prompt-template", c) for c in template_columns(spec.prompt_template, "--prompt-template")]
+    if spec.response_field is not None:
+        wanted.append(("--response-field", spec.response_field))
+    else:
+        wanted += [("--response-template", c) for c in template_columns(spec.response_template, "--response-template")]
+    for flag, column in wanted:
+        if column not in columns:
+            raise UserError(f"{flag} names column {column!r}, which {spec.source} lacks; "
+                            f"its columns are: {', '.join(columns)}")
+    return {column for _, column in wanted}
+
+
+def _custom_example(spec: CustomDataset, split: str, index: int, row: Mapping[str, Any], used: set[str],
+                    where: str) -> Example:
+    """One row as an :class:`Example`; a missing value or a template that fails on it is a UserError."""
+    for column in sorted(used):
+        if row[column] is None:
+            raise UserError(f"{where} has no value in column {column!r}; fill it in or remove the row")
+
+    def fill(template: str, flag: str) -> str:
+        try:
+            return template.format_map(row)
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+            raise UserError(f"{where}: {flag} {template!r} fails on this row ({type(error).__name__}: {error}); "
+                            "fix the template or the row") from None
+
+    prompt = fill(spec.prompt_template, "--prompt-template").rstrip()
+    response = str(row[spec.response_field]) if spec.response_field else fill(spec.response_template,
+                                                                              "--response-template")
+    response = response.strip()
+    return Example(prompt, " " + response, [response], f"{spec.name}/{split}/{index}")
+
+
+def _custom_examples(spec: CustomDataset, split: str, limit: int | None) -> list[Example]:
+    splits = _custom_splits(spec)
+    if split not in splits:
+        raise UserError(f"{spec.source} has no split {split!r}; its splits are: {', '.join(splits)} "
+                        "(choose with --train-split, --eval-split or --test-split)")
+    part = splits[split]
+    used = _used_columns(spec, part.rows.column_names)
+    count = len(part.rows) if limit is None else min(limit, len(part.rows))
+    examples = []
+    for index, row in enumerate(part.rows.select(range(count))):
+        where = f"{spec.source} row {part.numbers[index]}" if part.numbers else f"{spec.source} {split} row {index}"
+        examples.append(_custom_example(spec, split, index, row, used, where))
+    return examples
 
 
 # ----------------------------------------------------------------------------- training

@@ -17,6 +17,7 @@ MAIN_LOSS_WEIGHT = GPTNeoConfig.main_loss_weight  # a0 = 1.0: the main stream is
 STREAM_LOSS_WEIGHT = GPTNeoConfig.stream_loss_weight  # a_j = 0.1 (paper): streams must not hurt the main stream
 PRUNER_LOSS_WEIGHT = 0.1  # early-exit CE beside the main loss: the adapter is a side task, like the streams
 NUM_SPEC_STREAMS = 3  # gamma: the paper's 3-4; a 4th stream rarely survives verification on small models
+STREAM_ADAPTER_RANK = 16  # --freeze-base: the streams' own low-rank capacity (the base's weights cannot move)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")  # every linear layer of a block
 
 # -- fine-tuning ---------------------------------------------------------------------------

@@ -1,7 +1,17 @@
-"""Fine-tune the speculative streams (SPEC_STREAM.md section 2) with `accelerate`.
+"""Fine-tune the speculative streams (docs/method.md) with `accelerate`.
 
     python -m spec_stream.finetune --dataset e2e_nlg --output runs/e2e --from-scratch tiny --data-dir DIR
+    python -m spec_stream.finetune --dataset mine.jsonl --prompt-template 'Q: {question}\\nA:' \\
+        --response-field answer --output runs/mine
     accelerate launch -m spec_stream.finetune --dataset spider --output runs/sql --base EleutherAI/gpt-neo-125m
+    accelerate launch --multi_gpu --num_processes 2 -m spec_stream.finetune ...  # 2 processes on a CPU (gloo)
+
+`--dataset` is a preset or your own data (a file or hub id with templates: see
+`spec_stream.data`). Processes share each global batch (``--batch-size`` rows each) and
+weight their losses by their share of its target tokens, so N processes follow the same
+loss curve as one process with N times the batch; only the main process writes. Without a
+GPU, `accelerate launch` needs ``--multi_gpu`` to start several processes (they then run on
+the CPU); a launch that started one process where several were asked is refused.
 
 Loss ``a0 * CE(main) + a_j * sum_j CE(stream_j)`` on target tokens only. Modes: full
 fine-tuning (default), LoRA (`--lora-rank R`, merged before the final save) and
@@ -22,6 +32,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 import random
 import signal
 import sys
@@ -41,8 +52,9 @@ from spec_stream.arithmetic import ModelShape, forward_flops, measure_machine
 from spec_stream.checkpoints import (MODEL_SIZES, STATE_FILE, TRAINING_ARGS, build_from_scratch, check_output_path,
                                      is_run_folder, latest_checkpoint, load_base, load_base_config,
                                      load_checkpoint, publish_model, read_json, remove_stale_temporaries,
-                                     save_checkpoint, stream_layers, visible_entries)
-from spec_stream.data import Example, get_task, load_examples, tokenize_example
+                                     save_checkpoint, stream_layers, streams_by_default, visible_entries)
+from spec_stream.data import (CustomDataset, Example, dataset_name, default_split, load_examples, resolve_dataset,
+                              tokenize_example)
 from spec_stream.errors import UserError, exit_on_user_error
 
 
@@ -54,6 +66,9 @@ class FinetuneConfig:
     dataset: str
     output: str
     data_dir: str | None = None
+    prompt_template: str | None = None
+    response_field: str | None = None
+    response_template: str | None = None
     from_scratch: str | None = None
     base: str | None = None
     train_split: str | None = None
@@ -73,6 +88,7 @@ class FinetuneConfig:
     stream_loss_weight: float = defaults.STREAM_LOSS_WEIGHT
     lora_rank: int = defaults.LORA_RANK
     freeze_base: bool = False
+    stream_adapter_rank: int | None = None
     train_pruner: bool = False
     save_every: int = defaults.SAVE_EVERY
     resume: bool = False
@@ -82,9 +98,10 @@ class FinetuneConfig:
 
 
 # Settings that shape the training trajectory: `--resume` refuses a run that changes one.
-RESUME_SETTINGS = ("dataset", "train_split", "max_train_samples", "epochs", "batch_size", "max_length", "lr",
-                   "warmup_ratio", "seed", "num_spec_streams", "num_stream_layers", "main_loss_weight",
-                   "stream_loss_weight", "lora_rank", "freeze_base", "train_pruner")
+RESUME_SETTINGS = ("dataset", "prompt_template", "response_field", "response_template", "train_split",
+                   "max_train_samples", "epochs", "batch_size", "max_length", "lr", "warmup_ratio", "seed",
+                   "num_spec_streams", "num_stream_layers", "main_loss_weight", "stream_loss_weight", "lora_rank",
+                   "freeze_base", "stream_adapter_rank", "train_pruner")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
@@ -111,14 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["default"] = default
         parser.add_argument("--" + name.replace("_", "-"), help=help, **kwargs)
 
-    add("dataset", "spider, dialogsum or e2e_nlg")
+    add("dataset", "a preset (spider, dialogsum, e2e_nlg), or your own data: a .jsonl, .json, .csv or .parquet "
+        "file, a folder of them, or a hub dataset id (with --prompt-template and --response-field)",
+        metavar="PRESET_FILE_OR_HUB_ID")
     add("output", "folder for the final model and its checkpoint-<step>/ (other files in it are kept)")
-    add("data_dir", "local JSON-lines copies (default: $SPEC_STREAM_DATA_DIR, then the hub)")
+    add("data_dir", "local JSON-lines copies of the presets (default: $SPEC_STREAM_DATA_DIR, then the hub)")
+    add("prompt_template", "your own data: a row's prompt, str.format over its columns, e.g. "
+        "'Question: {question}\\nAnswer:' (default: none; presets have their own)", metavar="TEMPLATE")
+    add("response_field", "your own data: the column holding the target text (default: none)", metavar="COLUMN")
+    add("response_template", "your own data: the target as a template instead, e.g. '{answer} ({unit})' "
+        "(default: none)", metavar="TEMPLATE")
     add("from_scratch", f"train a new model of this size: {', '.join(MODEL_SIZES)} "
         f"(default: {defaults.FROM_SCRATCH_SIZE} unless --base is given)", metavar="SIZE")
     add("base", "a GPT-Neo checkpoint (folder or hub id) to fine-tune (default: none, a model from scratch)",
         metavar="PATH_OR_HUB_ID")
-    add("train_split", "split to train on (default: the task's train split)")
+    add("train_split", "split to train on (default: train; a single file is split 80/10/10 into train, "
+        "validation and test by a fixed-seed hold-out)")
     add("eval_split", "split for the final validation pass")
     add("epochs", "passes over the training set", type=float)
     add("max_train_samples", "train on the first N examples (default: all)", type=int)
@@ -136,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("stream_loss_weight", "a_j, weight of each stream's loss", type=float)
     add("lora_rank", "LoRA rank, 0 = full fine-tuning", type=int)
     add("freeze_base", "train only the stream parameters of the --base model")
+    add("stream_adapter_rank", "rank of the streams' own adapters in the stream layers (default: "
+        f"{defaults.STREAM_ADAPTER_RANK} with --freeze-base, where the streams need capacity of their own; 0 otherwise)",
+        type=int)
     add("train_pruner", "also train the tree-pruning adapter")
     add("save_every", "steps between checkpoints (plus one at every epoch end)", type=int)
     add("resume", "continue from OUTPUT's newest checkpoint (start afresh if it has none)")
@@ -149,10 +177,15 @@ def parse_config(argv=None) -> FinetuneConfig:
     return FinetuneConfig(**vars(build_parser().parse_args(argv)))
 
 
+def dataset_of(config: FinetuneConfig) -> str | CustomDataset:
+    """The preset or custom dataset that --dataset and the template flags name."""
+    return resolve_dataset(config.dataset, config.prompt_template, config.response_field, config.response_template)
+
+
 def check_config(config: FinetuneConfig) -> FinetuneConfig:
     """The settings on their own (no file is read): a UserError for a bad one, else the
-    config with the task name, model size and learning rate filled in."""
-    task = get_task(config.dataset).name
+    config with the preset's name, model size and learning rate filled in."""
+    dataset = dataset_of(config)
     if config.from_scratch and config.base:
         raise UserError("--from-scratch and --base exclude each other; pick one")
     if config.freeze_base and not config.base:
@@ -163,7 +196,8 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
         raise UserError(f"unknown --from-scratch size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
     lr = config.lr if config.lr is not None else (
         defaults.LEARNING_RATE_TINY if size == "tiny" else defaults.LEARNING_RATE)
-    config = dataclasses.replace(config, dataset=task, from_scratch=size, lr=lr)
+    config = dataclasses.replace(config, dataset=dataset if isinstance(dataset, str) else config.dataset,
+                                 from_scratch=size, lr=lr)
     for name in ("epochs", "batch_size", "max_length", "save_every", "lr", "peak_tflops"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
@@ -176,6 +210,8 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
         raise UserError("--num-spec-streams must be at least 1: fine-tuning trains the streams")
     if config.num_stream_layers is not None and config.num_stream_layers < 1:
         raise UserError(f"--num-stream-layers must be at least 1, got {config.num_stream_layers}")
+    if config.stream_adapter_rank is not None and config.stream_adapter_rank < 0:
+        raise UserError(f"--stream-adapter-rank must be 0 (none) or more, got {config.stream_adapter_rank}")
     if not 0 <= config.warmup_ratio < 1:
         raise UserError(f"--warmup-ratio must lie in [0, 1), got {config.warmup_ratio}")
     if config.main_loss_weight < 0 or config.stream_loss_weight < 0 or config.lora_rank < 0:
@@ -271,16 +307,17 @@ def load_inputs(config: FinetuneConfig) -> Inputs:
     """Read and check every input (output folder, checkpoint, model shape, data) before any work."""
     output = check_output(config)
     resume, summary = load_resume_state(config, output) if config.resume else (None, None)
-    task = get_task(config.dataset)
-    train_split = config.train_split or task.train_split
+    dataset = dataset_of(config)
+    train_split = config.train_split or default_split(dataset, "train")
     if summary is not None:
         return Inputs(output, [], [], train_split, None, summary)
-    check_model_fits(config, resume, task.name)
-    train = load_examples(task.name, train_split, config.data_dir, config.max_train_samples)
-    evaluation = load_examples(task.name, config.eval_split, config.data_dir, config.max_eval_samples)
+    check_model_fits(config, resume, dataset_name(dataset))
+    train = load_examples(dataset, train_split, config.data_dir, config.max_train_samples)
+    evaluation = load_examples(dataset, config.eval_split, config.data_dir, config.max_eval_samples)
     for examples, split, flag in ((train, train_split, "train"), (evaluation, config.eval_split, "eval")):
         if not examples:
-            raise UserError(f"{task.name}/{split} has no examples; check its file in --data-dir, "
+            where = "the file" if isinstance(dataset, CustomDataset) else "its file in --data-dir"
+            raise UserError(f"{dataset_name(dataset)}/{split} has no examples; check {where}, "
                             f"or pick another --{flag}-split")
     return Inputs(output, train, evaluation, train_split, resume, None)
 
@@ -289,9 +326,13 @@ def load_inputs(config: FinetuneConfig) -> Inputs:
 
 
 def select_trainable(model, config: FinetuneConfig):
+    """What trains: everything, the streams only (--freeze-base) or LoRA and the streams; the
+    pruning adapter only with --train-pruner (an unused trainable parameter stops DDP)."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = config.train_pruner or ".pruner_" not in name
     if config.freeze_base:
         for name, parameter in model.named_parameters():
-            parameter.requires_grad = "transformer.streams." in name
+            parameter.requires_grad = "transformer.streams." in name and parameter.requires_grad
         return model
     if config.lora_rank:
         from peft import LoraConfig, get_peft_model
@@ -300,7 +341,7 @@ def select_trainable(model, config: FinetuneConfig):
                                                  target_modules=list(defaults.LORA_TARGETS), lora_dropout=0.0))
         for name, parameter in model.named_parameters():
             if "transformer.streams." in name:
-                parameter.requires_grad = True
+                parameter.requires_grad = config.train_pruner or ".pruner_" not in name
     return model
 
 
@@ -333,9 +374,16 @@ class Run:
         return self.config.batch_size * self.accelerator.num_processes
 
 
+def adapter_rank_of(config: FinetuneConfig) -> int:
+    """--stream-adapter-rank, or its default: adapters with --freeze-base, none otherwise."""
+    if config.stream_adapter_rank is not None:
+        return config.stream_adapter_rank
+    return defaults.STREAM_ADAPTER_RANK if config.freeze_base else 0
+
+
 def build_run(config: FinetuneConfig, inputs: Inputs, accelerator: Accelerator) -> Run:
     """Model, tokenizer, optimizer and schedule, restored from the checkpoint with --resume."""
-    task = get_task(config.dataset).name
+    task = dataset_name(dataset_of(config))
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     state = inputs.resume.state if inputs.resume else None
@@ -346,6 +394,9 @@ def build_run(config: FinetuneConfig, inputs: Inputs, accelerator: Accelerator) 
                                               config.num_spec_streams, config.num_stream_layers, task)
     else:
         model, tokenizer = load_base(config.base, config.num_spec_streams, config.num_stream_layers, task)
+    adapter_rank = adapter_rank_of(config)
+    if not state and adapter_rank and model.config.stream_adapter_rank != adapter_rank:
+        model.add_stream_adapters(adapter_rank)
     model.config.main_loss_weight, model.config.stream_loss_weight = config.main_loss_weight, config.stream_loss_weight
     model = select_trainable(model, config)
     if state:
@@ -432,7 +483,29 @@ def epoch_batches(run: Run, epoch: int) -> list[dict]:
     lengths = [len(f["input_ids"]) for f in run.features]
     batches = length_bucketed(order, lengths, run.global_batch, generator)
     mine = [batch[accelerator.process_index::accelerator.num_processes] for batch in batches]
-    return [next(make_batches(run.features, rows, len(rows), run.tokenizer.pad_token_id)) for rows in mine if rows]
+    return [next(make_batches(run.features, rows, len(rows), run.tokenizer.pad_token_id)) if rows else
+            idle_batch(run, batch) for rows, batch in zip(mine, batches)]
+
+
+def idle_batch(run: Run, global_rows: list[int]) -> dict:
+    """The batch of a process whose share of a short last global batch is empty: one row
+    without targets (loss 0, zero gradients), so that every process takes every step."""
+    batch = next(make_batches(run.features, global_rows[:1], 1, run.tokenizer.pad_token_id))
+    batch["labels"].fill_(-100)
+    return batch
+
+
+def target_share(accelerator: Accelerator, labels: torch.Tensor):
+    """The factor that makes this process's mean loss its part of the global batch's mean:
+    its share of the batch's target tokens times the process count (DDP averages the
+    processes' gradients). So the loss curve and the updates do not depend on how a global
+    batch is split (exactly when every prompt has more tokens than there are streams, so
+    each stream's targets are the main stream's). 1 on one process."""
+    if accelerator.num_processes == 1:
+        return 1.0
+    local = (labels[:, 1:] != -100).sum()
+    total = accelerator.reduce(local.clone(), reduction="sum")
+    return local * accelerator.num_processes / total.clamp(min=1)
 
 
 def batch_flops(shape: ModelShape, batch: dict) -> float:
@@ -451,7 +524,7 @@ def train_step(run: Run, batch: dict) -> float:
     """One optimizer step; returns the loss averaged over processes."""
     accelerator = run.accelerator
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    loss = compute_loss(run.model, batch, run.config.train_pruner)
+    loss = compute_loss(run.model, batch, run.config.train_pruner) * target_share(accelerator, batch["labels"])
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(run.model.parameters(), defaults.GRAD_CLIP_NORM)
     run.optimizer.step()
@@ -597,7 +670,7 @@ def evaluate(model, batches, unigram_token, accelerator) -> dict:
 def final_evaluation(run: Run, seconds: float) -> dict:
     """The run's summary: losses, throughput and the validation figures."""
     config, accelerator, tokenizer = run.config, run.accelerator, run.tokenizer
-    task = get_task(config.dataset).name
+    task = dataset_name(dataset_of(config))
     eval_features = [tokenize_example(tokenizer, e, config.max_length) for e in run.inputs.evaluation]
     counts = torch.bincount(torch.tensor([t for f in run.features for t in f["labels"] if t != -100]))
     eval_batches = list(make_batches(eval_features, list(range(len(eval_features))), config.batch_size,
@@ -626,10 +699,13 @@ def save_final(run: Run, summary: dict) -> None:
     if hasattr(model, "merge_and_unload"):  # LoRA: save a plain model
         model = model.merge_and_unload()
 
+    generation_note = streams_by_default(model)
+
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         run.tokenizer.save_pretrained(folder)
 
+    print(generation_note)
     publish_model(run.inputs.output, write, {"args": dataclasses.asdict(run.config), "summary": summary})
 
 
@@ -640,6 +716,23 @@ def _precision(choice: str) -> str:
     if choice != "auto":
         return choice
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _processes_on_cpu() -> bool:
+    """Processes started by a launcher (torchrun, ``accelerate launch --multi_gpu``) on a
+    machine without a GPU: run them on the CPU, where accelerate joins them with gloo."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def check_launch() -> None:
+    """A UserError when ``accelerate launch --num_processes N`` (N > 1) started one process:
+    on a machine without a GPU its default launcher runs the script once (it sets
+    MASTER_PORT but no WORLD_SIZE), which would silently train on one process."""
+    launcher = {"ACCELERATE_MIXED_PRECISION", "MASTER_PORT"} <= os.environ.keys()
+    if launcher and not {"WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"} & os.environ.keys():
+        raise UserError("accelerate launch started one process where several were asked for (without a GPU its "
+                        "default launcher starts one); add --multi_gpu to start them on the CPU (gloo): "
+                        "accelerate launch --multi_gpu --num_processes N -m spec_stream.finetune ...")
 
 
 def start(inputs: Inputs) -> None:
@@ -653,6 +746,7 @@ def start(inputs: Inputs) -> None:
 
 def finetune(config: FinetuneConfig) -> dict:
     """Fine-tune as ``config`` says; returns the run's summary (losses, validation figures)."""
+    check_launch()
     config = check_config(config)
     inputs = load_inputs(config)
     if inputs.summary is not None:
@@ -661,10 +755,14 @@ def finetune(config: FinetuneConfig) -> dict:
         return inputs.summary
     if config.resume and inputs.resume is None:
         print(f"--resume: no checkpoint in {inputs.output}, starting fresh")
-    accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision))
+    # the schedule counts global steps: accelerate would step it once per process per step
+    accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision), cpu=_processes_on_cpu(),
+                              step_scheduler_with_optimizer=False)
     accelerator.print(f"training on {config.dataset}/{inputs.train_split} ({len(inputs.train)} examples), "
                       f"validating on {config.dataset}/{config.eval_split} ({len(inputs.evaluation)} examples)")
-    start(inputs)
+    if accelerator.is_main_process:
+        start(inputs)
+    accelerator.wait_for_everyone()
     run = build_run(config, inputs, accelerator)
     stop = min(run.total_steps, config.max_steps) if config.max_steps else run.total_steps
     started = time.perf_counter()
