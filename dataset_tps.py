@@ -27,8 +27,9 @@ from rich.table import Table
 
 from spec_stream import defaults
 from spec_stream.arithmetic import measure_machine
-from spec_stream.benchmark import (BenchmarkSettings, benchmark_task, check_draft_model, check_tree_depth,
-                                   default_checkpoint, machine_info, prepare_task, uses_streams)
+from spec_stream.benchmark import (REPORT_SCHEMA_VERSION, BenchmarkSettings, benchmark_task,
+                                   check_draft_model, check_tree_depth, default_checkpoint, machine_info,
+                                   prepare_task, uses_streams)
 from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
 from spec_stream.data import is_preset, resolve_dataset
 from spec_stream.errors import UserError, exit_on_user_error
@@ -233,7 +234,8 @@ def main(argv=None) -> int:
     machine = {**machine_info(settings.device), "copy_gb_per_second": probe.copy_bytes_per_second / 1e9,
                "read_gb_per_second": probe.read_bytes_per_second / 1e9,
                "matmul_gflops_per_second": probe.matmul_flops_per_second / 1e9}
-    write_report({"machine": machine, "settings": settings.to_json(), "results": rows}, settings.output)
+    write_report({"schema_version": REPORT_SCHEMA_VERSION, "machine": machine, "settings": settings.to_json(),
+                  "results": rows}, settings.output)
     print(f"wrote {settings.output}")
     return 0
 

@@ -64,6 +64,9 @@ from spec_stream.errors import UserError
 from spec_stream.metrics import bleu, repetition_rate, rouge_l, spider_database, task_quality
 
 
+REPORT_SCHEMA_VERSION = 1  # the report's layout, documented field by field in docs/report.md
+
+
 @dataclass(frozen=True)
 class BenchmarkSettings:
     """What a benchmark run measures, checked by `dataset_tps.py`'s parser."""

@@ -249,3 +249,37 @@ def test_missing_draft_model_is_refused(checkpoint, tmp_path, capsys, data_dir, 
     message = refused(run_on(checkpoint, tmp_path, data_dir, "--model_type", "assisted", "--draft-model", str(draft)),
                       capsys)
     assert f"{draft}: no such checkpoint folder" in message
+
+
+def documented_schema() -> dict[str, dict[str, str]]:
+    """docs/report.md's tables: section -> field -> type."""
+    schema, section = {}, None
+    for line in (ROOT / "docs" / "report.md").read_text().splitlines():
+        if line.startswith("## "):
+            section = line[3:].split(" ")[0]
+            schema[section] = {}
+        elif section and line.startswith("| ") and not line.startswith(("| field", "|---")):
+            field, kind = [cell.strip() for cell in line.strip("|").split("|")][:2]
+            schema[section][field] = kind
+    return schema
+
+
+def matches(value, kind: str) -> bool:
+    if kind.endswith("?") and value is None:
+        return True
+    python = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list, "dict": dict}[kind.rstrip("?")]
+    return isinstance(value, python) and (kind.rstrip("?") == "bool" or not isinstance(value, bool))
+
+
+def test_report_follows_its_documented_schema(report):
+    schema = documented_schema()
+    assert report["schema_version"] == 1
+    optional = {"machine": {"gpu"}}  # documented fields that only some machines have
+    for section, objects in (("report", [report]), ("machine", [report["machine"]]),
+                             ("settings", [report["settings"]]), ("results[]", report["results"])):
+        documented = schema[section]
+        for item in objects:
+            assert set(item) - set(documented) == set(), f"{section}: undocumented fields"
+            assert set(documented) - set(item) <= optional.get(section, set()), f"{section}: fields missing"
+            for field, value in item.items():
+                assert matches(value, documented[field]), (section, field, value)
