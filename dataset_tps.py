@@ -33,6 +33,7 @@ from spec_stream.benchmark import (REPORT_SCHEMA_VERSION, BenchmarkSettings, ben
 from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
 from spec_stream.data import is_preset, resolve_dataset
 from spec_stream.errors import UserError, exit_on_user_error
+from spec_stream.timing import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,18 +86,6 @@ def resolve_engines(model_type: str, draft_model: str | None, device: torch.devi
             raise UserError("the assisted engine needs a small GPT-Neo draft model: pass --draft-model PATH_OR_ID")
         requested = tuple(t for t in requested if t != "assisted")
     return ("naive",) + tuple(t for t in dict.fromkeys(requested) if t != "naive")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
-    return device
 
 
 def parse_tree_widths(text: str) -> tuple[int, ...]:

@@ -50,7 +50,7 @@ from spec_stream.defaults import (ATTENTION_BATCHES, ATTENTION_EMBEDDING, ATTENT
                                   ATTENTION_REPEATS, ATTENTION_SECONDS, ATTENTION_SWEEP_BATCH,
                                   ATTENTION_SWEEP_TOKENS, ATTENTION_TOKENS)
 from spec_stream.errors import UserError, exit_on_user_error  # noqa: E402
-from spec_stream.timing import synchronize  # noqa: E402
+from spec_stream.timing import resolve_device, synchronize  # noqa: E402
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter: blocks above it get their own mapping
 MIN_REPEATS = 3  # the fewest timed calls that give a median and a spread
@@ -336,14 +336,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--embedding, --sweep-tokens and --sweep-batch must be positive")
     if not 0 < args.memory_share <= 0.9:
         raise UserError(f"--memory-share {args.memory_share}: use a share in (0, 0.9], leaving room for the rest")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"unknown --device {args.device!r}; use auto, cpu, cuda or cuda:N") from None
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    args.device = resolve_device(args.device)
     args.dtype = DTYPES[args.dtype]
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"--output {args.output} is a file; give a folder for the JSON and the plots")

@@ -40,7 +40,7 @@ from spec_stream import GPTNeoConfig, GPTNeoForCausalLM
 from spec_stream.checkpoints import MODEL_SIZES, default_stream_layers
 from spec_stream.defaults import ARITHMETIC_BATCH, ARITHMETIC_CONTEXT, NUM_SPEC_STREAMS, PROBE_REPEATS
 from spec_stream.errors import UserError, exit_on_user_error
-from spec_stream.timing import synchronize
+from spec_stream.timing import resolve_device, synchronize
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -421,12 +421,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(f"--batch {args.batch}: a decode step carries at least 1 sequence")
     if args.context < 1:
         raise UserError(f"--context {args.context}: give at least 1 token of context")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N") from None
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    args.device = resolve_device(args.device)
     if args.json is not None and args.json.is_dir():
         raise UserError(f"--json {args.json} is a folder; give a file path such as {args.json / 'arithmetic.json'}")
     return args

@@ -1,4 +1,4 @@
-"""Timing that the benchmark can trust: the device is synchronised before a clock is read."""
+"""Devices and timing that the benchmark can trust: the device is synchronised before a clock is read."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +6,22 @@ import time
 from collections import defaultdict
 
 import torch
+
+from spec_stream.errors import UserError
+
+
+def resolve_device(name) -> torch.device:
+    """A ``--device`` value: ``auto`` (CUDA when visible, else the CPU), ``cpu``, ``cuda``
+    or ``cuda:N``; a UserError for anything else or for CUDA where none is visible."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    return device
 
 
 def synchronize(device: torch.device) -> None:
