@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU recipe: on a fresh GPU machine with no network, prepare the three fine-tuned
-# GPT-Neo-125M-shape checkpoints (from scratch, one epoch each: the default GPU recipe of
-# spec_stream/benchmark.py) and run every engine on every dataset, then plot.
+# GPT-Neo-125M-shape checkpoints (from scratch, one epoch each: the default GPU recipe in
+# spec_stream/defaults.py) and run every engine on every dataset with the GPU's default
+# run sizes (same file), then plot.
 #
 #   scripts/gpu_recipe.sh DATA_DIR [OUTPUT_DIR] [extra dataset_tps.py arguments]
 #
@@ -34,7 +35,7 @@ PY
 start=$(date +%s)
 python dataset_tps.py --model_type all --dataset all --data-dir "$data_dir" \
   --checkpoint-dir "${CHECKPOINT_DIR:-checkpoints}" --output "$output/dataset_tps.json" \
-  --num-samples 10 --max-new-tokens 128 "$@" \
+  "$@" \
   2>&1 | tee "$output/recipe.log"
 python scripts/plot_results.py "$output/dataset_tps.json" --out "$output/images"
 echo "gpu_recipe: done in $(( $(date +%s) - start )) s" | tee -a "$output/recipe.log"

@@ -667,7 +667,7 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int
     return total / (targets != -100).sum().clamp(min=1)
 
 
-def speculative_streaming_loss(logits, stream_logits, labels, main_weight=1.0, stream_weight=0.1):
+def speculative_streaming_loss(logits, stream_logits, labels, main_weight: float, stream_weight: float):
     """``main_weight * CE(main(t), y(t+1)) + stream_weight * sum_j CE(stream_j(t), y(t+1+j))``."""
     loss = main_weight * shifted_cross_entropy(logits, labels, 1)
     if stream_logits is not None:
