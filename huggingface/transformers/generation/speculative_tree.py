@@ -7,11 +7,14 @@ emitted):
   speculative stream ``j``, and every depth-``j`` node has the same ``k_{j+1}`` children;
 - an optional *lookup chain* of ``L`` nodes (prompt lookup): the tokens that followed the
   latest earlier occurrence of the text's last n-gram, one more branch of the same tree.
-Verification accepts the longest root-to-leaf path that greedy decoding would have
-produced, whichever kind of drafts it holds.
+Greedy verification accepts the longest root-to-leaf path that greedy decoding would have
+produced, whichever kind of drafts it holds; sampling verification (`sample_path`) walks
+down the tree accepting each child with its probability under the target distribution,
+so every emitted token is one sample from it (docs/method.md, section 6).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,10 @@ class TreeBuffers:
     tree_mask (n, n): node i may attend to node k iff k is i or an ancestor of i.
     paths (num_leaves, max_depth + 1): node indices from the root to each leaf; a path
         shorter than ``max_depth`` repeats its leaf, and ``path_depths`` says where it ends.
+    ancestry (n, max_depth): the nodes at depths 1..d from the root down to node i (depth
+        d), then i repeated: a node's drafts are ``tokens[ancestry[i, :d]]``.
+    children (n, C): each node's children in breadth-first order (the order sampling
+        verification tries them), padded with -1; C >= 1.
     """
 
     widths: tuple
@@ -43,6 +50,8 @@ class TreeBuffers:
     tree_mask: torch.Tensor
     paths: torch.Tensor
     path_depths: torch.Tensor
+    ancestry: torch.Tensor
+    children: torch.Tensor
 
     @property
     def size(self) -> int:
@@ -76,7 +85,14 @@ def tree_size(tree_widths, lookup_length: int = 0) -> int:
 def build_tree_buffers(tree_widths, device=None, num_streams: int | None = None,
                        lookup_length: int = 0) -> TreeBuffers:
     """The tree of widths ``(k_1, ..., k_D)`` plus a lookup chain of ``lookup_length``
-    nodes; with ``num_streams``, checks that the model has a stream for every level."""
+    nodes; with ``num_streams``, checks that the model has a stream for every level. Built
+    once per shape and device (every generate call asks again): treat its tensors as read-only."""
+    return _build_tree_buffers(tuple(int(k) for k in tree_widths), None if device is None else torch.device(device),
+                               num_streams, lookup_length)
+
+
+@functools.lru_cache(maxsize=256)
+def _build_tree_buffers(tree_widths: tuple, device, num_streams, lookup_length: int) -> TreeBuffers:
     if any(int(k) < 1 for k in tree_widths):
         raise ValueError(f"tree_widths={tuple(tree_widths)}: every width must be >= 1.")
     if num_streams is not None and len(tree_widths) > num_streams:
@@ -104,6 +120,9 @@ def build_tree_buffers(tree_widths, device=None, num_streams: int | None = None,
     leaves = [name for name in names if not any(other[:-1] == name for other in names if other)]
     depth = len(levels) - 1
     paths = [[index[leaf[: min(d, len(leaf))]] for d in range(depth + 1)] for leaf in leaves]
+    ancestry = [[index[name[: min(d, len(name))]] for d in range(1, depth + 1)] for name in names]
+    children = [[index[other] for other in names if other and other[:-1] == name] for name in names]
+    width = max(1, max(len(row) for row in children))
     return TreeBuffers(
         widths=tuple(int(k) for k in tree_widths),
         lookup_length=lookup_length,
@@ -113,6 +132,8 @@ def build_tree_buffers(tree_widths, device=None, num_streams: int | None = None,
         tree_mask=tree_mask.to(device),
         paths=torch.tensor(paths, device=device),
         path_depths=torch.tensor([len(leaf) for leaf in leaves], device=device),
+        ancestry=torch.tensor(ancestry, dtype=torch.long, device=device).reshape(len(names), depth),
+        children=torch.tensor([row + [-1] * (width - len(row)) for row in children], device=device),
     )
 
 
@@ -167,3 +188,96 @@ def propose_lookup(context: list[int], length: int, max_ngram: int = DEFAULT_MAX
             if context[start : start + n] == suffix:
                 return context[start + n : start + n + length]
     return []
+
+
+def node_prefixes(text: torch.Tensor, tree_tokens: torch.Tensor, buffers: TreeBuffers, nodes: torch.Tensor):
+    """What each node's next token is conditioned on, grouped by depth (one rectangle per
+    depth): yields ``(rows, prefixes)`` with ``rows`` indexing ``nodes`` (full-tree
+    indices) and ``prefixes`` (len(rows), H + depth) = the text so far (1, H), ending with
+    the root, then the node's drafts from depth 1 down to itself."""
+    depths = buffers.depths[nodes]
+    for depth in range(buffers.max_depth + 1):
+        rows = (depths == depth).nonzero().flatten()
+        if rows.numel():
+            drafts = tree_tokens[buffers.ancestry[nodes[rows], :depth]]
+            yield rows, torch.cat([text.expand(rows.numel(), -1), drafts], dim=1)
+
+
+def valid_drafts(buffers: TreeBuffers, lookup_count) -> torch.Tensor:
+    """Nodes sampling verification may accept (bool, (n,)): every stream node, and the
+    lookup chain's nodes down to ``lookup_count`` (a 0-d tensor or int: the drafts the text
+    offered; the rest are filler)."""
+    return ~buffers.is_lookup | (buffers.depths <= lookup_count)
+
+
+def sample_from(probabilities: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token from ``probabilities`` (V,) (any non-negative weights, not all zero) by
+    inverting its CDF at ``uniform`` in [0, 1); only tokens of positive weight come out.
+    Fixed shapes, no host sync."""
+    cdf = probabilities.cumsum(dim=0)
+    token = torch.searchsorted(cdf, (uniform * cdf[-1]).reshape(1), right=True)[0]
+    positions = torch.arange(probabilities.numel(), device=probabilities.device)
+    last_positive = torch.where(probabilities > 0, positions, 0).max()  # rounding can push past the end
+    return torch.minimum(token, last_positive)
+
+
+def accept_first_child(probabilities: torch.Tensor, child_tokens: torch.Tensor, candidate: torch.Tensor,
+                       uniforms: torch.Tensor):
+    """Multi-draft acceptance at one node: try the candidate children in order, accept
+    child x with probability p(x) renormalised over what earlier rejections left
+    (``uniform * (1 - rejected mass) < p(x)``). Returns (any accepted, index of the first
+    accepted) as 0-d tensors. ``candidate`` must hold each token at most once."""
+    mass = probabilities.gather(0, child_tokens.clamp(min=0)) * candidate
+    left = (1 - (mass.cumsum(dim=0) - mass)).clamp(min=0)
+    accept = candidate & (uniforms * left < mass)
+    return accept.any(), accept.int().argmax()
+
+
+def _candidates(node: torch.Tensor, tree_tokens: torch.Tensor, valid: torch.Tensor, buffers: TreeBuffers):
+    """A node's children (C,), their tokens, and which may be accepted: valid, and the first
+    child holding its token (a repeated token was already rejected: p(x) is then 0)."""
+    children = buffers.children.index_select(0, node.reshape(1))[0]
+    existing = children.clamp(min=0)
+    tokens = tree_tokens.gather(0, existing)
+    ok = (children >= 0) & valid.gather(0, existing)
+    earlier = torch.ones(len(children), len(children), dtype=torch.bool, device=children.device).tril(-1)
+    repeated = ((tokens[:, None] == tokens[None, :]) & ok[None, :] & earlier).any(dim=1)
+    return children, tokens, ok & ~repeated
+
+
+def sample_path(tree_tokens: torch.Tensor, probabilities: torch.Tensor, valid: torch.Tensor,
+                buffers: TreeBuffers, uniforms: torch.Tensor):
+    """Sampling verification: from the root, try each node's children in order
+    (`accept_first_child`, uniforms ``[depth, :C]``), follow the accepted one; where none
+    is accepted (or at a leaf), draw the next token from the node's distribution without
+    the rejected children (uniform ``[depth, -1]``). Every token so chosen is one sample
+    from its node's distribution ``probabilities`` (n, V) given the tokens before it.
+
+    ``valid`` (n,): nodes that may be accepted (not pruned, not lookup filler). uniforms:
+    (>= max_depth + 1, >= C + 1), the same values whatever the tree was cut to, so a cut
+    tree decides its tokens exactly like the full one. Returns (path (max_depth + 1,) node
+    indices, repeating the last accepted node; accepted drafts (0-d); the token drawn after
+    the path (0-d)). Fixed shapes, no host sync."""
+    node = torch.zeros((), dtype=torch.long, device=tree_tokens.device)
+    accepted, done, path = torch.zeros_like(node), torch.zeros_like(node, dtype=torch.bool), [node]
+    width = buffers.children.shape[1]
+    for depth in range(buffers.max_depth):
+        children, tokens, ok = _candidates(node, tree_tokens, valid, buffers)
+        distribution = probabilities.index_select(0, node.reshape(1))[0]
+        found, first = accept_first_child(distribution, tokens, ok, uniforms[depth, :width])
+        take = found & ~done
+        node = torch.where(take, children.gather(0, first.reshape(1))[0], node)
+        accepted, done = accepted + take.long(), done | ~take
+        path.append(node)
+    _, tokens, ok = _candidates(node, tree_tokens, valid, buffers)
+    distribution = probabilities.index_select(0, node.reshape(1))[0]
+    rejected = torch.zeros_like(distribution).scatter_add(0, tokens.clamp(min=0), ok.to(distribution.dtype)) > 0
+    residual = torch.where(rejected, 0.0, distribution)
+    residual = torch.where(residual.sum() > 0, residual, distribution)  # all mass rejected: only by rounding
+    uniform = uniforms[:, -1].gather(0, accepted.reshape(1))[0]
+    return torch.stack(path), accepted, sample_from(residual, uniform)
+
+
+def uniforms_shape(buffers: TreeBuffers) -> tuple:
+    """The uniforms `sample_path` takes for this tree (and any tree cut from it)."""
+    return buffers.max_depth + 1, buffers.children.shape[1] + 1

@@ -1,0 +1,275 @@
+"""From a ``generate(speculative_streaming=True, ...)`` call to a decoding request whose
+arguments mean what they mean to plain `generate` (docs/method.md, section 5).
+
+- Every `GenerationConfig` field is applied exactly (`SUPPORTED_FIELDS`), cannot change the
+  output of a batch-1 decoder-only request (`NO_EFFECT_FIELDS`), or is refused with a
+  ValueError naming it when it is set (`REJECTED_FIELDS`, and any field a later
+  transformers version adds): nothing is silently ignored.
+- Logits processors and warpers are built by upstream's own `_get_logits_processor`;
+  `NodeScorer` applies them at every tree node with that node's own prefix (the text so far
+  plus the node's drafts), so each node's distribution is the one plain `generate` would
+  choose from after the same tokens.
+- Stopping criteria come from upstream's `_get_stopping_criteria`; the decoding loop checks
+  them after every emitted token (EOS and the length limit it enforces itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import logits_process as processors_module
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+from .speculative_tree import node_prefixes
+
+SUPPORTED_FIELDS = frozenset({
+    # lengths, the end of the text, padding in the prompt (inferred from pad_token_id as plain generate does)
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "eos_token_id", "pad_token_id",
+    # greedy or sampling, and what plain sampling warps the distribution with
+    "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h",
+    # logits processors, applied at every tree node with the node's own prefix
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "sequence_bias", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "renormalize_logits",
+    "watermarking_config",
+    # stopping criteria besides EOS and length, and what the output holds
+    "max_time", "stop_strings", "return_dict_in_generate", "output_scores", "output_logits",
+    # prompt lookup: one more branch of the draft tree
+    "prompt_lookup_num_tokens", "max_matching_ngram_size",
+})
+# what only matters without input_ids, with a batch, for encoder-decoder models, or for how
+# plain generate computes (never for which tokens come out)
+NO_EFFECT_FIELDS = frozenset({
+    "bos_token_id", "decoder_start_token_id", "use_cache", "disable_compile",
+    "transformers_version", "_from_model_config",
+})
+_BEAM = "beam search; speculative streaming decodes one greedy or sampled sequence"
+_ASSISTED = "assisted decoding; here the model's own streams draft (prompt_lookup_num_tokens adds a lookup branch)"
+_CACHE = "plain generate's cache and compilation; speculative streaming runs its own preallocated cache"
+REJECTED_FIELDS = {
+    **dict.fromkeys(("num_beams", "num_beam_groups", "diversity_penalty", "length_penalty", "early_stopping",
+                     "constraints", "force_words_ids", "low_memory"), _BEAM),
+    "num_return_sequences": "several sequences per prompt; call generate once per sequence",
+    "penalty_alpha": "contrastive search",
+    "dola_layers": "DoLa decoding",
+    "guidance_scale": "classifier-free guidance (a second, unconditional forward per token)",
+    "output_attentions": "attention weights per token, which a tree step does not produce",
+    "output_hidden_states": "hidden states per token, which a tree step does not produce",
+    "token_healing": "token healing, which rewrites the prompt",
+    **dict.fromkeys(("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+                     "assistant_lookbehind", "target_lookbehind", "assistant_early_exit", "assistant_ensemble_weight",
+                     "is_assistant", "speculation_type", "use_mtp"), _ASSISTED),
+    **dict.fromkeys(("cache_implementation", "cache_config", "max_cache_len", "prefill_chunk_size", "compile_config",
+                     "continuous_batching_config"), _CACHE),
+}
+# FixedShapeDecoder: the settings that choose a token from its logits alone (lengths and EOS
+# are its generate's arguments)
+FIXED_SHAPE_FIELDS = NO_EFFECT_FIELDS | {
+    "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    "suppress_tokens", "eos_token_id", "max_length", "max_new_tokens",
+}
+# a field holding one of these values is not in effect (upstream's defaults, and a neutral guidance scale)
+_INERT = {**GenerationConfig._get_default_generation_params(), "guidance_scale": 1.0}
+# processors and warpers that read the scores only, never the tokens before them
+SCORES_ONLY = tuple(getattr(processors_module, name) for name in (
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
+    "EpsilonLogitsWarper", "EtaLogitsWarper", "TopHLogitsWarper", "SuppressTokensLogitsProcessor",
+    "InfNanRemoveLogitsProcessor", "LogitNormalization",
+))
+# generate() arguments besides GenerationConfig fields
+EXTRA_ARGUMENTS = frozenset({
+    "attention_mask", "streamer", "tree_widths", "step_timer", "prune_threshold", "logits_processor",
+    "stopping_criteria", "prefix_allowed_tokens_fn", "tokenizer", "generator",
+})
+
+
+def in_effect(field: str, value) -> bool:
+    """Whether a GenerationConfig value changes anything (unset, False and defaults do not)."""
+    if value is None or value is False:
+        return False
+    return not (field in _INERT and _INERT[field] is not None and value == _INERT[field])
+
+
+def check_generation_fields(config: GenerationConfig, allowed=SUPPORTED_FIELDS | NO_EFFECT_FIELDS,
+                            caller: str = "speculative_streaming=True",
+                            fix: str = "call generate() without speculative_streaming") -> None:
+    """A ValueError naming every field of ``config`` that is set but not ``allowed``."""
+    refused = []
+    for field in GenerationConfig().to_dict():
+        value = getattr(config, field, None)
+        if field not in allowed and in_effect(field, value):
+            reason = REJECTED_FIELDS.get(field, "not supported here")
+            if field in SUPPORTED_FIELDS:
+                reason = "supported by generate(speculative_streaming=True), not by the fixed-shape path"
+            refused.append(f"{field}={value!r} ({reason})")
+    if refused:
+        raise ValueError(f"{caller} does not support {'; '.join(refused)}: remove "
+                         f"{'it' if len(refused) == 1 else 'them'}, or {fix}.")
+
+
+class NodeScorer:
+    """What the next token at a tree node is chosen from: the main stream's logits there,
+    in float32, through plain `generate`'s logits processors (and warpers, when sampling),
+    each node seeing its own prefix. Processors get one row per node, a depth at a time
+    (every node of a depth has a prefix of the same length), as beam search hands them
+    one row per beam."""
+
+    def __init__(self, processors: LogitsProcessorList, do_sample: bool, record: bool = False):
+        self.processors, self.do_sample, self.record = processors, do_sample, record
+        self.needs_text = any(not isinstance(processor, SCORES_ONLY) for processor in processors)
+
+    def __call__(self, logits: torch.Tensor, text: torch.Tensor | None = None, tree_tokens=None, tree=None,
+                 nodes: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (m, V) for logits (m, V). Without ``tree``: the rows follow ``text`` (1, H)
+        itself (a prompt); with it, row i is tree node ``nodes[i]`` (every node if None)."""
+        scores = logits.to(torch.float32, copy=True)
+        if not self.processors:
+            return scores
+        if not self.needs_text:
+            return self.processors(torch.zeros(len(scores), 0, dtype=torch.long, device=scores.device), scores)
+        if tree is None:
+            return self.processors(text, scores)
+        nodes = torch.arange(tree.size, device=scores.device) if nodes is None else nodes
+        processed = torch.empty_like(scores)
+        for rows, prefixes in node_prefixes(text, tree_tokens, tree, nodes):
+            processed[rows] = self.processors(prefixes, scores[rows])
+        return processed
+
+
+@dataclass
+class DecodeOptions:
+    """What a request adds to plain greedy tree decoding.
+
+    generator: sampling's stream of uniforms (None: torch's global generator).
+    stopping_criteria: checked after every emitted token (besides EOS and the length).
+    text_prefix: (1, P') what processors and criteria see before the generated tokens (the
+        prompt as given, padding included, as plain generate sees it); None: the prompt.
+    record: keep the scores and logits of every emitted token (output_scores/output_logits).
+    """
+
+    generator: torch.Generator | None = None
+    stopping_criteria: StoppingCriteriaList | None = None
+    text_prefix: torch.Tensor | None = None
+    record: bool = False
+
+
+@dataclass
+class SpeculativeRequest:
+    """A checked ``generate(speculative_streaming=True)`` call, ready to decode."""
+
+    input_ids: torch.Tensor  # as given (padding included)
+    prompt: torch.Tensor  # what the model reads: left padding removed
+    config: GenerationConfig
+    max_new_tokens: int
+    eos_token_ids: set
+    scorer: NodeScorer | None
+    options: DecodeOptions
+    extra: dict  # the EXTRA_ARGUMENTS given
+
+
+def prepare_request(model, inputs, generation_config, kwargs: dict) -> SpeculativeRequest:
+    """Upstream's own preparation (config defaults, special tokens, lengths, processors,
+    stopping criteria) for one prompt, and a ValueError for anything not honoured."""
+    input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+    if input_ids is None:
+        raise ValueError("speculative_streaming=True needs input_ids (batch of 1 prompt).")
+    check_batch(input_ids)
+    default_max_length = (kwargs.get("max_length") is None and getattr(generation_config, "max_length", None) is None
+                          and model.generation_config.max_length is None)
+    default_min_length = (kwargs.get("min_length") is None and getattr(generation_config, "min_length", None) is None
+                          and model.generation_config.min_length is None)
+    config, extra = model._prepare_generation_config(generation_config, **kwargs)
+    check_generation_fields(config)
+    extra = {key: value for key, value in extra.items() if value is not None and value is not False}
+    unknown = set(extra) - EXTRA_ARGUMENTS - {"output_attentions", "output_hidden_states"}  # fields: checked
+    if unknown:
+        raise ValueError(f"speculative_streaming=True does not support the argument(s) {sorted(unknown)}; it takes "
+                         f"GenerationConfig fields and {sorted(EXTRA_ARGUMENTS)}.")
+    if not isinstance(extra.get("generator", torch.Generator()), torch.Generator):
+        raise ValueError(f"generator={extra['generator']!r}: pass a torch.Generator (or none: torch's global seed).")
+    mask = extra.get("attention_mask")
+    model._prepare_special_tokens(config, mask is not None, device=input_ids.device, batch_size=1)
+    if mask is None:  # as plain generate: pad tokens in the prompt are padding when the pad differs from EOS
+        mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
+    check_left_padding(mask, config.pad_token_id)
+    length = input_ids.shape[1]
+    config = model._prepare_generated_length(config, default_max_length, default_min_length, "input_ids", length,
+                                             input_ids)
+    model._validate_generated_length(config, length, default_max_length)
+    prompt = input_ids if bool(mask.all()) else input_ids[:, mask[0].bool()]  # padding carries nothing
+    eos = config._eos_token_tensor
+    padding = 0 if bool(mask.all()) else int((mask[0] != 0).int().argmax())  # what the repetition penalty skips
+    processors = build_processors(model, config, input_ids, padding, extra)
+    record = bool(config.return_dict_in_generate and (config.output_scores or config.output_logits))
+    needed = processors or config.do_sample or record
+    scorer = NodeScorer(processors, bool(config.do_sample), record) if needed else None
+    options = DecodeOptions(extra.get("generator"), build_stopping_criteria(model, config, extra), input_ids, record)
+    return SpeculativeRequest(input_ids, prompt, config, config.max_length - length,
+                              set() if eos is None else set(eos.tolist()), scorer, options, extra)
+
+
+def check_batch(input_ids: torch.Tensor) -> None:
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"speculative_streaming=True decodes one sequence at a time, got a batch of {input_ids.shape[0]}; "
+            "loop over the prompts (or use plain generate() for batched greedy decoding)."
+        )
+
+
+def check_left_padding(mask: torch.Tensor, pad_token_id) -> None:
+    """Batch 1 takes left padding only (masked tokens before the first real one), which
+    the model can skip with the same output as plain generate."""
+    real = mask[0] != 0
+    if not bool(real.any()) or not bool(real[int(real.int().argmax()):].all()):
+        raise ValueError(
+            f"the attention mask masks {'every token' if not bool(real.any()) else 'tokens after the first real one'} "
+            f"of the prompt (a mask inferred from pad_token_id={pad_token_id} when none is given): speculative "
+            "streaming takes left padding only; pass an attention_mask, or a pad_token_id that is not in the text."
+        )
+
+
+def build_processors(model, config: GenerationConfig, input_ids: torch.Tensor, padding: int,
+                     extra: dict) -> LogitsProcessorList:
+    """Plain generate's processor list for this prompt, for one row per tree node:
+    ``prefix_allowed_tokens_fn`` always hears batch id 0, and the repetition penalty skips
+    the first ``padding`` tokens (plain generate: up to the first unmasked one)."""
+    allowed = extra.get("prefix_allowed_tokens_fn")
+    processors = model._get_logits_processor(
+        config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
+        prefix_allowed_tokens_fn=None if allowed is None else (lambda batch_id, tokens: allowed(0, tokens)),
+        logits_processor=extra.get("logits_processor") or LogitsProcessorList(), device=input_ids.device,
+    )
+    penalty = processors_module.RepetitionPenaltyLogitsProcessor
+    for i, processor in enumerate(processors):
+        if padding and type(processor) is penalty and processor.prompt_ignore_length is None:
+            processors[i] = penalty(processor.penalty, prompt_ignore_length=padding)
+    return processors
+
+
+def build_stopping_criteria(model, config: GenerationConfig, extra: dict) -> StoppingCriteriaList | None:
+    """Plain generate's stopping criteria without the two the loop enforces itself (EOS,
+    the length limit); None when nothing is left."""
+    criteria = model._get_stopping_criteria(config, extra.get("stopping_criteria") or StoppingCriteriaList(),
+                                            tokenizer=extra.get("tokenizer"))
+    rest = StoppingCriteriaList(c for c in criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria)))
+    return rest or None
+
+
+def fixed_shape_scorer(model, generation_config: GenerationConfig | None = None, **kwargs) -> NodeScorer | None:
+    """The scorer of a `FixedShapeDecoder`: settings that choose a token from its node's
+    logits alone (sampling and its warpers, suppressed tokens), so that the step stays one
+    fixed-shape computation; None for plain greedy. Lengths and EOS are arguments of its
+    generate(): a ``generation_config``'s are not used, keyword ones are refused."""
+    misplaced = sorted({"max_new_tokens", "max_length", "eos_token_id"} & set(kwargs))
+    if misplaced:
+        raise ValueError(f"FixedShapeDecoder takes {misplaced} per call: pass them to its generate().")
+    config, extra = model._prepare_generation_config(generation_config, **kwargs)
+    unknown = sorted(key for key, value in extra.items() if value is not None)
+    if unknown:
+        raise ValueError(f"FixedShapeDecoder does not take {unknown}: pass GenerationConfig fields only.")
+    check_generation_fields(config, FIXED_SHAPE_FIELDS, "FixedShapeDecoder",
+                            "decode with generate(speculative_streaming=True), which applies it")
+    model._prepare_special_tokens(config, False, device=model.device, batch_size=1)
+    processors = model._get_logits_processor(config, input_ids_seq_length=1, device=model.device)
+    return NodeScorer(processors, bool(config.do_sample)) if processors or config.do_sample else None
