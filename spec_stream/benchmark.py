@@ -177,13 +177,16 @@ def check_tree_depth(tree_widths: tuple[int, ...], num_streams: int, checkpoint:
                         f"{','.join(map(str, tree_widths[:num_streams]))}")
 
 
-def spider_tables_path(data_dir: str | None) -> Path:
-    """The tables.json that `load_examples` read the schemas from (it checked that one exists)."""
+def spider_tables_path(data_dir: str | None) -> Path | None:
+    """The tables.json that `load_examples` read the schemas from (it checked that one
+    exists), or None: Spider from the hub without one (schema-free prompts)."""
     root = data_dir or os.environ.get(DATA_DIR_ENV)
-    return Path(root).expanduser() / "spider" / "tables.json" if root else Path(os.environ[SPIDER_TABLES_ENV])
+    if root:
+        return Path(root).expanduser() / "spider" / "tables.json"
+    return Path(os.environ[SPIDER_TABLES_ENV]) if os.environ.get(SPIDER_TABLES_ENV) else None
 
 
-def spider_databases(prompts_text: list[str], data_dir: str | None) -> list[sqlite3.Connection]:
+def spider_databases(prompts_text: list[str], data_dir: str | None) -> list[sqlite3.Connection | None]:
     """An empty SQLite database per Spider prompt, with the schema of the prompt's database.
 
     Examples carry no ``db_id``; a prompt holds its database's schema text as
@@ -192,6 +195,8 @@ def spider_databases(prompts_text: list[str], data_dir: str | None) -> list[sqli
     so whichever is picked judges every query alike.
     """
     tables_path = spider_tables_path(data_dir)
+    if tables_path is None:  # no schemas: SQL validity cannot be judged
+        return [None] * len(prompts_text)
     entries = {entry["db_id"]: entry for entry in json.loads(tables_path.read_text(encoding="utf-8"))}
     schemas = sorted(load_spider_schemas(tables_path).items(), key=lambda item: -len(item[1]))
     built: dict[str, sqlite3.Connection] = {}
@@ -336,7 +341,8 @@ def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationRe
     drafted = sum(r.drafted for r in first)
     predictions = [inputs.tokenizer.decode(r.new_tokens, skip_special_tokens=True).strip() for r in first]
     references = [p.references for p in inputs.prompts]
-    databases = [p.database for p in inputs.prompts] if inputs.task == "spider" else None
+    databases = [p.database for p in inputs.prompts]
+    databases = databases if inputs.task == "spider" and None not in databases else None
     weights_per_second = engine.weight_bytes * calls / timing["seconds"]  # each call reads every weight
     return {
         "engine": engine.name, "dataset": inputs.task, "split": inputs.split, "backend": engine.description,

@@ -24,7 +24,8 @@ order of first appearance); DialogSum's test split has ``summary``, ``summary2``
 Local data: ``DIR/{spider,dialogsum,e2e_nlg}/{split}.jsonl`` plus ``DIR/spider/tables.json``,
 read with plain :mod:`json`, where ``DIR`` is ``data_dir`` or ``$SPEC_STREAM_DATA_DIR``.
 Without either, rows come from the Hugging Face hub through :mod:`datasets` (imported only
-there), and Spider's schemas from the file named by ``$SPEC_STREAM_SPIDER_TABLES``.
+there), and Spider's schemas from the file named by ``$SPEC_STREAM_SPIDER_TABLES``
+(without it: schema-free Spider prompts, with a warning).
 
 Your own data (:func:`resolve_dataset`): ``--dataset`` names a local JSON-lines, JSON,
 CSV or Parquet file, a folder of such files, or a hub dataset id, read with
@@ -45,11 +46,13 @@ to fine-tuning and the benchmark. A CSV file's cells are read as the text they h
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import os
 import random
 import re
+import warnings
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,8 +156,13 @@ def _dialogsum_examples(rows: Iterable[Row], split: str, evaluation: bool, **_: 
 def _spider_examples(
     rows: Iterable[Row], split: str, schemas: Mapping[str, str], tables_path: str, **_: Any
 ) -> Iterator[Example]:
-    """Spider: schema of the row's database, then the question, then ``SQL:``."""
+    """Spider: schema of the row's database, then the question, then ``SQL:``; without
+    ``schemas`` (the hub holds no tables.json), the question alone."""
     for index, (where, row) in enumerate(rows):
+        if schemas is None:
+            query = _clean(row["query"])
+            yield Example(f"Question: {_clean(row['question'])}\nSQL:", " " + query, [query], f"spider/{split}/{index}")
+            continue
         schema = schemas.get(row["db_id"])
         if schema is None:
             raise UserError(
@@ -269,6 +277,15 @@ def _split_file(task: Task, split: str, data_dir: Path) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_schema_free() -> None:
+    """Once per process: Spider from the hub without the schemas file."""
+    warnings.warn(
+        f"Spider from the hub comes without its database schemas (tables.json), so its prompts hold the "
+        f"question alone and SQL validity is not scored; set {SPIDER_TABLES_ENV} to the official Spider "
+        f"tables.json, or pass --data-dir DIR ({LAYOUT_HINT}), for schema prompts.", stacklevel=3)
+
+
 def load_spider_schemas(tables_path: str | os.PathLike) -> dict[str, str]:
     """Map each ``db_id`` of a Spider ``tables.json`` to its one-line-per-table schema text."""
     path = Path(tables_path)
@@ -344,13 +361,11 @@ def load_examples(
     else:
         if spec.name == "spider":
             tables_env = os.environ.get(SPIDER_TABLES_ENV)
-            if not tables_env:
-                raise UserError(
-                    f"Spider from the hub needs its schemas: "
-                    f"set {SPIDER_TABLES_ENV} to the official Spider tables.json, "
-                    f"or pass --data-dir DIR ({LAYOUT_HINT})"
-                )
-            extra = {"schemas": load_spider_schemas(tables_env), "tables_path": tables_env}
+            if tables_env:
+                extra = {"schemas": load_spider_schemas(tables_env), "tables_path": tables_env}
+            else:
+                _warn_schema_free()
+                extra = {"schemas": None, "tables_path": None}
         rows = _hub_rows(spec, split)
     examples = spec.build(_checked(rows, spec), split=split, evaluation=split != spec.train_split, **extra)
     return list(itertools.islice(examples, limit))

@@ -205,11 +205,22 @@ def test_hub_without_network_fails_fast(monkeypatch):
     assert time.monotonic() - start < 15
 
 
-def test_spider_from_hub_needs_tables_json(monkeypatch):
+def test_spider_from_the_hub_without_tables_json_falls_back_to_schema_free_prompts(monkeypatch, data_dir):
+    """The hub's Spider rows come without schemas: prompts hold the question alone, one
+    warning says how to get schema prompts, and the benchmark scores no SQL validity."""
+    import spec_stream.data as data_module
+    from spec_stream.benchmark import spider_databases
+
     monkeypatch.delenv("SPEC_STREAM_DATA_DIR", raising=False)
     monkeypatch.delenv("SPEC_STREAM_SPIDER_TABLES", raising=False)
-    with pytest.raises(UserError, match=r"SPEC_STREAM_SPIDER_TABLES.*tables\.json.*--data-dir"):
-        load_examples("spider", "validation")
+    local = list(data_module._read_jsonl(data_dir / "spider" / "validation.jsonl"))[:5]
+    monkeypatch.setattr(data_module, "_hub_rows", lambda task, split: iter(local))
+    data_module._warn_schema_free.cache_clear()
+    with pytest.warns(UserWarning, match=r"SPEC_STREAM_SPIDER_TABLES.*tables\.json.*--data-dir"):
+        examples = load_examples("spider", "validation")
+    assert [e.prompt for e in examples] == [f"Question: {' '.join(row['question'].split())}\nSQL:" for _, row in local]
+    assert examples[0].references == [" ".join(local[0][1]["query"].split())]
+    assert spider_databases([e.prompt for e in examples], None) == [None] * 5
 
 
 # -------------------------------------------------------------------------- tokenization
