@@ -302,7 +302,7 @@ def until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
 class FlashAttention2Engine(Engine):
     """Upstream GPT-Neo with flash-attn 2 when it is installed (CUDA); otherwise our model
     with SDPA, whose flash kernel runs on causal prefill. Upstream's flash path ignores the
-    local window (see SPEC_STREAM.md), so its output may differ from `naive`: the result
+    local window (it passes no window to flash-attn), so its output may differ from `naive`: the result
     row names the backend that ran."""
 
     name = "flash_attention2"
