@@ -159,19 +159,16 @@ def _spider_examples(
     """Spider: schema of the row's database, then the question, then ``SQL:``; without
     ``schemas`` (the hub holds no tables.json), the question alone."""
     for index, (where, row) in enumerate(rows):
-        if schemas is None:
-            query = _clean(row["query"])
-            yield Example(f"Question: {_clean(row['question'])}\nSQL:", " " + query, [query], f"spider/{split}/{index}")
-            continue
-        schema = schemas.get(row["db_id"])
-        if schema is None:
+        schema = None if schemas is None else schemas.get(row["db_id"])
+        if schemas is not None and schema is None:
             raise UserError(
                 f"{where}: db_id {row['db_id']!r} is not in {tables_path}; "
                 "use the official Spider tables.json that covers every database of this split"
             )
         query = _clean(row["query"])
-        prompt = f"Schema:\n{schema}\nQuestion: {_clean(row['question'])}\nSQL:"
-        yield Example(prompt, " " + query, [query], f"spider/{split}/{index}")
+        prompt = f"Question: {_clean(row['question'])}\nSQL:"
+        yield Example(prompt if schema is None else f"Schema:\n{schema}\n{prompt}", " " + query, [query],
+                      f"spider/{split}/{index}")
 
 
 TASKS: dict[str, Task] = {

@@ -182,7 +182,7 @@ def test_each_prompt_text_is_written_once():
     package = Path(data_module.__file__).parent
     source = "".join(path.read_text(encoding="utf-8") for path in sorted(package.glob("*.py")))
     for cue in ("Describe the restaurant:", "\\nDescription:", "Summarize the dialogue.", "\\nSummary:",
-                "Schema:\\n", "\\nQuestion:", "\\nSQL:"):
+                "Schema:\\n", "Question: {_clean(row", "\\nSQL:"):
         assert source.count(cue) == 1, cue
 
 
