@@ -304,7 +304,7 @@ class DynamicTreeSteps:
         tree = self.trees[min(self.tree.max_depth, cut), bool(lookup)]
         with timer("draft"):
             stream_logits = self.model.draft_logits(self.root_streams) if tree.widths else None
-            chain = lookup_tensor(list(lookup), tree.lookup_length, 0, prefix_device(self.cache))
+            chain = lookup_tensor(list(lookup), tree.lookup_length, 0, self.root.device)
             tokens = draft_tree(self.root, stream_logits, tree, chain)
         with timer("forward"):
             out = self.model.run_tree(tokens[None], self.cache, (prefix + tree.depths)[None], tree.tree_mask,
@@ -318,7 +318,7 @@ class DynamicTreeSteps:
                 self.root_streams = out.stream_states[0, :, slots[-1]]
         nodes = tree.size if out.kept is None else out.kept.numel()
         from_lookup = tree.is_lookup[path[min(1, tree.max_depth)]]
-        return step_summary(accepted, torch.tensor(nodes), from_lookup, tokens[path], choices)
+        return step_summary(accepted, torch.tensor(nodes, device=tokens.device), from_lookup, tokens[path], choices)
 
     def _verify(self, tokens, out, tree, lookup_count: int, text, uniforms):
         """Greedy (longest matching path) or sampling (`sample_path`) verification on the
@@ -349,10 +349,6 @@ class DynamicTreeSteps:
         if not self.prune_threshold or tree.size == 1:
             return None
         return lambda logits: prune_mask(tokens, logits[0], tree, self.prune_threshold).nonzero().flatten()
-
-
-def prefix_device(cache) -> torch.device:
-    return cache.keys.device
 
 
 def forward_rows(kept: torch.Tensor, size: int) -> torch.Tensor:
