@@ -44,7 +44,9 @@ def test_quick_sweep_writes_json_and_plots(tmp_path):
 
 
 def test_memory_is_measured_and_a_sweep_stops_before_it_runs_out(bench, tmp_path, monkeypatch, capsys):
-    itemsize, tokens, embedding = 4, 256, 64
+    # 512 tokens: 2 MiB of scores and probabilities per row, far above the few hundred KiB
+    # by which a process's peak RSS wanders from run to run (page faults, allocator arenas)
+    itemsize, tokens, embedding = 4, 512, 64
     eager_at_8 = bench.input_bytes(8, tokens, embedding, itemsize) + bench.predicted_bytes(
         "eager", 8, tokens, embedding, itemsize)
     monkeypatch.setattr(bench, "available_memory", lambda device: int(0.9 * eager_at_8 / 0.7))
@@ -57,8 +59,8 @@ def test_memory_is_measured_and_a_sweep_stops_before_it_runs_out(bench, tmp_path
     assert [r["status"] for r in eager[:3]] == ["ok"] * 3 and len(eager) == 4
     assert eager[3]["batch"] == 8 and "out of memory" in eager[3]["status"] and "stops here" in eager[3]["status"]
     assert [r["status"] for r in rows if r["method"] == "sdpa"] == ["ok"] * 4  # its kernel needs far less
-    for row in eager[1:3]:  # 0.5-1 MiB of scores and probabilities: the measure must see them
-        assert abs(row["peak_bytes"] - row["predicted_bytes"]) < 0.25 * row["predicted_bytes"] + 2**16
+    for row in eager[1:3]:  # 4-8 MiB of scores and probabilities: the measure must see them
+        assert abs(row["peak_bytes"] - row["predicted_bytes"]) < 0.25 * row["predicted_bytes"] + 2**18
     assert "batch    8" in capsys.readouterr().out
 
 
