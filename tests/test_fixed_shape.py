@@ -104,8 +104,8 @@ def test_bad_requests_are_clear_errors():
         FixedShapeDecoder(model, (2, 2, 2), cuda_graphs=False)
     with pytest.raises(ValueError, match="CUDA device"):
         FixedShapeDecoder(model, (2, 2), cuda_graphs=True)
-    with pytest.raises(ValueError, match="one sequence at a time"):
-        FixedShapeDecoder(model, (2,), cuda_graphs=False).generate(torch.ones(2, 4, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="one prompt at a time"):  # batches decode greedily (tests/test_batch.py)
+        FixedShapeDecoder(model, (2,), cuda_graphs=False, do_sample=True).generate(torch.ones(2, 4, dtype=torch.long), 4)
 
 
 class HostSyncDetector(TorchDispatchMode):

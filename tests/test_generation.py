@@ -156,8 +156,8 @@ def test_unsupported_modes_raise_clear_errors():
     ids = prompts(2, seed=8, low=5, high=6)
     with pytest.raises(ValueError, match="num_beams=2"):  # do_sample=True is supported: tests/test_sampling.py
         speculative(model, ids[0], num_beams=2)
-    with pytest.raises(ValueError, match="one sequence at a time"):
-        speculative(model, torch.cat(ids))
+    with pytest.raises(ValueError, match="one prompt at a time"):  # batches decode greedily (tests/test_batch.py)
+        speculative(model, torch.cat(ids), do_sample=True)
     with pytest.raises(ValueError, match="levels"):
         speculative(model, ids[0], tree_widths=(2, 2, 2, 2))
 

@@ -15,16 +15,18 @@ The model calls every cache the same way, once per forward, without knowing whic
 were cached before it; the masks are derived from that alone (`build_attention_masks`).
 
 Three implementations:
-- `VariableLengthKVCache`: preallocated buffers, ``length`` a host integer; a forward sees
-  the filled slots plus its new ones (shapes grow with the sequence). The dynamic loop.
-- `FixedShapeKVCache`: the same buffers, ``length`` a 0-d device tensor never read by the
-  host, and a forward always sees *every* slot (stale ones masked), so shapes never change
-  and a step can be captured as a CUDA graph. Other projects call this a static cache.
+- `VariableLengthKVCache`: preallocated buffers, a length per row (the host also keeps the
+  longest); a forward sees the filled slots plus its new ones (shapes grow with the
+  sequence). The dynamic loop.
+- `FixedShapeKVCache`: the same buffers, the lengths never read by the host, and a forward
+  always sees *every* slot (stale ones masked), so shapes never change and a step can be
+  captured as a CUDA graph. Other projects call this a static cache.
 - `UpstreamCache`: transformers' own `Cache` (what upstream `generate` passes) or no cache,
   with upstream's semantics: keys are numbered by index.
 
 Buffer layout (gpt-fast style): one tensor per kind, ``(layers, batch, heads, slots,
-head_dim)``, written in place.
+head_dim)``, written in place. Rows of a batch are independent sequences: each has its
+own length, positions and accepted paths (`TreeKVCache`).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class KeyLayout:
     position embedding); ``query_positions`` (B, T) and ``key_positions`` (B, K): positions
     the masks compare (the local window); keys ``[0, cached)`` are cached, keys
     ``[cached, cached + T)`` are the new tokens in order, later keys are stale.
-    ``cached`` is an int, or a 0-d device tensor for a fixed-shape cache."""
+    ``cached`` is an int (every row alike), or a (B,) device tensor, one per row."""
 
     position_ids: torch.Tensor
     query_positions: torch.Tensor
@@ -92,7 +94,10 @@ class UpstreamCache:
 
 class TreeKVCache:
     """Preallocated main-stream keys/values with a position id per slot (speculative
-    streams keep no cache). Subclasses decide how ``length`` is kept."""
+    streams keep no cache) and a length per row: ``length`` (B,) long, on the cache's
+    device; row b's slots ``[0, length[b])`` hold its text, later slots are stale. Rows
+    advance independently (each accepts its own path): a forward's T new tokens go to each
+    row's next T slots. Subclasses decide what a forward sees."""
 
     can_prune = False
 
@@ -102,102 +107,148 @@ class TreeKVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.zeros(batch_size, max_length, device=device, dtype=torch.long)
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_length = max_length
         self.context = config.max_position_embeddings
-        self.new_positions = None  # position ids of the forward in progress
+        self.new_positions = self.new_slots = None  # (B, T): the forward in progress
+
+    def _place_new(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Note where this forward's new tokens go (each row's next T slots) and store their
+        positions; returns the position ids (1 or B, T) expanded to (B, T)."""
+        position_ids = position_ids.expand(self.length.shape[0], -1)
+        self.new_slots = self.length[:, None] + torch.arange(position_ids.shape[1], device=self.length.device)
+        self.new_positions = position_ids
+        self.positions.scatter_(1, self.new_slots, position_ids)
+        return position_ids
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        """The new entries (B, heads, T, head_dim) into each row's new slots."""
+        index = self.new_slots[:, None, :, None].expand_as(key_states)
+        self.keys[layer_idx].scatter_(2, index, key_states)
+        self.values[layer_idx].scatter_(2, index, value_states)
+
+    def set_length(self, length: torch.Tensor) -> None:
+        """Each row's filled slots (B,): after a prefill of prompts of different lengths
+        (each from slot 0), the slots past a row's own prompt become stale."""
+        self.length.copy_(length)
+
+    def compact(self, start, slots: torch.Tensor, kept: torch.Tensor | None = None) -> None:
+        """Per row b: move ``slots[b]`` (absolute slot indices: (B, m), or (m,) for every
+        row) to ``[start[b], start[b] + m)`` (``start``: (B,), 0-d or int); the row's
+        length becomes ``start[b] + kept[b]`` (``kept`` (B,): how many of the moved entries
+        count; None: all m). Moving the same number of slots in every row keeps the shapes
+        fixed whatever each row keeps."""
+        layers, batch, heads, _, head_dim = self.keys.shape
+        slots = slots.expand(batch, -1)  # (B, m)
+        start = torch.as_tensor(start, device=slots.device).expand(batch)
+        target = start[:, None] + torch.arange(slots.shape[1], device=slots.device)  # (B, m)
+        size = (layers, batch, heads, slots.shape[1], head_dim)
+        for buffer in (self.keys, self.values):
+            moved = buffer.gather(3, slots[None, :, None, :, None].expand(size))
+            buffer.scatter_(3, target[None, :, None, :, None].expand(size), moved)
+        self.positions.scatter_(1, target, self.positions.gather(1, slots))
+        self.length.copy_(start + (slots.shape[1] if kept is None else kept))  # in place: graphs hold its address
 
 
 class VariableLengthKVCache(TreeKVCache):
-    """``length`` slots are filled (a host int); `update` writes the new entries after them
-    and returns the filled slots plus the new ones."""
+    """A forward sees the slots up to the longest row's length plus its new ones (shapes
+    grow with the sequence); `update` writes the new entries after each row's filled
+    slots. The host keeps ``span`` (the longest row's length) and whether every row has
+    that length (always at batch 1: then a forward's layout says ``cached`` as a plain
+    int, as a cache of one sequence does); rows shorter than ``span`` see the slots
+    between as stale. Finished rows can leave the batch (`keep_rows`)."""
 
     can_prune = True
 
     def __init__(self, config, batch_size: int, max_length: int, device=None, dtype=torch.float32):
         super().__init__(config, batch_size, max_length, device, dtype)
-        self.length = 0
+        self.span, self.uniform = 0, True
+
+    def _read_lengths(self) -> None:
+        """Refresh the host's view of the lengths (one device-to-host read)."""
+        lengths = self.length.tolist()
+        self.span, self.uniform = max(lengths), len(set(lengths)) == 1
 
     def begin(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> KeyLayout:
         batch, new = input_ids.shape
-        if self.length + new > self.max_length:
+        if self.span + new > self.max_length:
             raise ValueError(
-                f"KV cache overflow: {self.length} cached + {new} new tokens > max_length={self.max_length}. "
+                f"KV cache overflow: {self.span} cached + {new} new tokens > max_length={self.max_length}. "
                 "Create the cache with a larger max_length (prompt + max_new_tokens + tree size)."
             )
         if position_ids is None:
-            position_ids = torch.arange(self.length, self.length + new, device=input_ids.device).expand(batch, new)
+            position_ids = self.length[:, None] + torch.arange(new, device=input_ids.device)
         check_positions(position_ids, self.context)
-        self.new_positions = position_ids
-        key_positions = torch.cat([self.positions[:, : self.length], position_ids], dim=1)
-        return KeyLayout(position_ids, position_ids, key_positions, self.length)
+        position_ids = self._place_new(position_ids)
+        cached = self.span if self.uniform else self.length
+        return KeyLayout(position_ids, position_ids, self.positions[:, : self.span + new], cached)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
-        end = self.length + key_states.shape[-2]
-        self.keys[layer_idx, :, :, self.length : end] = key_states
-        self.values[layer_idx, :, :, self.length : end] = value_states
+        self._write(key_states, value_states, layer_idx)
+        end = self.span + key_states.shape[-2]
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
 
     def commit(self) -> None:
         new = self.new_positions.shape[1]
-        self.positions[:, self.length : self.length + new] = self.new_positions
         self.length += new
+        self.span += new
 
     def keep_new_rows(self, rows: torch.Tensor, layers: int) -> None:
-        """Mid-forward tree pruning: in the first ``layers`` layers (already written), move
-        the new entries ``rows`` (indices among the uncommitted new tokens, ascending) to
-        the front of the new block; the model then calls `begin` again for those rows."""
-        slots = self.length + rows
+        """Mid-forward tree pruning (batch 1): in the first ``layers`` layers (already
+        written), move the new entries ``rows`` (indices among the uncommitted new tokens,
+        ascending) to the front of the new block; the model then calls `begin` again for
+        those rows."""
+        slots = self.span + rows
         for buffer in (self.keys, self.values):
-            buffer[:layers, :, :, self.length : self.length + rows.numel()] = buffer[:layers].index_select(3, slots)
+            buffer[:layers, :, :, self.span : self.span + rows.numel()] = buffer[:layers].index_select(3, slots)
 
-    def compact(self, start: int, slots: torch.Tensor) -> None:
-        """Keep slots ``[0, start)`` plus the given ``slots`` (1-D, absolute slot indices, in
-        order), moved to ``[start, start + len(slots))``; drop everything after."""
-        count = slots.numel()
-        for buffer in (self.keys, self.values):
-            buffer[:, :, :, start : start + count] = buffer.index_select(3, slots)
-        self.positions[:, start : start + count] = self.positions.index_select(1, slots)
-        self.length = start + count
+    def set_length(self, length: torch.Tensor) -> None:
+        super().set_length(length)
+        self._read_lengths()
+
+    def compact(self, start, slots: torch.Tensor, kept: torch.Tensor | None = None) -> None:
+        super().compact(start, slots, kept)
+        self._read_lengths()
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (1-D indices), in that order: finished rows
+        leave the batch and stop costing work."""
+        self.keys, self.values = self.keys.index_select(1, rows), self.values.index_select(1, rows)
+        self.positions, self.length = self.positions.index_select(0, rows), self.length.index_select(0, rows)
+        self._read_lengths()
 
 
 class FixedShapeKVCache(TreeKVCache):
-    """Every shape fixed, for steps captured once and replayed as a CUDA graph: ``length``
-    is a 0-d device tensor, `update` writes the new entries at slots ``length + i`` and
-    returns the *whole* buffer, and the masks hide stale slots instead of slicing them off.
-    Position ids are required (the host cannot compute them without reading ``length``)."""
-
-    def __init__(self, config, batch_size: int, max_length: int, device=None, dtype=torch.float32):
-        super().__init__(config, batch_size, max_length, device, dtype)
-        self.length = torch.zeros((), dtype=torch.long, device=device)
-
-    def _new_slots(self, new: int) -> torch.Tensor:
-        return self.length + torch.arange(new, device=self.length.device)
+    """Every shape fixed, for steps captured once and replayed as a CUDA graph: the
+    lengths never leave the device, `update` writes the new entries at each row's slots
+    ``length[b] + i`` and returns the *whole* buffer, and the masks hide stale slots
+    instead of slicing them off. Position ids are required (the host cannot compute them
+    without reading ``length``)."""
 
     def begin(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> KeyLayout:
         if position_ids is None:
             raise ValueError("a FixedShapeKVCache needs explicit position_ids (its length stays on the device).")
-        self.new_positions = position_ids
-        self.positions.index_copy_(1, self._new_slots(position_ids.shape[1]), position_ids)
+        position_ids = self._place_new(position_ids)
         return KeyLayout(position_ids, position_ids, self.positions, self.length)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
-        slots = self._new_slots(key_states.shape[-2])
-        self.keys[layer_idx].index_copy_(2, slots, key_states)
-        self.values[layer_idx].index_copy_(2, slots, value_states)
+        self._write(key_states, value_states, layer_idx)
         return self.keys[layer_idx], self.values[layer_idx]
 
     def commit(self) -> None:
         self.length += self.new_positions.shape[1]
 
-    def compact(self, start: torch.Tensor, slots: torch.Tensor) -> None:
-        """Move ``slots`` (device tensor) to ``[start, start + len(slots))``; ``length``
-        becomes ``start + len(slots)``. To keep shapes fixed, pass a fixed number of slots
-        and set ``length`` yourself afterwards when fewer of them are wanted."""
-        target = start + torch.arange(slots.numel(), device=slots.device)
-        for buffer in (self.keys, self.values):
-            buffer.index_copy_(3, target, buffer.index_select(3, slots))
-        self.positions.index_copy_(1, target, self.positions.index_select(1, slots))
-        self.length.copy_(start + slots.numel())
+
+def select_per_row(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``tensor`` (B, ...) at ``index`` along ``dim`` (>= 1): ``index`` (n,) takes the same
+    entries in every row, (B, n) its own entries in each row."""
+    if index.dim() == 1:
+        return tensor.index_select(dim, index)
+    shape = [index.shape[0]] + [1] * (tensor.dim() - 1)
+    shape[dim] = index.shape[1]
+    size = list(tensor.shape)
+    size[dim] = index.shape[1]
+    return tensor.gather(dim, index.reshape(shape).expand(size))
 
 
 def as_model_cache(cache, config):

@@ -11,6 +11,9 @@ arguments mean what they mean to plain `generate` (docs/method.md, section 5).
   choose from after the same tokens.
 - Stopping criteria come from upstream's `_get_stopping_criteria`; the decoding loop checks
   them after every emitted token (EOS and the length limit it enforces itself).
+- A batch (B, P) takes left padding (``attention_mask``) and decodes greedily, each row as
+  it would alone; what needs one prompt (sampling, processors that read the text, recorded
+  scores, prompt lookup, pruning, a streamer) is refused by name (`check_batch_features`).
 """
 from __future__ import annotations
 
@@ -143,15 +146,15 @@ class DecodeOptions:
 
     generator: sampling's stream of uniforms (None: torch's global generator).
     stopping_criteria: checked after every emitted token (besides EOS and the length).
-    text_prefix: (1, P') what processors and criteria see before the generated tokens (the
-        prompt as given, padding included, as plain generate sees it); None: the prompt.
     record: keep the scores and logits of every emitted token (output_scores/output_logits).
+    pad_token_id: what right-pads the rows of a batch that ended early (None: rows must all
+        run to ``max_new_tokens``, i.e. no EOS and no other stopping criterion).
     """
 
     generator: torch.Generator | None = None
     stopping_criteria: StoppingCriteriaList | None = None
-    text_prefix: torch.Tensor | None = None
     record: bool = False
+    pad_token_id: int | None = None
 
 
 @dataclass
@@ -159,7 +162,7 @@ class SpeculativeRequest:
     """A checked ``generate(speculative_streaming=True)`` call, ready to decode."""
 
     input_ids: torch.Tensor  # as given (padding included)
-    prompt: torch.Tensor  # what the model reads: left padding removed
+    attention_mask: torch.Tensor  # given, or inferred from pad_token_id as plain generate infers it
     config: GenerationConfig
     max_new_tokens: int
     eos_token_ids: set
@@ -170,11 +173,10 @@ class SpeculativeRequest:
 
 def prepare_request(model, inputs, generation_config, kwargs: dict) -> SpeculativeRequest:
     """Upstream's own preparation (config defaults, special tokens, lengths, processors,
-    stopping criteria) for one prompt, and a ValueError for anything not honoured."""
+    stopping criteria) for a prompt or a batch, and a ValueError for anything not honoured."""
     input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
     if input_ids is None:
-        raise ValueError("speculative_streaming=True needs input_ids (batch of 1 prompt).")
-    check_batch(input_ids)
+        raise ValueError("speculative_streaming=True needs input_ids (a batch of prompts, (B, P)).")
     default_max_length = (kwargs.get("max_length") is None and getattr(generation_config, "max_length", None) is None
                           and model.generation_config.max_length is None)
     default_min_length = (kwargs.get("min_length") is None and getattr(generation_config, "min_length", None) is None
@@ -188,45 +190,92 @@ def prepare_request(model, inputs, generation_config, kwargs: dict) -> Speculati
                          f"GenerationConfig fields and {sorted(EXTRA_ARGUMENTS)}.")
     if not isinstance(extra.get("generator", torch.Generator()), torch.Generator):
         raise ValueError(f"generator={extra['generator']!r}: pass a torch.Generator (or none: torch's global seed).")
-    mask = extra.get("attention_mask")
-    model._prepare_special_tokens(config, mask is not None, device=input_ids.device, batch_size=1)
-    if mask is None:  # as plain generate: pad tokens in the prompt are padding when the pad differs from EOS
-        mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
-    check_left_padding(mask, config.pad_token_id)
+    mask = prompt_mask(model, config, input_ids, extra.get("attention_mask"))
     length = input_ids.shape[1]
     config = model._prepare_generated_length(config, default_max_length, default_min_length, "input_ids", length,
                                              input_ids)
     model._validate_generated_length(config, length, default_max_length)
-    prompt = input_ids if bool(mask.all()) else input_ids[:, mask[0].bool()]  # padding carries nothing
     eos = config._eos_token_tensor
     padding = 0 if bool(mask.all()) else int((mask[0] != 0).int().argmax())  # what the repetition penalty skips
     processors = build_processors(model, config, input_ids, padding, extra)
     record = bool(config.return_dict_in_generate and (config.output_scores or config.output_logits))
+    text_readers = [type(p).__name__ for p in processors if not isinstance(p, SCORES_ONLY)]
+    check_batch_features(len(input_ids), {
+        "do_sample=True": config.do_sample, "output_scores/output_logits": record,
+        "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens, "prune_threshold": extra.get("prune_threshold"),
+        "a streamer": extra.get("streamer") is not None,
+        f"logits processors that read the text ({', '.join(text_readers)})": text_readers,
+    })
     needed = processors or config.do_sample or record
     scorer = NodeScorer(processors, bool(config.do_sample), record) if needed else None
-    options = DecodeOptions(extra.get("generator"), build_stopping_criteria(model, config, extra), input_ids, record)
-    return SpeculativeRequest(input_ids, prompt, config, config.max_length - length,
+    pad = config._pad_token_tensor
+    options = DecodeOptions(extra.get("generator"), build_stopping_criteria(model, config, extra), record,
+                            None if pad is None else int(pad))
+    return SpeculativeRequest(input_ids, mask, config, config.max_length - length,
                               set() if eos is None else set(eos.tolist()), scorer, options, extra)
 
 
-def check_batch(input_ids: torch.Tensor) -> None:
-    if input_ids.shape[0] != 1:
+def prompt_mask(model, config: GenerationConfig, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The prompt's attention mask (B, P), checked: given, or inferred from pad_token_id as
+    plain generate infers it (pad tokens are padding when the pad differs from EOS); left
+    padding only. A batch without a mask whose rows start with the pad token is refused:
+    its padding would be read as text."""
+    batch = len(input_ids)
+    model._prepare_special_tokens(config, mask is not None, device=input_ids.device, batch_size=batch)
+    if mask is None:
+        mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
+        pad = config._pad_token_tensor
+        if batch > 1 and pad is not None and bool(mask.all()) and bool((input_ids[:, 0] == pad).any()):
+            raise ValueError(
+                f"a batch of {batch} prompts without an attention_mask, some starting with pad_token_id={int(pad)}: "
+                "their padding would be read as text; pass the attention_mask of the padded batch "
+                "(tokenizer(prompts, padding=True, return_tensors='pt') gives it, with padding_side='left')."
+            )
+    check_left_padding(mask, config.pad_token_id)
+    return mask
+
+
+def check_batch_features(batch: int, features: dict) -> None:
+    """A batch decodes greedily, every row with its own tree: a ValueError naming every
+    feature in use (``features``: name -> in use) that needs a single prompt."""
+    used = [name for name, in_use in features.items() if in_use]
+    if batch > 1 and used:
         raise ValueError(
-            f"speculative_streaming=True decodes one sequence at a time, got a batch of {input_ids.shape[0]}; "
-            "loop over the prompts (or use plain generate() for batched greedy decoding)."
+            f"a batch of {batch} prompts decodes greedily, row by row; {', '.join(used)} need{'s' * (len(used) == 1)} "
+            "one prompt at a time: pass the prompts one by one (batch 1), or drop "
+            f"{'it' if len(used) == 1 else 'them'}."
         )
 
 
-def check_left_padding(mask: torch.Tensor, pad_token_id) -> None:
-    """Batch 1 takes left padding only (masked tokens before the first real one), which
-    the model can skip with the same output as plain generate."""
-    real = mask[0] != 0
-    if not bool(real.any()) or not bool(real[int(real.int().argmax()):].all()):
+def check_left_padding(mask: torch.Tensor, pad_token_id=None) -> None:
+    """Prompts take left padding only (masked tokens before each row's first real one),
+    which the model skips with the same output as plain generate."""
+    real = mask != 0  # (B, P)
+    first_real = real.int().argmax(dim=1)
+    after_first = torch.arange(real.shape[1], device=real.device) >= first_real[:, None]
+    if not bool(real.any(dim=1).all()) or not bool(real[after_first].all()):
+        inferred = "" if pad_token_id is None else \
+            f" (a mask inferred from pad_token_id={pad_token_id} when none is given)"
+        problem = "every token of a prompt" if not bool(real.any(dim=1).all()) else "tokens after a prompt's first real one"
         raise ValueError(
-            f"the attention mask masks {'every token' if not bool(real.any()) else 'tokens after the first real one'} "
-            f"of the prompt (a mask inferred from pad_token_id={pad_token_id} when none is given): speculative "
-            "streaming takes left padding only; pass an attention_mask, or a pad_token_id that is not in the text."
+            f"the attention mask masks {problem}{inferred}: speculative streaming takes left padding only; "
+            "pad on the left (tokenizer padding_side='left') and pass its attention_mask, or a pad_token_id that "
+            "is not in the text."
         )
+
+
+def pack_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Each row's real tokens from slot 0 (left padding removed): (B, P') with P' the
+    longest row, a shorter row followed by filler (copies of its last token, which the
+    model never attends to), and each row's length (B,)."""
+    width = input_ids.shape[1]
+    if attention_mask is None or bool(attention_mask.all()):
+        return input_ids, torch.full((len(input_ids),), width, device=input_ids.device)
+    check_left_padding(attention_mask)
+    lengths = (attention_mask != 0).sum(dim=1)
+    start = width - lengths  # (B,): where each row's real tokens begin
+    index = (torch.arange(int(lengths.max()), device=input_ids.device) + start[:, None]).clamp(max=width - 1)
+    return input_ids.gather(1, index), lengths
 
 
 def build_processors(model, config: GenerationConfig, input_ids: torch.Tensor, padding: int,

@@ -139,31 +139,33 @@ def _build_tree_buffers(tree_widths: tuple, device, num_streams, lookup_length: 
 
 def draft_tree(root: torch.Tensor, stream_logits: torch.Tensor | None, buffers: TreeBuffers,
                lookup_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Tokens of every tree node. root: () token; stream_logits: (gamma, vocab) at the
-    last accepted node (stream j's top-k fills depth j); lookup_tokens: (L,) the lookup
-    chain's drafts (any tokens when there is no match: verification rejects wrong ones)."""
+    """Tokens of every tree node, (n,) per sequence. root: () token, or (B,) for a batch;
+    stream_logits: (gamma, vocab), or (B, gamma, vocab), at each sequence's last accepted
+    node (stream j's top-k fills depth j); lookup_tokens: (L,) (or (B, L)) the lookup
+    chain's drafts (any tokens when there is no match: verification rejects wrong ones).
+    Returns (n,), or (B, n)."""
     if buffers.size == 1:
-        return root.reshape(1)
+        return root[..., None]
     depths, ranks = buffers.depths[1:], buffers.topk_ranks[1:]
-    drafts = torch.zeros_like(depths)
+    drafts = torch.zeros(*root.shape, len(depths), dtype=depths.dtype, device=depths.device)
     if buffers.widths:
-        top = stream_logits[: len(buffers.widths)].topk(max(buffers.widths), dim=-1).indices
-        drafts = top[(depths - 1).clamp(max=len(buffers.widths) - 1), ranks.clamp(min=0)]
+        top = stream_logits[..., : len(buffers.widths), :].topk(max(buffers.widths), dim=-1).indices
+        drafts = top[..., (depths - 1).clamp(max=len(buffers.widths) - 1), ranks.clamp(min=0)]
     if buffers.lookup_length:
-        chain = lookup_tokens[(depths - 1).clamp(max=buffers.lookup_length - 1)]
+        chain = lookup_tokens[..., (depths - 1).clamp(max=buffers.lookup_length - 1)]
         drafts = torch.where(ranks == LOOKUP, chain, drafts)
-    return torch.cat([root.reshape(1), drafts])
+    return torch.cat([root[..., None], drafts], dim=-1)
 
 
 def evaluate_paths(tree_tokens: torch.Tensor, predictions: torch.Tensor, buffers: TreeBuffers):
-    """Greedy verification. predictions (n,): the main-stream argmax at each node.
-    Returns (best path index, accepted drafts on it) as 0-d tensors; ties go to the first
-    path, so the choice is deterministic."""
-    path_tokens = tree_tokens[buffers.paths]
-    path_predictions = predictions[buffers.paths]
+    """Greedy verification. predictions (n,) (or (B, n), one row per sequence): the
+    main-stream argmax at each node. Returns (best path index, accepted drafts on it), 0-d
+    tensors (or (B,)); ties go to the first path, so the choice is deterministic."""
+    path_tokens = tree_tokens[..., buffers.paths]  # (..., paths, D + 1)
+    path_predictions = predictions[..., buffers.paths]
     on_path = torch.arange(buffers.max_depth, device=tree_tokens.device) < buffers.path_depths[:, None]
-    matches = ((path_tokens[:, 1:] == path_predictions[:, :-1]) & on_path).int().cumprod(dim=1).sum(dim=1)
-    return matches.argmax(), matches.max()  # (not matches[best]: a 0-d tensor index syncs the host)
+    matches = ((path_tokens[..., 1:] == path_predictions[..., :-1]) & on_path).int().cumprod(dim=-1).sum(dim=-1)
+    return matches.argmax(dim=-1), matches.max(dim=-1).values  # (not matches[best]: a 0-d index syncs the host)
 
 
 def prune_mask(tree_tokens: torch.Tensor, early_exit_logits: torch.Tensor, buffers: TreeBuffers,

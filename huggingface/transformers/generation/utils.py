@@ -20,6 +20,13 @@ One step, with ``L`` tokens cached and ``root`` the last token emitted (not yet 
 A step emits the accepted drafts plus the correction: at least one token, so output is
 greedy decoding's, token for token, whatever the streams draft.
 
+A batch (B, P) of left-padded prompts decodes as B independent sequences in one forward
+per step: each row's prompt sits in the cache from slot 0 (positions from 0 at its first
+real token, as upstream computes them from the attention mask), each row drafts its own
+tree from its own stream states, accepts its own path and compacts it after its own
+length; finished rows leave the batch, and the output is right-padded with
+``pad_token_id`` (docs/method.md, section 7).
+
 With logits processors (``repetition_penalty``, ``min_new_tokens``, ...) each node's
 prediction is the argmax after them, each node seeing its own prefix (`request.NodeScorer`);
 with ``do_sample=True`` verification samples instead (`speculative_tree.sample_path`):
@@ -37,8 +44,8 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
-from ..cache_utils import VariableLengthKVCache
-from .request import DecodeOptions, NodeScorer, check_batch, prepare_request
+from ..cache_utils import VariableLengthKVCache, select_per_row
+from .request import DecodeOptions, NodeScorer, pack_prompts, prepare_request
 from .tree_search import by_size, choose_tree, probe_step_seconds
 from .speculative_tree import (
     DEFAULT_MAX_NGRAM,
@@ -63,31 +70,36 @@ def _no_timer(name: str):
 
 @dataclass
 class SpeculativeStreamingOutput(ModelOutput):
-    """sequences: (1, prompt + new). num_forward_calls: prefill + tree steps.
+    """sequences: (B, P + new): the prompts as given (left padding included), then each
+    row's new tokens, right-padded with ``pad_token_id`` to the longest row, as plain
+    generate pads them. num_forward_calls: prefill + tree steps (of the whole batch).
     accepted_lengths: tokens gained by each tree step (accepted drafts + correction); the
     prefill's single token is not in it, so ``1 + sum(accepted_lengths) >= new tokens``
     (equal unless EOS or max_new_tokens cut the last step). tree_sizes: tree nodes that
     went through the top layers in each step (fewer than the tree when pruning).
     lookup_accepted: accepted drafts that came from the prompt-lookup branch (the rest of
     ``sum(accepted_lengths) - len(accepted_lengths)`` came from the streams).
-    scores / logits (``output_scores`` / ``output_logits``): one (1, V) float32 tensor per
-    new token, as plain generate returns them: what the token was chosen from (after
-    processors and warpers), and the raw logits."""
+    With B > 1, ``accepted_lengths``, ``tree_sizes`` and ``lookup_accepted`` hold one entry
+    per row, each what that row alone would report (its steps up to its own end).
+    scores / logits (``output_scores`` / ``output_logits``, batch 1): one (1, V) float32
+    tensor per new token, as plain generate returns them: what the token was chosen from
+    (after processors and warpers), and the raw logits."""
 
     sequences: torch.Tensor | None = None
     num_forward_calls: int | None = None
     accepted_lengths: list | None = None
     tree_sizes: list | None = None
-    lookup_accepted: int | None = None
+    lookup_accepted: int | list | None = None
     scores: tuple | None = None
     logits: tuple | None = None
 
 
 # ----------------------------------------------------------------------------------------
-# One host loop; the dynamic path and the fixed-shape path supply its two step functions
+# One host loop; the dynamic path and the fixed-shape path supply its step functions
 # ----------------------------------------------------------------------------------------
 class TreeDecodingSteps(Protocol):
-    """What a decoding path gives `decode`: device work only, no host logic.
+    """What a decoding path gives `decode`: device work only, no host logic. A batch's
+    rows are independent sequences: each drafts, verifies and accepts its own path.
 
     ``lookup_length``: nodes of the tree's prompt-lookup branch (0: none).
     ``draw_shape``: the uniforms one sampling step consumes (None: greedy, no randomness).
@@ -95,14 +107,20 @@ class TreeDecodingSteps(Protocol):
     ``text``, (1, H): the prompt as given plus the new tokens).
     ``recorded``: with a recording scorer, after each call: (scores, logits) float32 rows
     of the nodes on the chosen path, root first; None otherwise.
-    ``prefill(input_ids, max_new_tokens, text, uniforms)`` puts the prompt (1, P) in the
-    cache and returns the first new token as a (1,) tensor (``uniforms``: one 0-d uniform
-    when sampling). ``step(remaining, timer, lookup, text, uniforms)`` runs one draft-verify
-    step (at most ``remaining`` tokens are still wanted; ``lookup`` holds up to
-    ``lookup_length`` drafts for the lookup branch; ``uniforms``: ``draw_shape`` of them when
-    sampling) and returns its summary, the step's only device-to-host copy: ``[accepted
-    drafts, nodes run, 1 if they came from the lookup branch else 0, tokens on the chosen
-    path (D + 1), the token chosen after each of them (D + 1)]``.
+    (Lookup, sampling, processors that read the text and recording: batch 1 only.)
+    ``prefill(input_ids, max_new_tokens, text, uniforms, prompt_lengths)`` puts the
+    prompts (B, P) in the cache, each row's from slot 0 (``prompt_lengths`` (B,): its real
+    tokens, the rest of the row is filler; None: all P) and returns each row's first new
+    token (B,) (``uniforms``: one 0-d uniform when sampling). ``step(remaining, timer,
+    lookup, text, uniforms)`` runs one draft-verify step for every row it decodes (the
+    rows still unfinished want at most ``remaining`` tokens; ``lookup`` holds up to
+    ``lookup_length`` drafts for the lookup branch; ``uniforms``: ``draw_shape`` of them
+    when sampling) and returns its summary (rows, S), the step's only device-to-host
+    copy, per row: ``[accepted drafts, nodes run, 1 if they came from the lookup branch
+    else 0, tokens on the chosen path (D + 1), the token chosen after each of them (D + 1)]``.
+    ``keep_rows(indices)``: only the rows at ``indices`` (of those it decodes now) still
+    need tokens; returns True if it dropped the others (later summaries cover the kept
+    rows only), False if it keeps decoding them (fixed shapes; their tokens are ignored).
     """
 
     lookup_length: int
@@ -110,34 +128,45 @@ class TreeDecodingSteps(Protocol):
     needs_text: bool
     recorded: tuple | None
 
-    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int, text=None, uniforms=None) -> torch.Tensor: ...
+    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int, text=None, uniforms=None,
+                prompt_lengths: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def step(self, remaining: int, timer, lookup: list[int] = (), text=None, uniforms=None) -> torch.Tensor: ...
 
+    def keep_rows(self, indices: list[int]) -> bool: ...
+
 
 def step_summary(accepted, nodes, from_lookup, path_tokens, path_predictions) -> torch.Tensor:
-    """Pack a step's result in the layout `read_step_summary` reads (see `TreeDecodingSteps`)."""
-    head = torch.stack([accepted, nodes.to(accepted.dtype), from_lookup.to(accepted.dtype)])
-    return torch.cat([head, path_tokens, path_predictions])
+    """Pack a step's result per row, (B, S), in the layout `read_step_summary` reads (see
+    `TreeDecodingSteps`): accepted, nodes, from_lookup (B,); path tokens and predictions (B, D + 1)."""
+    head = torch.stack([accepted, nodes.to(accepted.dtype), from_lookup.to(accepted.dtype)], dim=-1)
+    return torch.cat([head, path_tokens, path_predictions], dim=-1)
 
 
 def read_step_summary(summary: list[int]) -> tuple[list[int], int, int]:
-    """(tokens the step gained: accepted drafts then the correction, nodes run, accepted
-    drafts that came from the lookup branch)."""
+    """One row's (tokens the step gained: accepted drafts then the correction, nodes run,
+    accepted drafts that came from the lookup branch)."""
     accepted, nodes, from_lookup, path = summary[0], summary[1], summary[2], summary[3:]
     depth = len(path) // 2 - 1
     tokens, predictions = path[: depth + 1], path[depth + 1 :]
     return tokens[1 : accepted + 1] + [predictions[accepted]], nodes, accepted * from_lookup
 
 
-def check_generation_request(config, input_ids: torch.Tensor, max_new_tokens: int) -> None:
-    check_batch(input_ids)
+def check_generation_request(config, batch: int, longest_prompt: int, max_new_tokens: int, eos_token_ids,
+                             options: DecodeOptions) -> None:
+    """A ValueError, before any work, for a request no decoding can serve: no new tokens, the
+    longest prompt past the context, or rows that may end apart with nothing to pad them."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: ask for at least one new token.")
-    if input_ids.shape[1] + max_new_tokens - 1 > config.max_position_embeddings:
+    if longest_prompt + max_new_tokens - 1 > config.max_position_embeddings:
         raise ValueError(
-            f"prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
+            f"prompt of {longest_prompt} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
             f"{config.max_position_embeddings} positions; shorten the prompt or lower max_new_tokens."
+        )
+    if batch > 1 and options.pad_token_id is None and (eos_token_ids or options.stopping_criteria):
+        raise ValueError(
+            f"a batch of {batch} prompts whose rows may end at different lengths needs a pad_token_id to "
+            "right-pad the shorter outputs with; pass pad_token_id."
         )
 
 
@@ -186,53 +215,106 @@ def draw_uniforms(shape: tuple | None, generator: torch.Generator | None, device
     return torch.rand(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
 
 
+class RowOutputs:
+    """Each request row's `TokenSink` (its text: the row as given, left padding included,
+    then its new tokens) and step statistics, and the output they make."""
+
+    def __init__(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids, options: DecodeOptions):
+        self.max_new_tokens = max_new_tokens
+        self.sinks = [TokenSink(max_new_tokens, eos_token_ids, options.stopping_criteria, row.tolist(), options.record,
+                                input_ids.device) for row in input_ids]
+        self.accepted_lengths = [[] for _ in self.sinks]
+        self.tree_sizes = [[] for _ in self.sinks]
+        self.lookup_accepted = [0] * len(self.sinks)
+        self.steps = 0
+
+    def unfinished(self, rows: list[int]) -> list[int]:
+        """Indices into ``rows`` (request rows) of those still wanting tokens."""
+        return [i for i, row in enumerate(rows) if not self.sinks[row].stopped]
+
+    def remaining(self, rows: list[int]) -> int:
+        """The most tokens an unfinished row among ``rows`` still wants."""
+        return max(self.max_new_tokens - len(self.sinks[row].generated) for row in rows if not self.sinks[row].stopped)
+
+    def add_first(self, tokens: list[int], recorded) -> list[list[int]]:
+        return [sink.add([token], recorded) for sink, token in zip(self.sinks, tokens)]
+
+    def add_step(self, rows: list[int], summary: list[list[int]], recorded) -> list[list[int]]:
+        """A step's tokens, ``summary[i]`` for request row ``rows[i]``; finished rows take
+        nothing. Returns the tokens each of ``rows`` emitted."""
+        self.steps += 1
+        emitted = []
+        for row, row_summary in zip(rows, summary):
+            if self.sinks[row].stopped:
+                emitted.append([])
+                continue
+            new_tokens, nodes, from_lookup = read_step_summary(row_summary)
+            self.accepted_lengths[row].append(len(new_tokens))
+            self.tree_sizes[row].append(nodes)
+            self.lookup_accepted[row] += from_lookup
+            emitted.append(self.sinks[row].add(new_tokens, recorded))
+        return emitted
+
+    def result(self, input_ids: torch.Tensor, pad_token_id: int | None) -> SpeculativeStreamingOutput:
+        """The prompts as given, then each row's tokens right-padded with ``pad_token_id``
+        (needed only when rows differ: `check_generation_request`)."""
+        longest = max(len(sink.generated) for sink in self.sinks)
+        rows = [sink.generated + [pad_token_id] * (longest - len(sink.generated)) for sink in self.sinks]
+        new = torch.tensor(rows, device=input_ids.device, dtype=input_ids.dtype).reshape(len(rows), longest)
+        def per_row(values):  # batch 1: that row's values, as before batches existed
+            return values[0] if len(values) == 1 else values
+        first = self.sinks[0]
+        return SpeculativeStreamingOutput(
+            sequences=torch.cat([input_ids, new], dim=1), num_forward_calls=1 + self.steps,
+            accepted_lengths=per_row(self.accepted_lengths), tree_sizes=per_row(self.tree_sizes),
+            lookup_accepted=per_row(self.lookup_accepted),
+            scores=None if first.scores is None else tuple(first.scores),
+            logits=None if first.logits is None else tuple(first.logits),
+        )
+
+
 @torch.no_grad()
 def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_tokens: int,
            eos_token_ids=(), streamer=None, timer=None, max_ngram: int = DEFAULT_MAX_NGRAM,
-           options: DecodeOptions | None = None) -> SpeculativeStreamingOutput:
-    """Batch-1 tree decoding: prefill, then steps until EOS, ``max_new_tokens`` or another
-    stopping criterion (``options``); every token is chosen as plain generate chooses it
-    (module docstring). The host proposes the lookup branch (``max_ngram``: longest n-gram
-    matched) from the text so far, and draws sampling's uniforms (``options.generator``)."""
-    check_generation_request(config, input_ids, max_new_tokens)
+           options: DecodeOptions | None = None, attention_mask: torch.Tensor | None = None
+           ) -> SpeculativeStreamingOutput:
+    """Tree decoding of the prompts ``input_ids`` (B, P) (left padding marked by
+    ``attention_mask``; None: none): prefill, then steps until every row has met EOS,
+    ``max_new_tokens`` or another stopping criterion (``options``); every row's tokens are
+    chosen as plain generate chooses them for that row alone (module docstring). Finished
+    rows leave the batch where the path can drop them (`TreeDecodingSteps.keep_rows`). The
+    host proposes the lookup branch (``max_ngram``: longest n-gram matched) from the text so
+    far, and draws sampling's uniforms (``options.generator``): both batch 1 only."""
     options, timer = options or DecodeOptions(), timer or _no_timer
-    prefix = input_ids if options.text_prefix is None else options.text_prefix
-    sink = TokenSink(max_new_tokens, eos_token_ids, options.stopping_criteria, prefix[0].tolist(), options.record,
-                     input_ids.device)
-    def text():
-        return sink.text() if steps.needs_text else None
+    prompts, lengths = pack_prompts(input_ids, attention_mask)  # (B, P'): each row's tokens from slot 0
+    check_generation_request(config, len(prompts), prompts.shape[1], max_new_tokens, eos_token_ids, options)
+    outputs = RowOutputs(input_ids, max_new_tokens, eos_token_ids, options)
+    def text():  # processors that read the text: batch 1
+        return outputs.sinks[0].text() if steps.needs_text else None
     first_draw = () if steps.draw_shape is not None else None
     with timer("prefill"):
-        first = steps.prefill(input_ids, max_new_tokens, text=text(),
+        first = steps.prefill(prompts, max_new_tokens, text=text(), prompt_lengths=lengths,
                               uniforms=draw_uniforms(first_draw, options.generator, input_ids.device))
-    emitted = sink.add(first.tolist(), steps.recorded)
+    emitted = outputs.add_first(first.tolist(), steps.recorded)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-        streamer.put(torch.tensor(emitted))
-    context = input_ids[0].tolist() + emitted if steps.lookup_length else None
-    accepted_lengths, tree_sizes, lookup_accepted = [], [], 0
-    while not sink.stopped:
+        streamer.put(torch.tensor(emitted[0]))
+    context = prompts[0].tolist() + emitted[0] if steps.lookup_length else None
+    rows = list(range(len(prompts)))  # the request row of each row the steps decode
+    while unfinished := outputs.unfinished(rows):
+        if len(unfinished) < len(rows) and steps.keep_rows(unfinished):
+            rows = [rows[i] for i in unfinished]
         lookup = propose_lookup(context, steps.lookup_length, max_ngram) if context is not None else []
         uniforms = draw_uniforms(steps.draw_shape, options.generator, input_ids.device)
-        summary = steps.step(max_new_tokens - len(sink.generated), timer, lookup, text=text(), uniforms=uniforms)
-        new_tokens, nodes, from_lookup = read_step_summary(summary.tolist())
-        accepted_lengths.append(len(new_tokens))
-        tree_sizes.append(nodes)
-        lookup_accepted += from_lookup
-        emitted = sink.add(new_tokens, steps.recorded)
+        summary = steps.step(outputs.remaining(rows), timer, lookup, text=text(), uniforms=uniforms)
+        emitted = outputs.add_step(rows, summary.tolist(), steps.recorded)
         if context is not None:
-            context += emitted
+            context += emitted[0]
         if streamer is not None:
-            streamer.put(torch.tensor(emitted))
+            streamer.put(torch.tensor(emitted[0]))
     if streamer is not None:
         streamer.end()
-    new = torch.tensor([sink.generated], device=input_ids.device, dtype=input_ids.dtype)
-    return SpeculativeStreamingOutput(
-        sequences=torch.cat([input_ids, new], dim=1), num_forward_calls=1 + len(accepted_lengths),
-        accepted_lengths=accepted_lengths, tree_sizes=tree_sizes, lookup_accepted=lookup_accepted,
-        scores=None if sink.scores is None else tuple(sink.scores),
-        logits=None if sink.logits is None else tuple(sink.logits),
-    )
+    return outputs.result(input_ids, options.pad_token_id)
 
 
 def lookup_tensor(lookup: list[int], length: int, filler: int, device) -> torch.Tensor:
@@ -242,15 +324,15 @@ def lookup_tensor(lookup: list[int], length: int, filler: int, device) -> torch.
     return torch.tensor((lookup + [filler] * length)[:length], device=device)
 
 
-def first_token(scorer: NodeScorer | None, logits: torch.Tensor, text=None, uniform=None):
-    """The first new token from the prompt's last logits (1, V): the argmax, or through
-    ``scorer`` the processed scores' argmax, or a sample when ``uniform`` is given. Returns
-    (token (0-d), recorded (scores, logits) or None)."""
+def first_tokens(scorer: NodeScorer | None, logits: torch.Tensor, text=None, uniform=None):
+    """Each row's first new token from its prompt's last logits (B, V): the argmax, or
+    through ``scorer`` the processed scores' argmax, or (batch 1) a sample when ``uniform``
+    is given. Returns (tokens (B,), recorded (scores, logits) or None)."""
     if scorer is None:
-        return logits[0].argmax(), None
+        return logits.argmax(dim=-1), None
     scores = scorer(logits, text)
-    token = scores[0].argmax() if uniform is None else sample_from(scores[0].softmax(dim=-1), uniform)
-    return token, (scores, logits.float()) if scorer.record else None
+    tokens = scores.argmax(dim=-1) if uniform is None else sample_from(scores[0].softmax(dim=-1), uniform)[None]
+    return tokens, (scores, logits.float()) if scorer.record else None
 
 
 def chosen_after(tree_tokens: torch.Tensor, path: torch.Tensor, accepted: torch.Tensor, token: torch.Tensor):
@@ -268,7 +350,10 @@ class DynamicTreeSteps:
     ``prune_threshold`` the early-exit adapter drops unlikely nodes mid-forward
     (`prune_mask`): fewer nodes run, the output (or its distribution) is unchanged.
     ``scorer``: processors, warpers, sampling (`request.NodeScorer`); None: greedy on the
-    raw logits, the fast path."""
+    raw logits, the fast path. A batch's rows share one tree shape per step (cut for the
+    row nearest the context's end, or to the most tokens a row still wants) and each
+    accepts its own path; finished rows leave the batch (`keep_rows`). Pruning, sampling,
+    processors that read the text and lookup: batch 1."""
 
     def __init__(self, model, tree_widths=DEFAULT_TREE_WIDTHS, prune_threshold: float = 0.0,
                  lookup_length: int = 0, scorer: NodeScorer | None = None):
@@ -287,68 +372,90 @@ class DynamicTreeSteps:
         self.draw_shape = uniforms_shape(self.tree) if scorer is not None and scorer.do_sample else None
         self.cache = self.root = self.root_streams = self.recorded = None
 
-    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int, text=None, uniforms=None) -> torch.Tensor:
-        prompt_length = input_ids.shape[1]
-        self.cache = VariableLengthKVCache(self.model.config, 1, prompt_length + max_new_tokens + self.tree.size,
-                                           input_ids.device, self.model.dtype)
-        last = torch.tensor([prompt_length - 1], device=input_ids.device)
-        out = self.model.run_tree(input_ids, self.cache, torch.arange(prompt_length, device=input_ids.device)[None],
-                                  streams=self.streams, logit_positions=last)
-        self.root, self.recorded = first_token(self.scorer, out.logits[0], text, uniforms)
-        self.root_streams = out.stream_states[0, :, 0] if self.streams else None
-        return self.root.reshape(1)
+    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int, text=None, uniforms=None,
+                prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        batch, width = input_ids.shape
+        device = input_ids.device
+        lengths = torch.full((batch,), width, device=device) if prompt_lengths is None else prompt_lengths
+        self.cache = VariableLengthKVCache(self.model.config, batch, width + max_new_tokens + self.tree.size, device,
+                                           self.model.dtype)
+        out = self.model.run_tree(input_ids, self.cache, torch.arange(width, device=device)[None],
+                                  streams=self.streams, logit_positions=(lengths - 1)[:, None])
+        self.cache.set_length(lengths)  # a shorter row's filler slots become stale
+        self.root, self.recorded = first_tokens(self.scorer, out.logits[:, 0], text, uniforms)  # (B,)
+        self.root_streams = out.stream_states[:, :, 0] if self.streams else None  # (B, gamma, H)
+        return self.root
 
     def step(self, remaining: int, timer, lookup: list[int] = (), text=None, uniforms=None) -> torch.Tensor:
-        prefix = self.cache.length
-        cut = self.context - 1 - prefix if uniforms is not None else min(remaining - 1, self.context - 1 - prefix)
+        start = self.cache.length.clone()  # (B,)
+        room = self.context - 1 - self.cache.span  # the row nearest the context's end decides
+        cut = room if uniforms is not None else min(remaining - 1, room)
         tree = self.trees[min(self.tree.max_depth, cut), bool(lookup)]
         with timer("draft"):
-            stream_logits = self.model.draft_logits(self.root_streams) if tree.widths else None
+            stream_logits = self.model.draft_logits(self.root_streams) if tree.widths else None  # (B, gamma, V)
             chain = lookup_tensor(list(lookup), tree.lookup_length, 0, self.root.device)
-            tokens = draft_tree(self.root, stream_logits, tree, chain)
+            tokens = draft_tree(self.root, stream_logits, tree, chain)  # (B, n)
         with timer("forward"):
-            out = self.model.run_tree(tokens[None], self.cache, (prefix + tree.depths)[None], tree.tree_mask,
+            out = self.model.run_tree(tokens, self.cache, start[:, None] + tree.depths, tree.tree_mask,
                                       streams=self.streams, early_exit_filter=self._pruner(tokens, tree))
         with timer("verify"):
             path, accepted, choices, rows = self._verify(tokens, out, tree, len(lookup), text, uniforms)
-            slots = rows[: int(accepted) + 1]
-            self.cache.compact(prefix, prefix + slots)
-            self.root = choices[accepted]
-            if self.streams:
-                self.root_streams = out.stream_states[0, :, slots[-1]]
-        nodes = tree.size if out.kept is None else out.kept.numel()
-        from_lookup = tree.is_lookup[path[min(1, tree.max_depth)]]
-        return step_summary(accepted, torch.tensor(nodes, device=tokens.device), from_lookup, tokens[path], choices)
+            # each row's whole path moves next to its prefix; its accepted nodes count
+            self.cache.compact(start, start[:, None] + rows.clamp(min=0), accepted + 1)
+            self.root = choices.gather(1, accepted[:, None])[:, 0]
+            if self.streams:  # the stream states at each row's last accepted node
+                self.root_streams = select_per_row(out.stream_states, rows.gather(1, accepted[:, None]), 2)[:, :, 0]
+        nodes = torch.full_like(accepted, tree.size if out.kept is None else out.kept.numel())
+        from_lookup = tree.is_lookup[path[:, min(1, tree.max_depth)]]
+        return step_summary(accepted, nodes, from_lookup, tokens.gather(1, path), choices)
+
+    def keep_rows(self, indices: list[int]) -> bool:
+        index = torch.tensor(indices, device=self.root.device)
+        self.cache.keep_rows(index)
+        self.root = self.root.index_select(0, index)
+        if self.root_streams is not None:
+            self.root_streams = self.root_streams.index_select(0, index)
+        return True
+
+    def _scores(self, logits, text, tokens, tree, kept):
+        """What each node's token is chosen from (B, n, V): the logits, or the scorer's
+        scores (processors that read the text: batch 1, each node seeing its prefix)."""
+        if self.scorer is None:
+            return logits
+        if not self.scorer.needs_text:
+            return self.scorer(logits.flatten(0, 1)).view(logits.shape)
+        return self.scorer(logits[0], text, tokens[0], tree, kept)[None]
 
     def _verify(self, tokens, out, tree, lookup_count: int, text, uniforms):
-        """Greedy (longest matching path) or sampling (`sample_path`) verification on the
-        full tree (pruned nodes can be neither accepted nor chosen). Returns (the chosen
-        path, accepted drafts on it, the token chosen after each path node, each path
-        node's row in the forward)."""
-        logits, kept = out.logits[0], out.kept
+        """Greedy (each row's longest matching path) or sampling (`sample_path`, batch 1)
+        verification on the full tree (pruned nodes can be neither accepted nor chosen).
+        Returns, per row, (the chosen path (B, D + 1), accepted drafts on it (B,), the
+        token chosen after each path node (B, D + 1), each path node's row in the forward
+        (B, D + 1); -1 for a pruned node past the accepted ones)."""
+        logits, kept = out.logits, out.kept  # (B, n', V); kept (n',) when pruning (batch 1)
         rows_of_node = None if kept is None else forward_rows(kept, tree.size)
-        scores = logits if self.scorer is None else self.scorer(logits, text, tokens, tree, kept)
+        scores = self._scores(logits, text, tokens, tree, kept)
         if uniforms is None:
-            predictions = on_full_tree(scores.argmax(dim=-1), rows_of_node, -1)
+            predictions = on_full_tree(scores.argmax(dim=-1), rows_of_node, -1)  # (B, n)
             seen = tokens if kept is None else torch.where(rows_of_node >= 0, tokens, -2)
             best, accepted = evaluate_paths(seen, predictions, tree)
             path = tree.paths[best]
-            choices = predictions[path]
+            choices = predictions.gather(1, path)
         else:
-            probabilities = on_full_tree(scores.softmax(dim=-1), rows_of_node, 0.0)
+            probabilities = on_full_tree(scores.softmax(dim=-1), rows_of_node, 0.0)[0]
             valid = valid_drafts(tree, lookup_count) & (True if kept is None else rows_of_node >= 0)
-            path, accepted, token = sample_path(tokens, probabilities, valid, tree, uniforms)
-            choices = chosen_after(tokens, path, accepted, token)
+            path, accepted, token = sample_path(tokens[0], probabilities, valid, tree, uniforms)
+            path, accepted, choices = path[None], accepted[None], chosen_after(tokens[0], path, accepted, token)[None]
         rows = path if kept is None else rows_of_node[path]
         if self.scorer is not None and self.scorer.record:
-            self.recorded = (scores[rows].float(), logits[rows].float())
+            self.recorded = (scores[0, rows[0]].float(), logits[0, rows[0]].float())
         return path, accepted, choices, rows
 
     def _pruner(self, tokens, tree):
-        """The early-exit filter of a pruned step, or None."""
+        """The early-exit filter of a pruned step (batch 1), or None."""
         if not self.prune_threshold or tree.size == 1:
             return None
-        return lambda logits: prune_mask(tokens, logits[0], tree, self.prune_threshold).nonzero().flatten()
+        return lambda logits: prune_mask(tokens[0], logits[0], tree, self.prune_threshold).nonzero().flatten()
 
 
 def forward_rows(kept: torch.Tensor, size: int) -> torch.Tensor:
@@ -358,12 +465,12 @@ def forward_rows(kept: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def on_full_tree(values: torch.Tensor, rows_of_node: torch.Tensor | None, fill) -> torch.Tensor:
-    """Per-row ``values`` of a (possibly pruned) forward, one per tree node; pruned nodes
-    get ``fill``."""
+    """Per-node ``values`` (B, n', ...) of a (possibly pruned) forward, one per tree node
+    (B, n, ...); pruned nodes get ``fill``."""
     if rows_of_node is None:
         return values
-    present = (rows_of_node >= 0).reshape(-1, *[1] * (values.dim() - 1))
-    return torch.where(present, values[rows_of_node.clamp(min=0)], torch.tensor(fill, dtype=values.dtype))
+    present = (rows_of_node >= 0).reshape(1, -1, *[1] * (values.dim() - 2))
+    return torch.where(present, values[:, rows_of_node.clamp(min=0)], torch.tensor(fill, dtype=values.dtype))
 
 
 def streams_by_default(model, inputs, generation_config, kwargs) -> bool:
@@ -394,10 +501,12 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
     """Upstream `generate`, plus ``speculative_streaming=True`` for tree-draft decoding."""
 
     def generate(self, inputs=None, generation_config=None, speculative_streaming: bool | None = None, **kwargs):
-        """Upstream `generate`; with ``speculative_streaming=True`` tree-draft decoding of one
-        prompt, with the same arguments meaning the same (`request.prepare_request`), plus
-        ``tree_widths`` ("auto", or widths; () for one token per call), ``prune_threshold``,
-        ``step_timer`` and ``generator`` (a `torch.Generator` for sampling's draws)."""
+        """Upstream `generate`; with ``speculative_streaming=True`` tree-draft decoding of a
+        prompt, or of a batch of them (left padding marked by ``attention_mask``; each row
+        decodes as it would alone, greedily), with the same arguments meaning the same
+        (`request.prepare_request`), plus ``tree_widths`` ("auto", or widths; () for one
+        token per call), ``prune_threshold``, ``step_timer`` and ``generator`` (a
+        `torch.Generator` for sampling's draws)."""
         if speculative_streaming is None:  # not passed: the generation config decides
             speculative_streaming = streams_by_default(self, inputs, generation_config, kwargs)
         if not speculative_streaming:
@@ -413,11 +522,9 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
         max_ngram = int(config.max_matching_ngram_size or DEFAULT_MAX_NGRAM)
         steps = DynamicTreeSteps(self, tuple(tree_widths), float(extra.get("prune_threshold") or 0.0), lookup_length,
                                  request.scorer)
-        output = decode(steps, self.config, request.prompt, request.max_new_tokens, request.eos_token_ids,
+        output = decode(steps, self.config, request.input_ids, request.max_new_tokens, request.eos_token_ids,
                         streamer=extra.get("streamer"), timer=extra.get("step_timer"), max_ngram=max_ngram,
-                        options=request.options)
-        if request.prompt is not request.input_ids:
-            output.sequences = torch.cat([request.input_ids, output.sequences[:, request.prompt.shape[1]:]], dim=1)
+                        options=request.options, attention_mask=request.attention_mask)
         output.scores = output.scores if config.output_scores else None
         output.logits = output.logits if config.output_logits else None
         return output if config.return_dict_in_generate else output.sequences

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 from huggingface_hub.dataclasses import strict
 
-from ...cache_utils import KeyLayout, as_model_cache
+from ...cache_utils import KeyLayout, as_model_cache, select_per_row
 from ...generation.utils import SpeculativeStreamingGenerationMixin
 
 logger = logging.get_logger(__name__)
@@ -121,10 +121,11 @@ class AttentionMasks:
 
     def with_streams(self, anchors: torch.Tensor, num_streams: int) -> "AttentionMasks":
         """Append query rows and keys for ``num_streams`` streams at the ``anchors`` (indices
-        into the new tokens). Stream j at anchor a sees what the main stream at a sees
-        (main keys, incl. the local window) plus streams 1..j at a; main rows see no stream."""
+        into the new tokens: (n,) in every row, or (B, n) per row). Stream j at anchor a
+        sees what the main stream at a sees (main keys, incl. the local window) plus streams
+        1..j at a; main rows see no stream."""
         masks = {}
-        n = anchors.numel()
+        n = anchors.shape[-1]
         # stream row (j, s) -> stream key (i, s') allowed iff s == s' and i <= j
         stream_block = torch.kron(
             torch.ones(num_streams, num_streams, dtype=torch.bool, device=anchors.device).tril(),
@@ -132,7 +133,7 @@ class AttentionMasks:
         )
         for kind, mask in self.masks.items():
             batch = mask.shape[0]
-            main_part = mask[:, :, anchors]  # the anchors' own main-stream rows
+            main_part = select_per_row(mask, anchors, 2)  # the anchors' own main-stream rows
             stream_rows = torch.cat(
                 [main_part.repeat(1, 1, num_streams, 1), stream_block.expand(batch, 1, -1, -1)], dim=-1
             )
@@ -151,7 +152,9 @@ def build_attention_masks(
     """Masks for one forward from its `KeyLayout` alone, whichever cache produced it: a
     query sees every cached key, the new keys ``new_block`` allows ((T, T) or (B, T, T);
     None = causal by index), no stale key, and in local layers only keys less than
-    ``window_size`` positions back. ``key_valid`` (B, K) marks padding (False) or is None."""
+    ``window_size`` positions back. ``key_valid`` (B, K) marks padding (False) or is None.
+    With a cached count per row (``layout.cached`` (B,)) each row's new keys start at its
+    own slot."""
     batch, new = layout.query_positions.shape
     keys = layout.key_positions.shape[1]
     device = layout.query_positions.device
@@ -159,15 +162,21 @@ def build_attention_masks(
     plain = plain and key_valid is None and new_block is None
     if new_block is None:
         new_block = torch.ones(new, new, dtype=torch.bool, device=device).tril()
-    offset = torch.arange(keys, device=device) - layout.cached  # key index among the new tokens
+    per_row = torch.is_tensor(layout.cached) and layout.cached.dim() == 1
+    cached = layout.cached[:, None] if per_row else layout.cached  # int, 0-d, or (B, 1)
+    offset = torch.arange(keys, device=device) - cached  # key index among the new tokens: (K,) or (B, K)
     is_new = (offset >= 0) & (offset < new)
-    sees_new = new_block[..., offset.clamp(0, new - 1)] & is_new  # (T, K) or (B, T, K)
-    allowed = ((offset < 0) | sees_new).expand(batch, new, keys)
+    if per_row:  # (B, T, K): each row's own new keys
+        index = offset.clamp(0, new - 1)[:, None, :].expand(-1, new, -1)
+        sees_new = new_block.expand(batch, new, new).gather(2, index)
+    else:  # (T, K) or (B, T, K)
+        sees_new = new_block[..., offset.clamp(0, new - 1)]
+    allowed = ((offset < 0)[..., None, :] | (sees_new & is_new[..., None, :])).expand(batch, new, keys)
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :].bool()
         # a padded query would see nothing and softmax would give NaN: let it see itself
         rows = torch.arange(new, device=device)
-        allowed[:, rows, layout.cached + rows] = True
+        allowed[torch.arange(batch, device=device)[:, None], rows, cached + rows] = True
     masks = {"global": allowed[:, None]}
     if "local" in layer_types:
         distance = layout.query_positions[:, :, None] - layout.key_positions[:, None, :]
@@ -415,7 +424,7 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         (`cache_utils` says how each is seen). ``position_ids`` default to the cached length
         + index. ``tree_mask`` (T, T) bool: which new tokens each new token sees (default
         causal). ``stream_positions``: None (no streams), "all", or indices into the new
-        tokens. ``node_filter``: tree pruning; called at the first stream layer with the
+        tokens ((n,) in every row, or (B, n) per row). ``node_filter``: tree pruning; called at the first stream layer with the
         early-exit hidden states (B, T, H), it returns the ascending indices of the new
         tokens to keep (ancestors of kept ones included); only those go through the top
         layers and into the cache, and the outputs cover them alone.
@@ -444,7 +453,8 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         if stream_positions is not None and self.streams is not None:
             anchors = torch.arange(num_main, device=hidden.device) if isinstance(stream_positions, str) \
                 else stream_positions.to(hidden.device)
-            hidden = torch.cat([hidden, self.streams.initial_states(hidden[:, anchors])], dim=1)  # (B, T + g*n, H)
+            anchor_states = select_per_row(hidden, anchors, 1)  # (B, n, H)
+            hidden = torch.cat([hidden, self.streams.initial_states(anchor_states)], dim=1)  # (B, T + g*n, H)
             masks = masks.with_streams(anchors, self.config.num_spec_streams)
         adapters = self.streams.adapters if self.streams is not None else None
         hidden = self.ln_f(self._run_blocks(self.h[first:], hidden, masks, cache, num_main, adapters))
@@ -596,7 +606,8 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         tokens, position_ids (B, T); cache: a `VariableLengthKVCache` or `FixedShapeKVCache`;
         tree_mask (T, T): ancestors-or-self (None: causal, e.g. a prompt). With ``streams``
         the speculative streams run at every node that gets logits; ``logit_positions``
-        (1-D indices; None: every node) selects those nodes. ``early_exit_filter`` (tree
+        (None: every node; (n,): the same nodes in every row; (B, n): per row, e.g. each
+        row's last prompt token) selects those nodes. ``early_exit_filter`` (tree
         pruning) gets the early-exit logits (B, T, V) at the first stream layer and returns
         the indices of the nodes to keep; ``kept`` reports them.
         """
@@ -606,7 +617,7 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
             input_ids=tokens, past_key_values=cache, position_ids=position_ids, tree_mask=tree_mask,
             stream_positions=anchors if streams and self.config.num_spec_streams else None, node_filter=node_filter,
         )
-        hidden = out.hidden_states if logit_positions is None else out.hidden_states.index_select(1, logit_positions)
+        hidden = out.hidden_states if logit_positions is None else select_per_row(out.hidden_states, logit_positions, 1)
         return TreeStepOutput(self.lm_head(hidden), out.stream_hidden_states, out.kept)
 
     def draft_logits(self, stream_states: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,223 @@
+"""Batches (B > 1) of left-padded prompts: every row decodes exactly as it would alone.
+
+Each row of ``generate(input_ids (B, P), attention_mask=..., speculative_streaming=True)``
+and of `FixedShapeDecoder.generate` must equal greedy decoding of that row's prompt alone,
+without padding, token for token, right-padded with ``pad_token_id`` to the longest row,
+as upstream's batched greedy pads it."""
+import contextlib
+
+import pytest
+import torch
+
+from huggingface.transformers.generation.request import pack_prompts
+from spec_stream import FixedShapeDecoder
+from tests.helpers import TINY, phrase_text, tiny_model, upstream_twin
+
+NEW = 24
+PAD = 0
+TREES = [(), (1, 1, 1), (4, 3, 2)]
+
+
+def random_rows(count, generator, low=1, high=30):
+    lengths = torch.randint(low, high, (count,), generator=generator)
+    return [torch.randint(1, TINY["vocab_size"], (int(n),), generator=generator) for n in lengths]
+
+
+def phrase_rows(count, generator, low=2, high=30):
+    lengths = torch.randint(low, high, (count,), generator=generator)
+    return [phrase_text(1, int(n), generator)[0] for n in lengths]
+
+
+def left_padded(rows, pad=PAD):
+    """(B, P) prompts padded on the left with ``pad``, and their attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def alone(reference, row, max_new_tokens=NEW, eos=None) -> list[int]:
+    """Greedy decoding of one prompt without padding: its new tokens."""
+    out = reference.generate(row[None], do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                             pad_token_id=PAD)
+    return out[0, len(row):].tolist()
+
+
+def expected(ids, new_rows, pad=PAD):
+    """The prompts as given, then each row's tokens right-padded to the longest row."""
+    longest = max(len(new) for new in new_rows)
+    new = torch.tensor([new + [pad] * (longest - len(new)) for new in new_rows], dtype=torch.long)
+    return torch.cat([ids, new.reshape(len(new_rows), longest)], dim=1)
+
+
+def speculative(model, ids, mask, tree_widths, max_new_tokens=NEW, eos=None, **kwargs):
+    return model.generate(ids, attention_mask=mask, speculative_streaming=True, tree_widths=tree_widths,
+                          max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=PAD,
+                          return_dict_in_generate=True, **kwargs)
+
+
+def early_eos(new_rows) -> int:
+    """A token some row emits early (its 3rd), so that rows end at different lengths."""
+    return new_rows[0][2]
+
+
+def check_statistics(out, new_rows, tree_widths):
+    """Per-row step statistics: each row's own steps, the batch's calls those of its longest row."""
+    assert len(out.accepted_lengths) == len(new_rows) == len(out.tree_sizes)
+    for gained, new in zip(out.accepted_lengths, new_rows):
+        assert len(new) <= 1 + sum(gained) and all(1 <= n <= 1 + len(tree_widths) for n in gained)
+    assert out.num_forward_calls == 1 + max(len(gained) for gained in out.accepted_lengths)
+
+
+def check_batches(model, reference, rows_of, tree_widths, seed, batches=(2, 3, 5, 8)):
+    """Both paths, with and without an EOS that ends some rows early, against each row alone."""
+    generator = torch.Generator().manual_seed(seed)
+    decoder = FixedShapeDecoder(model, tree_widths, cuda_graphs=False, prefill_buckets=(16, 32))
+    ended_early = 0
+    for batch in batches:
+        rows = rows_of(batch, generator)
+        ids, mask = left_padded(rows)
+        plain = [alone(reference, row) for row in rows]
+        eos = early_eos(plain)
+        stopped = [alone(reference, row, eos=eos) for row in rows]
+        ended_early += sum(len(new) < NEW for new in stopped)
+        for eos_token, new_rows in ((None, plain), (eos, stopped)):
+            out = speculative(model, ids, mask, tree_widths, eos=eos_token)
+            assert torch.equal(out.sequences, expected(ids, new_rows)), (batch, eos_token)
+            check_statistics(out, new_rows, tree_widths)
+            fixed = decoder.generate(ids, NEW, set() if eos_token is None else {eos_token}, attention_mask=mask,
+                                     pad_token_id=PAD)
+            assert torch.equal(fixed.sequences, expected(ids, new_rows)), (batch, eos_token)
+            check_statistics(fixed, new_rows, tree_widths)
+    assert ended_early > 0  # EOS really cut some rows short
+
+
+@pytest.mark.parametrize("tree_widths", TREES)
+def test_random_weights_every_row_equals_upstream_greedy_alone(tree_widths):
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    check_batches(model, upstream_twin(model), random_rows, tree_widths, seed=1)
+
+
+@pytest.mark.parametrize("tree_widths", TREES)
+def test_trained_model_every_row_equals_its_greedy_alone(trained_model, tree_widths):
+    check_batches(trained_model, trained_model, phrase_rows, tree_widths, seed=2, batches=(2, 4, 6, 8))
+
+
+def test_trained_model_batches_still_gain_several_tokens_per_call(trained_model):
+    generator = torch.Generator().manual_seed(3)
+    rows = phrase_rows(6, generator)
+    ids, mask = left_padded(rows)
+    out = speculative(trained_model, ids, mask, (4, 3, 2))
+    tokens = sum(1 + sum(gained) for gained in out.accepted_lengths)
+    steps = sum(1 + len(gained) for gained in out.accepted_lengths)
+    assert tokens / steps > 1.5  # each row accepts its own drafts
+
+
+def test_finished_rows_leave_the_dynamic_batch(trained_model):
+    """Rows that met EOS stop costing work: later forwards run on fewer rows."""
+    generator = torch.Generator().manual_seed(4)
+    rows = phrase_rows(5, generator)
+    eos = early_eos([alone(trained_model, row) for row in rows])
+    ids, mask = left_padded(rows)
+    batch_sizes = []
+    handle = trained_model.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        out = speculative(trained_model, ids, mask, (4, 3, 2), eos=eos)
+    finally:
+        handle.remove()
+    assert torch.equal(out.sequences, expected(ids, [alone(trained_model, row, eos=eos) for row in rows]))
+    assert batch_sizes[0] == 5 and batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < 5
+
+
+def test_prompts_near_the_context_end_beside_short_ones():
+    """The longest row nears the context's end (the dynamic tree is cut for it, the fixed
+    path clamps its positions); the short rows are unaffected."""
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2, attn_implementation="sdpa")
+    reference = upstream_twin(model)
+    context = TINY["max_position_embeddings"]
+    generator = torch.Generator().manual_seed(5)
+    decoder = FixedShapeDecoder(model, (4, 3, 2), cuda_graphs=False)
+    for long_length, max_new in [(context - 10, 11), (context - 1, 2)]:
+        rows = random_rows(3, generator, 1, 12) + random_rows(1, generator, long_length, long_length + 1)
+        ids, mask = left_padded(rows)
+        want = expected(ids, [alone(reference, row, max_new) for row in rows])
+        assert torch.equal(speculative(model, ids, mask, (4, 3, 2), max_new).sequences, want)
+        assert torch.equal(decoder.generate(ids, max_new, attention_mask=mask).sequences, want)
+
+
+def test_scores_only_processors_apply_row_by_row(trained_model):
+    """Processors that read the scores alone (suppress_tokens) serve batches on both paths."""
+    generator = torch.Generator().manual_seed(6)
+    rows = phrase_rows(4, generator)
+    ids, mask = left_padded(rows)
+    suppressed = alone(trained_model, rows[0])[:2]
+    new_rows = [trained_model.generate(row[None], do_sample=False, max_new_tokens=NEW, eos_token_id=None,
+                                       suppress_tokens=suppressed)[0, len(row):].tolist() for row in rows]
+    out = speculative(trained_model, ids, mask, (4, 3, 2), suppress_tokens=suppressed)
+    assert torch.equal(out.sequences, expected(ids, new_rows))
+    decoder = FixedShapeDecoder(trained_model, (4, 3, 2), cuda_graphs=False, suppress_tokens=suppressed)
+    assert torch.equal(decoder.generate(ids, NEW, attention_mask=mask).sequences, expected(ids, new_rows))
+
+
+def test_one_fixed_shape_decoder_serves_several_batch_sizes(trained_model):
+    decoder = FixedShapeDecoder(trained_model, (4, 3, 2), cuda_graphs=False)
+    generator = torch.Generator().manual_seed(7)
+    for batch in (3, 1, 3, 2):
+        rows = phrase_rows(batch, generator)
+        ids, mask = left_padded(rows)
+        out = decoder.generate(ids, NEW, attention_mask=mask)
+        assert torch.equal(out.sequences, expected(ids, [alone(trained_model, row) for row in rows]))
+    assert sorted(decoder.states) == [1, 2, 3]
+
+
+def test_fixed_shape_batch_step_never_syncs_the_host(trained_model):
+    from tests.test_fixed_shape import HostSyncDetector
+
+    decoder = FixedShapeDecoder(trained_model, (4, 3, 2), cuda_graphs=False, prefill_buckets=(16,))
+    rows = phrase_rows(3, torch.Generator().manual_seed(8), 4, 14)
+    packed, lengths = pack_prompts(*left_padded(rows))  # each row's prompt from slot 0
+    with torch.no_grad(), HostSyncDetector():
+        decoder.prefill(packed, max_new_tokens=8, prompt_lengths=lengths)
+        for _ in range(3):
+            decoder.step(remaining=8, timer=lambda name: contextlib.nullcontext())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_batches_equal_eager(trained_model):
+    model = trained_model.cuda()
+    graphed = FixedShapeDecoder(model, (4, 3, 2), cuda_graphs=True, prefill_buckets=(16, 32))
+    eager = FixedShapeDecoder(model, (4, 3, 2), cuda_graphs=False)
+    generator = torch.Generator().manual_seed(9)
+    try:
+        for batch in (4, 2, 4):
+            ids, mask = left_padded(phrase_rows(batch, generator))
+            ids, mask = ids.cuda(), mask.cuda()
+            eos = {int(ids[0, -1])}
+            assert torch.equal(graphed.generate(ids, NEW, eos, attention_mask=mask, pad_token_id=PAD).sequences,
+                               eager.generate(ids, NEW, eos, attention_mask=mask, pad_token_id=PAD).sequences)
+        assert ("step", 4) in graphed.graphs and ("step", 2) in graphed.graphs
+    finally:
+        trained_model.cpu()
+
+
+def test_bad_batches_are_clear_errors():
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    rows = random_rows(3, torch.Generator().manual_seed(10), 3, 9)
+    ids, mask = left_padded(rows)
+    with pytest.raises(ValueError, match="left padding only"):  # right padding
+        speculative(model, ids, mask.flip(1), (2, 2))
+    with pytest.raises(ValueError, match="pass the attention_mask"):  # padding (pad = EOS) read as text
+        model.generate(ids, speculative_streaming=True, max_new_tokens=4, eos_token_id=PAD, pad_token_id=PAD)
+    for setting in (dict(do_sample=True), dict(repetition_penalty=1.3), dict(prompt_lookup_num_tokens=3),
+                    dict(output_scores=True)):
+        with pytest.raises(ValueError, match="one prompt at a time"):
+            speculative(model, ids, mask, (2, 2), **setting)
+    decoder = FixedShapeDecoder(model, (2, 2), cuda_graphs=False)
+    with pytest.raises(ValueError, match="pad_token_id"):  # rows may end apart: what pads them?
+        decoder.generate(ids, 4, {5}, attention_mask=mask)
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        FixedShapeDecoder(model, (2, 2), cuda_graphs=False, lookup_length=2).generate(ids, 4, attention_mask=mask)
