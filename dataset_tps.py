@@ -2,15 +2,20 @@
 
     python dataset_tps.py --model_type spec_stream            # spec_stream vs naive, all datasets
     python dataset_tps.py --model_type all --dataset e2e_nlg --data-dir ../shared/datasets
+    python dataset_tps.py --model_type naive,static,spec_stream --batch-size 1,2,4,8     # a batch sweep
+    python dataset_tps.py --do-sample --temperature 0.7 --top-k 50 --seed 0             # sampling mode
+    python dataset_tps.py --model runs/frozen --reference-model runs/base --dataset e2e_nlg
 
-Batch 1, greedy, the same prompts for every engine. Every argument, path and checkpoint
-is checked before the first engine starts. Per engine: one warm-up prompt, then
-`--repeats` timed passes over the prompts (the median tokens/s is reported with its
-spread). `naive` always runs first: the fp32 reference for speedup. "identical" compares
-each engine with greedy decoding of its own model in its own dtype; the comparison with
-fp32 `naive` is a column of its own (see `spec_stream.benchmark`). Quality, SQL validity
-(Spider) and repeated 4-grams are reported beside the speed. Prints a table and writes
-every figure (and the machine) to a JSON file; `scripts/plot_results.py` plots it.
+Batch 1 and greedy unless asked, the same prompts for every engine. Every argument, path
+and checkpoint is checked before the first engine starts. Per engine and batch size: one
+warm-up batch, then `--repeats` timed passes over the prompts (the median tokens/s is
+reported with its spread). `naive` always runs first: the fp32 reference for speedup, on
+`--reference-model` when given. "identical" compares each engine with greedy decoding of
+its own model in its own dtype; the comparison with fp32 `naive` is a column of its own;
+with `--do-sample` "identical" becomes a distribution check against naive's samples (see
+`spec_stream.benchmark`). Quality, SQL validity (Spider) and repeated 4-grams are reported
+beside the speed. Prints a table and writes every figure (and the machine) to a JSON file;
+`scripts/plot_results.py` plots it.
 """
 from __future__ import annotations
 
@@ -67,13 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="spec_stream tree: top-k per stream, one width per level")
     add("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
         help="run static/spec_stream steps eagerly on a GPU (default: one CUDA graph per step)")
+    add("--batch-size", default=",".join(map(str, defaults.BENCHMARK_BATCH_SIZES)),
+        help="prompts per batch (left-padded); a comma-separated list such as 1,2,4,8 runs every engine at each")
+    add("--reference-model", default=None, help="the checkpoint --model came from (e.g. the base of a frozen-base "
+        "fine-tuning), loaded with upstream transformers: what naive runs and every engine is compared with")
+    add("--do-sample", action="store_true", help="every engine samples (same warpers and seeds) instead of greedy")
+    add("--temperature", type=float, default=None, help=f"with --do-sample; default {defaults.SAMPLE_TEMPERATURE}")
+    add("--top-k", type=int, default=None, help=f"with --do-sample, 0 for off; default {defaults.SAMPLE_TOP_K}")
+    add("--top-p", type=float, default=None, help=f"with --do-sample, 1 for off; default {defaults.SAMPLE_TOP_P}")
+    add("--seed", type=int, default=None, help=f"with --do-sample: prompt i samples with seed SEED + i; default "
+        f"{defaults.SAMPLE_SEED}")
     return parser
+
+
+RENAMED_ENGINES = {"batched": "naive at batch B is upstream batched greedy: pass --batch-size 1,4,16"}
 
 
 def resolve_engines(model_type: str, draft_model: str | None, device: torch.device) -> tuple[str, ...]:
     """The engines to run, `naive` first. `all` means every engine that runs on ``device``
     (`assisted` only with a draft model)."""
     requested = engines_for(device) if model_type == "all" else tuple(t.strip() for t in model_type.split(","))
+    renamed = [t for t in requested if t in RENAMED_ENGINES]
+    if renamed:
+        raise UserError(f"--model_type {renamed[0]} is gone: {RENAMED_ENGINES[renamed[0]]}")
     unknown = [t for t in requested if t not in ENGINE_NAMES]
     if unknown:
         raise UserError(f"unknown --model_type {', '.join(unknown)}; choose from {', '.join(ENGINE_NAMES)} or all")
@@ -96,6 +117,40 @@ def parse_tree_widths(text: str) -> tuple[int, ...]:
     if any(k < 1 for k in widths):
         raise UserError(f"--tree-widths {text}: every width must be at least 1 (top-k per stream), e.g. 4,3,2")
     return widths
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """--batch-size: one size or a comma-separated sweep, ascending, each at least 1."""
+    try:
+        sizes = sorted({int(size) for size in text.split(",")})
+    except ValueError:
+        raise UserError(f"--batch-size {text!r}: give an integer or comma-separated integers like 1,2,4,8") from None
+    if sizes[0] < 1:
+        raise UserError(f"--batch-size {text}: a batch holds at least 1 prompt; pass sizes of 1 or more")
+    return tuple(sizes)
+
+
+def parse_sampling(args: argparse.Namespace) -> dict:
+    """The sampling settings (defaults filled in) with --do-sample; none without it."""
+    given = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p, "--seed": args.seed}
+    if not args.do_sample:
+        flags = [flag for flag, value in given.items() if value is not None]
+        if flags:
+            raise UserError(f"{flags[0]} sets sampling; add --do-sample (or drop {flags[0]} for greedy decoding)")
+        return {}
+    sampling = dict(
+        temperature=defaults.SAMPLE_TEMPERATURE if args.temperature is None else args.temperature,
+        top_k=defaults.SAMPLE_TOP_K if args.top_k is None else args.top_k,
+        top_p=defaults.SAMPLE_TOP_P if args.top_p is None else args.top_p,
+        seed=defaults.SAMPLE_SEED if args.seed is None else args.seed)
+    if not sampling["temperature"] > 0:
+        raise UserError(f"--temperature {sampling['temperature']}: sampling needs a temperature above 0 (e.g. 0.7); "
+                        "for greedy decoding drop --do-sample")
+    if not 0 < sampling["top_p"] <= 1:
+        raise UserError(f"--top-p {sampling['top_p']}: pass a share above 0 and at most 1 (1 turns top-p off)")
+    at_least("--top-k", sampling["top_k"], 0, "keep the k most likely tokens (0 turns top-k off)")
+    at_least("--seed", sampling["seed"], 0, "prompt i samples with seed SEED + i")
+    return dict(do_sample=True, **sampling)
 
 
 def at_least(flag: str, value: int, minimum: int, what: str) -> int:
@@ -127,6 +182,8 @@ def parse_settings(argv=None) -> BenchmarkSettings:
     sized = "cuda" if device.type == "cuda" else "cpu"
     num_samples = defaults.NUM_SAMPLES[sized] if args.num_samples is None else args.num_samples
     max_new_tokens = defaults.MAX_NEW_TOKENS[sized] if args.max_new_tokens is None else args.max_new_tokens
+    if args.reference_model and not args.model:
+        raise UserError("--reference-model is the checkpoint --model came from; pass --model CHECKPOINT too")
     return BenchmarkSettings(
         engines=resolve_engines(args.model_type, args.draft_model, device),
         datasets=datasets,
@@ -138,6 +195,7 @@ def parse_settings(argv=None) -> BenchmarkSettings:
         half_dtype=torch.float16 if args.half_dtype == "fp16" else torch.bfloat16,
         output=Path(args.output), model=args.model, checkpoint_dir=Path(args.checkpoint_dir),
         data_dir=args.data_dir, split=args.split, draft_model=args.draft_model, cuda_graphs=args.cuda_graphs,
+        reference_model=args.reference_model, batch_sizes=parse_batch_sizes(args.batch_size), **parse_sampling(args),
     )
 
 
@@ -180,29 +238,51 @@ def checkpoints_for(settings: BenchmarkSettings) -> dict[str, str]:
             for task in settings.datasets}
 
 
+COLUMNS = ("dataset", "engine", "batch", "backend", "tok/s", "spread", "latency s", "ms/token / bound", "speedup",
+           "tok/call", "accept", "identical", "= naive fp32", "BW share", "quality", "repeat 4-gram", "peak MB")
+
+
+def exactness_cell(r: dict) -> str:
+    """"identical": the share equal to greedy decoding, or with sampling the distribution check."""
+    check = r["distribution_check"]
+    if r["identical_to_greedy"] is not None:
+        return f"{r['identical_to_greedy']:.0%}"
+    if check is None:
+        return "- (1 prompt)"
+    outside = f", {check['tokens_outside_support']} tok outside" if check["tokens_outside_support"] else ""
+    return f"{'pass' if check['passed'] else 'FAIL'} z={check['statistic']:+.2f}{outside}"
+
+
 def table_cells(r: dict) -> list[str]:
     spread = r["tokens_per_second_spread"]
     return [
-        r["dataset"], r["engine"], r["backend"], f"{r['tokens_per_second']:.1f}",
-        f"{spread['min']:.1f}-{spread['max']:.1f} ({spread['iqr']:.1f})",
+        r["dataset"], r["engine"], str(r["batch_size"]), r["backend"], f"{r['tokens_per_second']:.1f}",
+        f"{spread['min']:.1f}-{spread['max']:.1f} ({spread['iqr']:.1f})", f"{r['latency_seconds']:.3f}",
         f"{1e3 / r['tokens_per_second']:.2f} / {r['predicted_ms_per_token']['ms']:.2f} "
         f"{r['predicted_ms_per_token']['bound'][:3]}", f"{r['speedup_vs_naive']:.2f}x",
         f"{r['tokens_per_call']:.2f}", "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}",
-        f"{r['identical_to_greedy']:.0%}", f"{r['identical_to_naive']:.0%}", f"{r['bandwidth_share']:.1%}",
+        exactness_cell(r), f"{r['identical_to_naive']:.0%}", f"{r['bandwidth_share']:.1%}",
         ", ".join(f"{k} {v:.3g}" for k, v in r["quality"].items()), f"{r['repetition']:.0%}",
         f"{r['peak_memory_mb']:.0f}",
     ]
 
 
-def print_table(rows: list[dict], console: Console, repeats: int) -> None:
-    table = Table(title=f"dataset_tps: batch 1, greedy; tok/s = median of {repeats} timed passes, "
-                        "spread = min-max (IQR)")
-    columns = ("dataset", "engine", "backend", "tok/s", "spread", "ms/token / bound", "speedup", "tok/call", "accept", "identical",
-               "= naive fp32", "BW share", "quality", "repeat 4-gram", "peak MB")
-    for column in columns:
+def skipped_cells(s: dict) -> list[str]:
+    """A row for an engine that could not run at a batch size: the reason, no figures."""
+    return [s["dataset"], s["engine"], str(s["batch_size"]), f"not run: {s['reason']}"] + ["-"] * (len(COLUMNS) - 4)
+
+
+def print_table(rows: list[dict], skipped: list[dict], console: Console, settings: BenchmarkSettings) -> None:
+    mode = (f"sampling (T {settings.temperature}, top-k {settings.top_k}, top-p {settings.top_p}, seed "
+            f"{settings.seed}; identical = distribution check)" if settings.do_sample else "greedy")
+    table = Table(title=f"dataset_tps: batch {','.join(map(str, settings.batch_sizes))}, {mode}; tok/s = median of "
+                        f"{settings.repeats} timed passes, spread = min-max (IQR)")
+    for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("dataset", "engine", "backend") else "right")
-    for row in rows:
-        table.add_row(*table_cells(row))
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows + skipped))
+    entries = [(r, table_cells) for r in rows] + [(s, skipped_cells) for s in skipped]
+    for entry, cells in sorted(entries, key=lambda item: (datasets.index(item[0]["dataset"]), item[0]["batch_size"])):
+        table.add_row(*cells(entry))
     console.print(table)
 
 
@@ -217,14 +297,18 @@ def main(argv=None) -> int:
     probe = measure_machine(settings.device)
     print(f"{settings.device}: copy {probe.copy_bytes_per_second / 1e9:.1f} GB/s (read + write), read "
           f"{probe.read_bytes_per_second / 1e9:.1f} GB/s, fp32 matmul {probe.matmul_flops_per_second / 1e9:.0f} GFLOP/s")
-    rows = [row for task_inputs in inputs for row in benchmark_task(task_inputs, settings, probe)]
+    rows, skipped = [], []
+    for task_inputs in inputs:
+        task_rows, task_skipped = benchmark_task(task_inputs, settings, probe)
+        rows += task_rows
+        skipped += task_skipped
     console = Console()
-    print_table(rows, console if console.is_terminal else Console(width=260), settings.repeats)  # logs: full table
+    print_table(rows, skipped, console if console.is_terminal else Console(width=300), settings)  # logs: full table
     machine = {**machine_info(settings.device), "copy_gb_per_second": probe.copy_bytes_per_second / 1e9,
                "read_gb_per_second": probe.read_bytes_per_second / 1e9,
                "matmul_gflops_per_second": probe.matmul_flops_per_second / 1e9}
     write_report({"schema_version": REPORT_SCHEMA_VERSION, "machine": machine, "settings": settings.to_json(),
-                  "results": rows}, settings.output)
+                  "results": rows, "skipped": skipped}, settings.output)
     print(f"wrote {settings.output}")
     return 0
 

@@ -7,8 +7,12 @@
 2. speedup_vs_tokens_per_call.png: speedup over naive (median over median) against
    tokens per forward call, the whiskers the engine's min-max over naive's median;
 3. step_breakdown.png: spec_stream's time per step split into draft / forward / verify
-   (one replayed graph per step when CUDA graphs ran).
-Each title names the machine the figures come from.
+   (one replayed graph per step when CUDA graphs ran);
+4. kv_cache.png: ms per forward call as the sequence grows, with and without the KV cache;
+5. throughput_vs_batch.png (a `--batch-size 1,2,4,8` sweep): tokens/s against batch size
+   for naive, static and spec_stream, one line per engine and dataset.
+Plots 1-4 show the rows at the report's smallest batch size. Each title names the machine
+the figures come from.
 """
 from __future__ import annotations
 
@@ -113,6 +117,31 @@ def plot_kv_cache(rows, label, path):
     return True
 
 
+SWEPT_ENGINES = ("naive", "static", "spec_stream")  # plain, our loop without drafts, our loop with them
+
+
+def plot_throughput_vs_batch(rows, label, path):
+    """Median tokens/s (min-max whiskers) against batch size, log-2 axis; False unless the
+    report holds more than one batch size."""
+    sizes = sorted({r.get("batch_size", 1) for r in rows})
+    if len(sizes) < 2:
+        return False
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for engine in SWEPT_ENGINES:
+        for dataset in dict.fromkeys(r["dataset"] for r in rows):
+            points = sorted((r for r in rows if r["engine"] == engine and r["dataset"] == dataset),
+                            key=lambda r: r["batch_size"])
+            if points:
+                axes.errorbar([r["batch_size"] for r in points], [r["tokens_per_second"] for r in points],
+                              yerr=whiskers(points), fmt="o-", capsize=2, label=f"{dataset}: {engine}")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(sizes, [str(size) for size in sizes])
+    axes.set_xlabel("batch size (prompts decoded together)")
+    axes.set_ylabel("tokens / s over all rows (median of passes)")
+    finish(figure, axes, f"Throughput against batch size on {label}", path)
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", help="JSON written by dataset_tps.py")
@@ -130,13 +159,17 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     label = machine_label(report)
-    plot_tokens_per_second(rows, label, out / "tokens_per_second.png", repeats)
-    plot_speedup(rows, label, out / "speedup_vs_tokens_per_call.png")
+    smallest = min(r.get("batch_size", 1) for r in rows)  # reports before batch sizes: batch 1
+    first = [r for r in rows if r.get("batch_size", 1) == smallest]
+    plot_tokens_per_second(first, label, out / "tokens_per_second.png", repeats)
+    plot_speedup(first, label, out / "speedup_vs_tokens_per_call.png")
     written = ["tokens_per_second.png", "speedup_vs_tokens_per_call.png"]
-    if plot_step_breakdown(rows, label, out / "step_breakdown.png"):
+    if plot_step_breakdown(first, label, out / "step_breakdown.png"):
         written.append("step_breakdown.png")
-    if plot_kv_cache(rows, label, out / "kv_cache.png"):
+    if plot_kv_cache(first, label, out / "kv_cache.png"):
         written.append("kv_cache.png")
+    if plot_throughput_vs_batch(rows, label, out / "throughput_vs_batch.png"):
+        written.append("throughput_vs_batch.png")
     print(f"wrote {', '.join(str(out / name) for name in written)}")
     return 0
 

@@ -1,19 +1,44 @@
 """Measurement loop behind `dataset_tps.py`: the same prompts for every engine, every
 input checked before the first engine starts, figures gathered into rows.
 
-Timing. Per engine, one warm-up prompt (untimed), then ``repeats`` timed passes over all
-prompts, the device synchronised around each call. A pass's rate is its tokens over its
-seconds; a row reports the median rate over the passes (``tokens_per_second``) with their
-spread (min, quartiles, max, IQR) and keeps each prompt's tokens, forward calls and
-seconds per pass. Counts, outputs and quality come from the first pass (greedy decoding
-gives the same tokens in every pass; ``repeats_agree`` checks it).
+Timing. Per engine and batch size, one warm-up batch (untimed: the first prompt at batch 1),
+then ``repeats`` timed passes over all prompts, the device synchronised around each call.
+A pass's rate is its tokens over its seconds (at batch B: every row's tokens over the
+batches' seconds, the throughput); a row reports the median rate over the passes
+(``tokens_per_second``) with their spread (min, quartiles, max, IQR), the mean latency of
+a prompt (its batch's seconds), and keeps each prompt's tokens, forward calls and seconds
+per pass. Counts, outputs and quality come from the first pass (greedy decoding, and
+sampling with its per-prompt seeds, give the same tokens in every pass; ``repeats_agree``
+checks it).
+
+Batches (``batch_sizes``). Every engine runs at every batch size, prompts grouped in order
+and left-padded; engines that cannot take a batch are listed as skipped with the reason.
+``speedup_vs_naive`` is over `naive` at the same batch size (upstream batched greedy).
 
 Exactness. ``identical_to_greedy`` compares an engine's outputs with greedy decoding
 (upstream `generate`, ``do_sample=False``, untimed) of the *same* model: the engine's own
 weights, attention implementation and weight format (dtype, or int8). That is the output
 an exact engine must reproduce. ``identical_to_naive`` compares with fp32 `naive` and so
 adds the effects of the format (half precision on a GPU, int8) and of the attention
-kernel: it is reported apart.
+kernel: it is reported apart. Both compare with batch-1 outputs, whatever the row's batch
+size. `naive` runs the reference model when one is given (``reference_model``: say the
+checkpoint a frozen-base fine-tuning started from, loaded with upstream transformers), so
+``identical_to_naive`` then asks whether the engine reproduces that original model.
+
+Sampling (``do_sample``). Every engine samples with the same temperature, top-k and top-p;
+prompt i (or the batch starting at prompt i) draws from torch's generators seeded with
+``seed + i``. Samples cannot be compared token for token across decoders, so
+``identical_to_greedy`` is null and ``distribution_check`` asks whether an engine's samples
+come from naive's distribution: the mean log-probability per token of each prompt's sample
+under the reference model with the same warpers, the engine's against naive's own sample of
+the same prompt, by a paired z-test over the prompts (`paired_z_test`) at the strict level
+``SAMPLING_CHECK_LEVEL``; a token the reference gives probability 0 (outside its top-k or
+top-p) fails the check outright. It detects a shifted distribution (a wrong temperature or
+truncation, a verification that favours the drafts: samples that are systematically more or
+less likely than naive's); it cannot prove equality (other differences can keep the mean
+log-probability; with 20 prompts it sees only large shifts; `tests/test_sampling.py` tests
+exactness of speculative sampling itself), and with a normal approximation to the
+statistic over few prompts a correct engine fails somewhat more often than the level says.
 
 Which attention paths are bit-stable in half precision. A tree step verifies every node
 in one call: each query attends over the cache plus the whole tree, other nodes' keys
@@ -41,6 +66,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import os
 import platform
 import resource
@@ -58,13 +84,14 @@ from spec_stream.checkpoints import load_for_inference
 from spec_stream.data import (DATA_DIR_ENV, SPIDER_TABLES_ENV, CustomDataset, default_split, is_preset, load_examples,
                               load_spider_schemas)
 from spec_stream.arithmetic import MachineProbe, predicted_bound
-from spec_stream.defaults import BATCH_SIZES
-from spec_stream.engines import ENGINES, Engine, GenerationResult, build_engine, plain_decoding
+from spec_stream.defaults import SAMPLING_CHECK_LEVEL
+from spec_stream.engines import (ENGINES, Engine, GenerationResult, Sampling, Unsupported, build_engine, load_upstream,
+                                 plain_decoding)
 from spec_stream.errors import UserError
 from spec_stream.metrics import bleu, repetition_rate, rouge_l, spider_database, task_quality
 
 
-REPORT_SCHEMA_VERSION = 1  # the report's layout, documented field by field in docs/report.md
+REPORT_SCHEMA_VERSION = 2  # the report's layout, documented field by field in docs/report.md
 
 
 @dataclass(frozen=True)
@@ -86,6 +113,17 @@ class BenchmarkSettings:
     split: str | None = None  # None: each task's benchmark split
     draft_model: str | None = None
     cuda_graphs: bool = True
+    reference_model: str | None = None  # what naive runs; None: the checkpoint itself
+    batch_sizes: tuple[int, ...] = (1,)  # ascending; every engine runs at each
+    do_sample: bool = False
+    temperature: float | None = None  # the sampling settings: None when greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    @property
+    def sampling(self) -> Sampling | None:
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed) if self.do_sample else None
 
     def to_json(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -108,6 +146,7 @@ class TaskInputs:
     task: str
     split: str
     checkpoint: str
+    reference: str  # the checkpoint naive runs: --reference-model, else ``checkpoint``
     tokenizer: object
     prompts: list[Prompt]
 
@@ -147,6 +186,7 @@ def default_checkpoint(task: str | CustomDataset, device: torch.device, root: Pa
 
     recipe = defaults.DEFAULT_RECIPES["cuda" if device.type == "cuda" else "cpu"]
     custom = asdict(task) if isinstance(task, CustomDataset) else {}
+    rows = recipe["max_train_samples"]["custom" if custom else task]
     if custom:
         digest = hashlib.sha256(json.dumps(custom, sort_keys=True).encode()).hexdigest()[:8]
         output = root / f"{task.name}-{digest}-{recipe['size']}"
@@ -158,8 +198,7 @@ def default_checkpoint(task: str | CustomDataset, device: torch.device, root: Pa
     print(f"preparing the default {recipe['size']} checkpoint for {task} in {output} "
           f"(fine-tuning from scratch, once; pass --model to use your own)")
     finetune(FinetuneConfig(dataset=task, output=str(output), data_dir=data_dir, from_scratch=recipe["size"],
-                            epochs=float(recipe["epochs"]), max_train_samples=recipe["max_train_samples"],
-                            resume=True, **custom))
+                            epochs=float(recipe["epochs"]), max_train_samples=rows, resume=True, **custom))
     return output
 
 
@@ -243,16 +282,36 @@ def quality(task: str, predictions: list[str], references: list[list[str]], data
 
 def prepare_task(task: str | CustomDataset, checkpoint: str, settings: BenchmarkSettings) -> TaskInputs:
     """Check ``checkpoint`` for ``task`` (loadable, streams when spec_stream runs, a tree
-    it can draft) and load the prompts: every failure a UserError, before any engine runs."""
+    it can draft) and the reference model against it, and load the prompts (cut to fit both
+    contexts): every failure a UserError, before any engine runs."""
     needs_streams = uses_streams(settings.engines)
     model, tokenizer = load_for_inference(checkpoint, require_streams=needs_streams)
     config = model.config
     del model
     if needs_streams:
         check_tree_depth(settings.tree_widths, config.num_spec_streams, checkpoint)
+    context = config.max_position_embeddings
+    if settings.reference_model:
+        context = min(context, check_reference_model(settings.reference_model, checkpoint, config, tokenizer))
     split = settings.split or default_split(task, "test")
-    prompts = load_prompts(task, split, tokenizer, config.max_position_embeddings, settings)
-    return TaskInputs(dataset_label(task), split, checkpoint, tokenizer, prompts)
+    prompts = load_prompts(task, split, tokenizer, context, settings)
+    return TaskInputs(dataset_label(task), split, checkpoint, settings.reference_model or checkpoint, tokenizer,
+                      prompts)
+
+
+def check_reference_model(reference: str, checkpoint: str, config, tokenizer) -> int:
+    """A UserError unless ``reference`` loads and reads the same tokens as ``checkpoint``
+    (same tokenizer vocabulary and model vocabulary size); its context length."""
+    reference_model, reference_tokenizer = load_for_inference(reference)
+    reference_config = reference_model.config
+    del reference_model
+    if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"--reference-model {reference} has another tokenizer than --model {checkpoint}, so their "
+                        "outputs cannot be compared; pass the checkpoint --model was fine-tuned from")
+    if reference_config.vocab_size != config.vocab_size:
+        raise UserError(f"--reference-model {reference} has vocab_size {reference_config.vocab_size} but --model "
+                        f"{checkpoint} has {config.vocab_size}; pass the checkpoint --model was fine-tuned from")
+    return reference_config.max_position_embeddings
 
 
 def check_draft_model(draft_model: str) -> None:
@@ -267,16 +326,17 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def measure(engine: Engine, prompts: list[Prompt], settings: BenchmarkSettings, eos_token_id: int | None,
-            label: str) -> list[list[GenerationResult]]:
-    """Warm up on the first prompt (untimed), then time every prompt in each of
-    ``settings.repeats`` passes (`Engine.run_many`: one by one, or in batches):
-    ``passes[repeat][prompt]``."""
-    engine.run_many([prompts[0].ids], settings.max_new_tokens, eos_token_id)
+            batch_size: int, label: str) -> list[list[GenerationResult]]:
+    """Warm up on the first batch (untimed), then time every prompt in each of
+    ``settings.repeats`` passes (`Engine.run_many` at ``batch_size``): ``passes[repeat][prompt]``.
+    `Unsupported` when the engine cannot take the batch."""
+    ids = [p.ids for p in prompts]
+    engine.run_many(ids[:batch_size], settings.max_new_tokens, eos_token_id, batch_size)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     passes = []
     for _ in tqdm(range(settings.repeats), desc=label, leave=False):
-        passes.append(engine.run_many([p.ids for p in prompts], settings.max_new_tokens, eos_token_id))
+        passes.append(engine.run_many(ids, settings.max_new_tokens, eos_token_id, batch_size))
     return passes
 
 
@@ -285,6 +345,7 @@ def timing_figures(passes: list[list[GenerationResult]]) -> dict:
     tokens = [sum(len(r.new_tokens) for r in results) for results in passes]
     seconds = [sum(r.seconds for r in results) for results in passes]
     rates = [t / s for t, s in zip(tokens, seconds)]
+    latencies = [float(np.mean([r.latency for r in results])) for results in passes]
     low, q1, median, q3, high = (float(x) for x in np.percentile(rates, [0, 25, 50, 75, 100]))
     per_prompt = list(zip(*passes))
     return {
@@ -294,6 +355,8 @@ def timing_figures(passes: list[list[GenerationResult]]) -> dict:
         "tokens_per_second_per_repeat": rates,
         "seconds": tokens[0] / median,  # one pass at the median rate
         "seconds_per_repeat": seconds,
+        "latency_seconds": float(np.median(latencies)),
+        "latency_seconds_per_repeat": latencies,
         "repeats_agree": all(r.new_tokens == runs[0].new_tokens for runs in per_prompt for r in runs),
         "prompts": [{"tokens": len(runs[0].new_tokens), "forward_calls": runs[0].forward_calls,
                      "seconds": [r.seconds for r in runs]} for runs in per_prompt],
@@ -315,13 +378,13 @@ def share_identical(outputs: list[list[int]], reference: list[list[int]]) -> flo
     return sum(a == b for a, b in zip(outputs, reference)) / len(outputs)
 
 
-def predicted_ms_per_token(engine: Engine, inputs: TaskInputs, tokens_per_call: float, probe: MachineProbe) -> dict:
+def predicted_ms_per_token(engine: Engine, inputs: TaskInputs, tokens_per_call: float, probe: MachineProbe,
+                           batch_size: int) -> dict:
     """The roofline's fastest time per token for this engine's model, weight format and
     batch (`arithmetic.predicted_bound`, at the mean context of a step); a call that gains
     several tokens reads the weights once for all of them."""
     context = sum(p.ids.shape[1] for p in inputs.prompts) // len(inputs.prompts)
-    bound = predicted_bound(engine.model.config, engine.weight_format, getattr(engine, "batch_size", None) or 1,
-                            probe, context=context)
+    bound = predicted_bound(engine.model.config, engine.weight_format, batch_size, probe, context=context)
     return {"ms": 1e3 * bound["seconds"] / tokens_per_call, "bound": bound["bound"]}
 
 
@@ -332,7 +395,8 @@ def call_seconds_by_step(results: list[GenerationResult]) -> list[float]:
     return [float(np.median([r.call_seconds[i] for r in results if len(r.call_seconds) > i])) for i in range(steps)]
 
 
-def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationResult]], probe: MachineProbe) -> dict:
+def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationResult]], probe: MachineProbe,
+              batch_size: int) -> dict:
     """One row: speed with its spread, calls, acceptance, quality, repetition, the bound."""
     first = passes[0]
     timing = timing_figures(passes)
@@ -346,13 +410,13 @@ def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationRe
     weights_per_second = engine.weight_bytes * calls / timing["seconds"]  # each call reads every weight
     return {
         "engine": engine.name, "dataset": inputs.task, "split": inputs.split, "backend": engine.description,
-        "samples": len(first), "truncated_prompts": sum(p.truncated for p in inputs.prompts),
+        "batch_size": batch_size, "samples": len(first), "truncated_prompts": sum(p.truncated for p in inputs.prompts),
         "new_tokens": tokens, **timing,
         "peak_memory_mb": peak_memory_mb(engine.device),
         "forward_calls": calls, "tokens_per_call": tokens / calls,
         "weight_gb_per_second": weights_per_second / 1e9,
         "bandwidth_share": weights_per_second / probe.copy_bytes_per_second,
-        "predicted_ms_per_token": predicted_ms_per_token(engine, inputs, tokens / calls, probe),
+        "predicted_ms_per_token": predicted_ms_per_token(engine, inputs, tokens / calls, probe, batch_size),
         "call_seconds_by_step": call_seconds_by_step(first),
         "acceptance_rate": sum(r.accepted for r in first) / drafted if drafted else None,
         "quality": quality(inputs.task, predictions, references, databases),
@@ -375,53 +439,130 @@ def greedy_outputs(model, prompts: list[Prompt], max_new_tokens: int, eos_token_
     return outputs
 
 
-def model_key(engine: Engine) -> tuple[str, str, str]:
-    """What decides an engine's greedy output: model code, attention and weight format."""
+def model_key(engine: Engine) -> tuple[str, str, str, str]:
+    """What decides an engine's greedy output: checkpoint, model code, attention and weight format."""
     model = engine.model
     owner = "spec-stream" if isinstance(model, GPTNeoForCausalLM) else "upstream"
-    return owner, model.config._attn_implementation, engine.weight_format
+    return engine.checkpoint, owner, model.config._attn_implementation, engine.weight_format
 
 
 def greedy_reference(engine: Engine, prompts: list[Prompt], max_new_tokens: int, eos_token_id: int | None,
                      known: dict) -> list[list[int]]:
     """Greedy decoding of the engine's own model in its own weight format: what an exact
     engine must reproduce. Computed once per `model_key` and kept in ``known`` (which
-    `naive`'s outputs seed: they are upstream greedy of the fp32 model)."""
+    `naive`'s batch-1 outputs seed: they are upstream greedy of the fp32 model)."""
     key = model_key(engine)
     if key not in known:
         known[key] = greedy_outputs(engine.model, prompts, max_new_tokens, eos_token_id)
     return known[key]
 
 
-def engine_builds(engines: tuple[str, ...]) -> list[tuple[str, int | None]]:
-    """(engine, batch size) per report row: `batched` once per size in BATCH_SIZES."""
-    return [(name, size) for name in engines for size in (BATCH_SIZES if name == "batched" else (None,))]
+def exactness(engine: Engine, outputs: list[list[int]], naive_outputs: list[list[int]], inputs: TaskInputs,
+              settings: BenchmarkSettings, known: dict) -> dict:
+    """A row's comparisons with batch-1 decoding: its own model's greedy decoding (null
+    when sampling: `distribution_check` replaces it) and naive's output (with sampling:
+    naive's samples for the same seeds)."""
+    if settings.do_sample:
+        greedy, described = None, "none: sampling (see distribution_check)"
+    else:
+        reference = greedy_reference(engine, inputs.prompts, settings.max_new_tokens, inputs.tokenizer.eos_token_id,
+                                     known)
+        greedy = share_identical(outputs, reference)
+        _, owner, attention, weights = model_key(engine)
+        described = f"greedy generate of the {owner} model ({attention}, {weights})"
+    return {"greedy_reference": described, "identical_to_greedy": greedy,
+            "identical_to_naive": share_identical(outputs, naive_outputs), "distribution_check": None}
 
 
-def benchmark_task(inputs: TaskInputs, settings: BenchmarkSettings, probe: MachineProbe) -> list[dict]:
-    """Every engine on the same prompts of one task; `naive` first, as the fp32 reference."""
+def naive_batch1_outputs(engine: Engine, inputs: TaskInputs, settings: BenchmarkSettings) -> list[list[int]]:
+    """naive's outputs at batch 1 (untimed): the reference when the sweep skips batch 1."""
+    results = engine.run_many([p.ids for p in inputs.prompts], settings.max_new_tokens, inputs.tokenizer.eos_token_id)
+    return [r.new_tokens for r in results]
+
+
+def benchmark_task(inputs: TaskInputs, settings: BenchmarkSettings,
+                   probe: MachineProbe) -> tuple[list[dict], list[dict]]:
+    """Every engine at every batch size on the same prompts of one task, `naive` first (on
+    the reference model): its rows, and the (engine, batch size) pairs it skipped, with why."""
     eos = inputs.tokenizer.eos_token_id
     print(f"{inputs.task}: benchmarking on {inputs.task}/{inputs.split} ({len(inputs.prompts)} prompts, "
-          f"{settings.repeats} timed passes, checkpoint {inputs.checkpoint})")
-    rows, naive_outputs, references = [], None, {}
-    for name, batch_size in engine_builds(settings.engines):
-        engine = build_engine(name, inputs.checkpoint, settings.device, half_dtype=settings.half_dtype,
+          f"{settings.repeats} timed passes, checkpoint {inputs.checkpoint}, reference {inputs.reference})")
+    rows, outputs, skipped, naive_outputs, known = [], [], [], None, {}
+    for name in settings.engines:
+        engine = build_engine(name, inputs.reference if name == "naive" else inputs.checkpoint, settings.device,
+                              half_dtype=settings.half_dtype, sampling=settings.sampling,
                               draft_model=settings.draft_model, tree_widths=settings.tree_widths,
-                              cuda_graphs=settings.cuda_graphs, batch_size=batch_size)
-        passes = measure(engine, inputs.prompts, settings, eos, f"{inputs.task}/{engine.name}")
-        outputs = [r.new_tokens for r in passes[0]]
-        if naive_outputs is None:  # naive runs first: upstream greedy of the fp32 model
-            naive_outputs = references[model_key(engine)] = outputs
-        reference = greedy_reference(engine, inputs.prompts, settings.max_new_tokens, eos, references)
-        owner, attention, weights = model_key(engine)
-        rows.append({**summarize(engine, inputs, passes, probe),
-                     "greedy_reference": f"greedy generate of the {owner} model ({attention}, {weights})",
-                     "identical_to_greedy": share_identical(outputs, reference),
-                     "identical_to_naive": share_identical(outputs, naive_outputs)})
+                              cuda_graphs=settings.cuda_graphs)
+        if naive_outputs is None and settings.batch_sizes[0] != 1:
+            naive_outputs = naive_batch1_outputs(engine, inputs, settings)
+        for batch_size in settings.batch_sizes:
+            try:
+                passes = measure(engine, inputs.prompts, settings, eos, batch_size,
+                                 f"{inputs.task}/{engine.name}/batch {batch_size}")
+            except Unsupported as reason:
+                skipped.append({"engine": engine.name, "dataset": inputs.task, "batch_size": batch_size,
+                                "reason": str(reason)})
+                continue
+            tokens = [r.new_tokens for r in passes[0]]
+            if naive_outputs is None:  # naive at batch 1 runs first
+                naive_outputs = tokens
+            if name == "naive" and not settings.do_sample:  # upstream greedy of the fp32 reference model
+                known.setdefault(model_key(engine), naive_outputs)
+            rows.append({**summarize(engine, inputs, passes, probe, batch_size),
+                         **exactness(engine, tokens, naive_outputs, inputs, settings, known)})
+            outputs.append(tokens)
         del engine
         gc.collect()
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()
+    naive_rates = {row["batch_size"]: row["tokens_per_second"] for row in rows if row["engine"] == "naive"}
     for row in rows:
-        row["speedup_vs_naive"] = row["tokens_per_second"] / rows[0]["tokens_per_second"]
-    return rows
+        row["speedup_vs_naive"] = row["tokens_per_second"] / naive_rates[row["batch_size"]]
+    if settings.do_sample:
+        check_distributions(rows, outputs, naive_outputs, inputs, settings)
+    return rows, skipped
+
+
+@torch.no_grad()
+def mean_log_probs(model, prompts: list[Prompt], outputs: list[list[int]], warpers) -> tuple[list[float], int]:
+    """Per prompt, the mean over its new tokens of log p(token | text before it) under
+    ``model`` with ``warpers`` applied to its logits (what sampling draws from), and the
+    number of tokens to which that gives probability 0 (left out of the means)."""
+    means, outside = [], 0
+    for prompt, tokens in zip(prompts, outputs):
+        ids = torch.cat([prompt.ids, torch.tensor([tokens])], dim=1).to(model.device)
+        logits = model(ids).logits[0, prompt.ids.shape[1] - 1:-1].float()
+        scores = warpers(ids[:, :1].expand(len(tokens), 1), logits)  # the warpers read only the scores
+        log_probs = scores.log_softmax(dim=-1).gather(1, ids[0, prompt.ids.shape[1]:, None])[:, 0]
+        finite = torch.isfinite(log_probs)
+        outside += int((~finite).sum())
+        means.append(float(log_probs[finite].mean()) if bool(finite.any()) else -math.inf)
+    return means, outside
+
+
+def paired_z_test(means: list[float], reference_means: list[float], outside: int, level: float) -> dict | None:
+    """The distribution check of one row (see the module docstring): differences of the
+    per-prompt means against the reference's, z = mean / (sd / sqrt(n)), two-sided p by
+    the normal approximation; None with fewer than 2 prompts."""
+    differences = [a - b for a, b in zip(means, reference_means) if math.isfinite(a - b)]
+    if len(differences) < 2:
+        return None
+    spread = max(float(np.std(differences, ddof=1)), 1e-12)
+    statistic = float(np.mean(differences)) / (spread / math.sqrt(len(differences)))
+    p_value = math.erfc(abs(statistic) / math.sqrt(2))
+    return {"test": "paired z-test over prompts of the mean log-probability per token under the reference model",
+            "mean_log_prob": float(np.mean([m for m in means if math.isfinite(m)])),
+            "reference_mean_log_prob": float(np.mean(reference_means)), "statistic": statistic, "p_value": p_value,
+            "level": level, "tokens_outside_support": outside, "passed": outside == 0 and p_value >= level}
+
+
+def check_distributions(rows: list[dict], outputs: list[list[list[int]]], naive_outputs: list[list[int]],
+                        inputs: TaskInputs, settings: BenchmarkSettings) -> None:
+    """Fill each row's ``distribution_check`` against naive's batch-1 samples, scored by
+    the reference model (fp32, upstream, as naive ran it) with the run's warpers."""
+    model = load_upstream(inputs.reference, "eager").to(settings.device).eval()
+    warpers = settings.sampling.warpers()
+    reference_means, _ = mean_log_probs(model, inputs.prompts, naive_outputs, warpers)
+    for row, tokens in zip(rows, outputs):
+        means, outside = mean_log_probs(model, inputs.prompts, tokens, warpers)
+        row["distribution_check"] = paired_z_test(means, reference_means, outside, SAMPLING_CHECK_LEVEL)

@@ -1,15 +1,17 @@
-"""Decoding engines the benchmark compares, all greedy.
+"""Decoding engines the benchmark compares, greedy or sampling.
 
 Every engine turns prompts (token ids) into new tokens and reports the forward calls it
 made; `Engine.run` times one prompt honestly (device synchronised before and after),
-`Engine.run_many` a list of them (one by one, or in batches for `batched`). They differ
-in how they build the model and which `generate` they call:
+`Engine.run_many` a list of them, one by one or in left-padded batches of ``batch_size``.
+Greedy unless built with a `Sampling` (temperature, top-k, top-p, seed): then every engine
+samples with the same warpers, and the prompt (or batch) starting at index i of the list
+draws from torch's generators seeded with ``seed + i``, so a pass is reproducible. They
+differ in how they build the model and which `generate` they call:
 
 | engine            | model                               | decoding                                   |
 |-------------------|-------------------------------------|--------------------------------------------|
-| naive             | upstream GPT-Neo, fp32              | upstream greedy `generate`                 |
+| naive             | upstream GPT-Neo, fp32 (the reference model, if given) | upstream greedy `generate` |
 | no_cache          | upstream GPT-Neo, fp32              | upstream greedy, `use_cache=False`: every step recomputes the sequence |
-| batched           | upstream GPT-Neo, fp32              | upstream greedy over `batch_size` prompts at once (left-padded) |
 | half              | upstream GPT-Neo, fp16 (or bf16)    | upstream greedy `generate`                 |
 | int8              | upstream GPT-Neo, int8 linear layers (CPU) | upstream greedy `generate`          |
 | flash_attention2  | upstream + flash-attn, else ours SDPA, fp16 | upstream greedy `generate`         |
@@ -21,7 +23,14 @@ in how they build the model and which `generate` they call:
 
 On a GPU `static` and `spec_stream` replay each decode step as a CUDA graph
 (`FixedShapeDecoder`) unless ``cuda_graphs=False``. Settings an engine takes (tree widths,
-batch size, ...) are named in its ``settings``; `build_engine` passes each engine its own.
+draft model, ...) are named in its ``settings``; `build_engine` passes each engine its own.
+
+Batches (``batch_size`` > 1): prompts left-padded with an attention mask; upstream engines
+call plain `generate` on the batch (what upstream batched greedy is), ours
+`generate(speculative_streaming=True)` on it. Engines that decode one prompt at a time
+(`prompt_lookup`, `assisted`: upstream refuses batches; ours when sampling, which
+`generate(speculative_streaming=True)` serves one prompt at a time) raise `Unsupported`,
+and the benchmark's row says so.
 
 int8 (`Int8Linear`): weights int8 with one scale per output channel, activations quantized
 to int8 per row (token) at run time, products summed in int32 by `torch._int_mm`. With
@@ -47,9 +56,38 @@ import transformers
 
 from spec_stream import FixedShapeDecoder, GPTNeoForCausalLM
 from spec_stream.arithmetic import ModelShape, dtype_name, step_weight_bytes
-from spec_stream.defaults import BATCH_SIZES, DEFAULT_TREE_WIDTHS, PROMPT_LOOKUP_TOKENS
+from spec_stream.defaults import DEFAULT_TREE_WIDTHS, PROMPT_LOOKUP_TOKENS
 from spec_stream.errors import UserError
 from spec_stream.timing import StepTimer, synchronize
+
+
+class Unsupported(Exception):
+    """An engine cannot serve this request (a batch, say): the benchmark reports why."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings every engine applies alike (upstream's warpers: temperature, then
+    top-k (0: off), then top-p (1.0: off)), and the seed of the first prompt."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+
+    def generate_kwargs(self) -> dict:
+        return dict(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+    def warpers(self) -> transformers.LogitsProcessorList:
+        """The warpers plain `generate(do_sample=True, ...)` applies, in its order."""
+        warpers = transformers.LogitsProcessorList()
+        if self.temperature != 1.0:
+            warpers.append(transformers.TemperatureLogitsWarper(self.temperature))
+        if self.top_k:
+            warpers.append(transformers.TopKLogitsWarper(self.top_k))
+        if self.top_p < 1.0:
+            warpers.append(transformers.TopPLogitsWarper(self.top_p))
+        return warpers
 
 
 @dataclass
@@ -144,7 +182,8 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class Engine:
-    """Base: subclasses set ``model`` and implement `_generate`."""
+    """Base: subclasses set ``model`` and implement `_generate` (one prompt) and, when they
+    batch, `_generate_batch`."""
 
     name = "engine"
     backend = "eager"
@@ -152,9 +191,10 @@ class Engine:
     devices = ("cpu", "cuda")  # device types the engine runs on
     precision = "auto"  # "fp32": always; "half": the half dtype everywhere; "auto": half on a GPU only
     quantization: str | None = None  # "int8" for the int8 engines
+    batches = True  # whether `generate` takes a left-padded batch of prompts
 
-    def __init__(self, checkpoint: str, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype, self.checkpoint = device, dtype, checkpoint
+    def __init__(self, checkpoint: str, device: torch.device, dtype: torch.dtype, sampling: Sampling | None = None):
+        self.device, self.dtype, self.checkpoint, self.sampling = device, dtype, checkpoint, sampling
         self.model = self._load(checkpoint).to(device=device, dtype=dtype).eval()
         self.counter = ForwardCounter(self.model.transformer)
 
@@ -186,38 +226,101 @@ class Engine:
         left out)."""
         return step_weight_bytes(ModelShape.of(self.model.config), self.weight_format)
 
-    @torch.no_grad()
-    def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> GenerationResult:
-        prompt_ids = prompt_ids.to(self.device)
+    def decoding(self) -> dict:
+        """Greedy, or the run's sampling settings: the same for every engine."""
+        return self.sampling.generate_kwargs() if self.sampling else {"do_sample": False}
+
+    def _timed(self, index: int, generate):
+        """``generate()`` timed with the device synchronised around it, after seeding torch's
+        generators for the prompt (or batch) at ``index`` when sampling: (its value, start, end)."""
+        if self.sampling:
+            torch.manual_seed(self.sampling.seed + index)
         self.counter.reset()
         synchronize(self.device)
         start = time.perf_counter()
-        sequences, extra = self._generate(prompt_ids, max_new_tokens, eos_token_id)
+        value = generate()
         synchronize(self.device)
-        end = time.perf_counter()
+        return value, start, time.perf_counter()
+
+    @torch.no_grad()
+    def run(self, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+            index: int = 0) -> GenerationResult:
+        prompt_ids = prompt_ids.to(self.device)
+        (sequences, extra), start, end = self._timed(
+            index, lambda: self._generate(prompt_ids, max_new_tokens, eos_token_id))
         new_tokens = sequences[0, prompt_ids.shape[1]:].tolist()
         extra.setdefault("forward_calls", self.counter.calls)  # CUDA-graph replays bypass hooks
         return GenerationResult(new_tokens, end - start, latency=end - start,
                                 call_seconds=self.counter.call_seconds(end), **extra)
 
-    def run_many(self, prompts: list[torch.Tensor], max_new_tokens: int,
-                 eos_token_id: int | None) -> list[GenerationResult]:
-        """Every prompt, in order; one at a time here, in batches in `BatchedEngine`."""
-        return [self.run(prompt_ids, max_new_tokens, eos_token_id) for prompt_ids in prompts]
+    def run_many(self, prompts: list[torch.Tensor], max_new_tokens: int, eos_token_id: int | None,
+                 batch_size: int = 1) -> list[GenerationResult]:
+        """Every prompt, in order: one at a time (`run`) at batch size 1, else in batches
+        (`run_batch`); prompt (or batch start) i samples with seed ``seed + i``."""
+        if batch_size < 1:
+            raise UserError(f"batch size {batch_size}: a batch holds at least 1 prompt")
+        if batch_size == 1:
+            return [self.run(ids, max_new_tokens, eos_token_id, index) for index, ids in enumerate(prompts)]
+        return [result for start in range(0, len(prompts), batch_size)
+                for result in self.run_batch(prompts[start:start + batch_size], max_new_tokens, eos_token_id, start)]
+
+    @torch.no_grad()
+    def run_batch(self, prompts: list[torch.Tensor], max_new_tokens: int, eos_token_id: int | None,
+                  index: int = 0) -> list[GenerationResult]:
+        """One left-padded batch. A row's result carries its share of the batch's seconds and
+        forward calls, so a pass's sums are the batches' totals (tokens over seconds is the
+        throughput), and as ``latency`` the batch's whole time, what each prompt waited. A row
+        ends at its first end-of-sequence token, as it would alone."""
+        if not self.batches:
+            raise Unsupported(f"{self.name} decodes one prompt at a time (upstream generate refuses batches here)")
+        ids, mask, pad = left_padded(prompts, eos_token_id, self.device)
+        (sequences, extras), start, end = self._timed(
+            index, lambda: self._generate_batch(ids, mask, pad, max_new_tokens, eos_token_id))
+        share = len(prompts)
+        return [GenerationResult(until_eos(row, eos_token_id), (end - start) / share, self.counter.calls / share,
+                                 latency=end - start, **extra)
+                for row, extra in zip(sequences[:, ids.shape[1]:].tolist(), extras)]
 
     def _generate(self, prompt_ids, max_new_tokens, eos_token_id):
+        mask = torch.ones_like(prompt_ids)
+        return self._generate_batch(prompt_ids, mask, eos_token_id, max_new_tokens, eos_token_id)[0], {}
+
+    def _generate_batch(self, ids, mask, pad, max_new_tokens, eos_token_id):
+        """Plain `generate` over the rows: (sequences, one dict of extra figures per row)."""
         sequences = self.model.generate(
-            prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False, max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id, pad_token_id=eos_token_id, **plain_decoding(self.model),
-            **self.generate_kwargs(),
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad,
+            **self.decoding(), **plain_decoding(self.model), **self.generate_kwargs(),
         )
-        return sequences, {}
+        return sequences, [{} for _ in range(ids.shape[0])]
 
     def generate_kwargs(self) -> dict:
         return {}
 
 
+def left_padded(prompts: list[torch.Tensor], eos_token_id: int | None, device: torch.device):
+    """(ids, attention mask, pad id) of ``prompts`` (each (1, length)) left-padded to the
+    longest, padded with EOS (or 0 without one), on ``device``."""
+    width = max(p.shape[1] for p in prompts)
+    pad = eos_token_id if eos_token_id is not None else 0
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - prompt.shape[1]:] = prompt[0]
+        mask[row, width - prompt.shape[1]:] = 1
+    return ids.to(device), mask.to(device), pad
+
+
+def until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
+    """``tokens`` up to and including the first ``eos_token_id`` (a finished batch row is
+    padded after it)."""
+    if eos_token_id is None or eos_token_id not in tokens:
+        return tokens
+    return tokens[:tokens.index(eos_token_id) + 1]
+
+
 class NaiveEngine(Engine):
+    """Upstream `generate`, fp32: the reference (at batch B, upstream batched greedy)."""
+
     name = "naive"
     precision = "fp32"
 
@@ -236,67 +339,6 @@ class NoCacheEngine(Engine):
 class HalfEngine(Engine):
     name = "half"
     precision = "half"
-
-
-class BatchedEngine(Engine):
-    """What batching buys: upstream greedy `generate` over up to ``batch_size`` prompts at
-    once, left-padded with an attention mask (positions follow the mask, so each row decodes
-    as it would alone, up to float rounding). A row's result carries its share of the
-    batch's seconds and forward calls, so a pass's sums are the batches' totals (tokens over
-    seconds is the throughput), and as ``latency`` the batch's whole time, what each prompt
-    waited. A row stops at its first end-of-sequence token, as it would alone."""
-
-    name = "batched"
-    backend = "eager, batched"
-    precision = "fp32"
-    settings = ("batch_size",)
-
-    def __init__(self, *args, batch_size: int = BATCH_SIZES[-1], **kwargs):
-        if batch_size < 1:
-            raise UserError(f"batch size {batch_size}: a batch holds at least 1 prompt")
-        super().__init__(*args, **kwargs)
-        self.batch_size = batch_size
-        self.name = f"batched_{batch_size}"  # one row per batch size in a report
-        self.backend = f"eager, batches of {batch_size}"
-
-    @torch.no_grad()
-    def run(self, prompt_ids, max_new_tokens, eos_token_id):
-        return self.run_batch([prompt_ids], max_new_tokens, eos_token_id)[0]
-
-    def run_many(self, prompts, max_new_tokens, eos_token_id):
-        size = self.batch_size
-        return [result for start in range(0, len(prompts), size)
-                for result in self.run_batch(prompts[start:start + size], max_new_tokens, eos_token_id)]
-
-    @torch.no_grad()
-    def run_batch(self, prompts: list[torch.Tensor], max_new_tokens: int,
-                  eos_token_id: int | None) -> list[GenerationResult]:
-        width = max(p.shape[1] for p in prompts)
-        pad = eos_token_id if eos_token_id is not None else 0
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - prompt.shape[1]:] = prompt[0]
-            mask[row, width - prompt.shape[1]:] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        self.counter.reset()
-        synchronize(self.device)
-        start = time.perf_counter()
-        sequences = self.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                                        eos_token_id=eos_token_id, pad_token_id=pad)
-        synchronize(self.device)
-        seconds = time.perf_counter() - start
-        share = len(prompts)
-        return [GenerationResult(until_eos(row, eos_token_id), seconds / share, self.counter.calls / share,
-                                 latency=seconds) for row in sequences[:, width:].tolist()]
-
-
-def until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
-    """``tokens`` up to and including the first ``eos_token_id`` (a finished batch row is
-    padded after it)."""
-    if eos_token_id is None or eos_token_id not in tokens:
-        return tokens
-    return tokens[:tokens.index(eos_token_id) + 1]
 
 
 class FlashAttention2Engine(Engine):
@@ -319,6 +361,7 @@ class PromptLookupEngine(Engine):
     name = "prompt_lookup"
     backend = "upstream prompt lookup"
     settings = ("lookup_tokens",)
+    batches = False  # upstream: "assisted generate is only supported for batch_size = 1"
 
     def __init__(self, *args, lookup_tokens: int = PROMPT_LOOKUP_TOKENS, **kwargs):
         super().__init__(*args, **kwargs)
@@ -332,6 +375,7 @@ class AssistedEngine(Engine):
     name = "assisted"
     backend = "upstream assisted generation"
     settings = ("draft_model",)
+    batches = False
 
     def __init__(self, *args, draft_model: str | None = None, **kwargs):
         if not draft_model:
@@ -347,7 +391,9 @@ class SpecStreamEngine(Engine):
     """Our model and loop. ``tree_widths=()`` makes it the `static` engine: the same
     preallocated cache and loop, one token per forward call. With ``cuda_graphs`` (the
     default on a GPU) each step is one replayed CUDA graph (`FixedShapeDecoder`);
-    otherwise the dynamic loop of ``generate(speculative_streaming=True)`` runs."""
+    otherwise the dynamic loop of ``generate(speculative_streaming=True)`` runs, which also
+    serves left-padded batches (greedy); a request it serves one prompt at a time (sampling
+    in a batch) raises a ValueError naming the batch, which makes the row `Unsupported`."""
 
     name = "spec_stream"
     settings = ("tree_widths", "cuda_graphs")
@@ -357,7 +403,7 @@ class SpecStreamEngine(Engine):
         self.tree_widths = tuple(tree_widths)
         self.decoder = None
         if cuda_graphs and self.device.type == "cuda":
-            self.decoder = FixedShapeDecoder(self.model, self.tree_widths, cuda_graphs=True)
+            self.decoder = FixedShapeDecoder(self.model, self.tree_widths, cuda_graphs=True, **self.sampling_kwargs())
             self.decoder.capture()  # every graph now, none inside a timed call
         steps = "CUDA graphs" if self.decoder else "eager steps"
         self.backend = f"spec-stream sdpa, static cache, {steps}" + ("" if self.tree_widths else ", no speculation")
@@ -365,22 +411,47 @@ class SpecStreamEngine(Engine):
     def _load(self, checkpoint):
         return GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa")
 
+    def sampling_kwargs(self) -> dict:
+        """Nothing when greedy (our plain greedy path, no scorer), else the run's sampling."""
+        return self.sampling.generate_kwargs() if self.sampling else {}
+
     def _generate(self, prompt_ids, max_new_tokens, eos_token_id):
         timer = StepTimer(self.device)
         if self.decoder is not None:
             eos = set() if eos_token_id is None else {eos_token_id}
             out = self.decoder.generate(prompt_ids, max_new_tokens, eos, timer=timer)
         else:
-            out = self.model.generate(
-                prompt_ids, speculative_streaming=True, tree_widths=self.tree_widths,
-                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, return_dict_in_generate=True,
-                step_timer=timer,
-            )
-        depth = len(self.tree_widths)
-        steps = out.accepted_lengths
-        extra = dict(drafted=depth * len(steps), accepted=sum(n - 1 for n in steps),
-                     step_seconds=dict(timer.seconds), forward_calls=out.num_forward_calls)
+            out = self._speculative_generate(prompt_ids, max_new_tokens, eos_token_id, step_timer=timer)
+        extra = dict(self.draft_figures(out.accepted_lengths), step_seconds=dict(timer.seconds),
+                     forward_calls=out.num_forward_calls)
         return out.sequences, extra
+
+    def _generate_batch(self, ids, mask, pad, max_new_tokens, eos_token_id):
+        try:
+            out = self._speculative_generate(ids, max_new_tokens, eos_token_id, attention_mask=mask, pad_token_id=pad)
+        except ValueError as error:
+            if "batch" not in str(error):
+                raise
+            raise Unsupported(f"{self.name}: generate(speculative_streaming=True) refuses a batch of {ids.shape[0]} "
+                              "here") from None
+        return out.sequences, [self.draft_figures(steps) for steps in accepted_lengths_per_row(out, ids.shape[0])]
+
+    def _speculative_generate(self, ids, max_new_tokens, eos_token_id, **kwargs):
+        return self.model.generate(ids, speculative_streaming=True, tree_widths=self.tree_widths,
+                                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                   return_dict_in_generate=True, **self.sampling_kwargs(), **kwargs)
+
+    def draft_figures(self, accepted_lengths: list[int]) -> dict:
+        """Draft positions offered (tree depth per step) and drafts accepted, from the tokens
+        each step gained (accepted drafts + 1)."""
+        return dict(drafted=len(self.tree_widths) * len(accepted_lengths),
+                    accepted=sum(n - 1 for n in accepted_lengths))
+
+
+def accepted_lengths_per_row(out, rows: int) -> list[list[int]]:
+    """Each row's tokens gained per step: ``accepted_lengths`` holds one list per row for a
+    batch, the single row's list at batch 1."""
+    return out.accepted_lengths if rows > 1 else [out.accepted_lengths]
 
 
 class StaticEngine(SpecStreamEngine):
@@ -418,17 +489,18 @@ class SpecStreamInt8Engine(Int8Mixin, SpecStreamEngine):
 
 
 ENGINES = {cls.name: cls for cls in (
-    NaiveEngine, NoCacheEngine, BatchedEngine, HalfEngine, Int8Engine, FlashAttention2Engine, PromptLookupEngine,
+    NaiveEngine, NoCacheEngine, HalfEngine, Int8Engine, FlashAttention2Engine, PromptLookupEngine,
     AssistedEngine, StaticEngine, SpecStreamEngine, SpecStreamInt8Engine)}
 ENGINE_NAMES = tuple(ENGINES)
 ENGINE_SETTINGS = frozenset(setting for cls in ENGINES.values() for setting in cls.settings)
 
 
 def build_engine(name: str, checkpoint: str, device: torch.device, half_dtype: torch.dtype = torch.float16,
-                 **settings) -> Engine:
-    """The engine ``name`` on ``checkpoint``. ``settings`` may hold any engine's settings
-    (`ENGINE_SETTINGS`: tree_widths, cuda_graphs, batch_size, draft_model, lookup_tokens);
-    each engine takes its own and ignores the rest, and None leaves an engine's default."""
+                 sampling: Sampling | None = None, **settings) -> Engine:
+    """The engine ``name`` on ``checkpoint``, greedy or with ``sampling``. ``settings`` may
+    hold any engine's settings (`ENGINE_SETTINGS`: tree_widths, cuda_graphs, draft_model,
+    lookup_tokens); each engine takes its own and ignores the rest, and None leaves an
+    engine's default."""
     if name not in ENGINES:
         raise UserError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)} or all")
     unknown = set(settings) - ENGINE_SETTINGS
@@ -439,7 +511,8 @@ def build_engine(name: str, checkpoint: str, device: torch.device, half_dtype: t
         raise UserError(f"the {name} engine runs on {' or '.join(engine_class.devices)} only, not {device.type}; "
                         f"drop it from --model_type or pass --device cpu")
     own = {key: value for key, value in settings.items() if key in engine_class.settings and value is not None}
-    return engine_class(checkpoint, device=device, dtype=engine_class.dtype_for(device, half_dtype), **own)
+    return engine_class(checkpoint, device=device, dtype=engine_class.dtype_for(device, half_dtype),
+                        sampling=sampling, **own)
 
 
 def engines_for(device: torch.device) -> tuple[str, ...]:

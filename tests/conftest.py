@@ -54,3 +54,14 @@ def finetuned_checkpoint(tmp_path_factory, data_dir):
         max_eval_samples=30, epochs=5.0, batch_size=8, max_length=128, lr=2e-3, seed=3, train_pruner=True,
     ))
     return output, summary
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    """Fails a test if any benchmark engine is built: checks must come before the first one."""
+    import spec_stream.benchmark
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an engine was built before the bad input was refused")
+
+    monkeypatch.setattr(spec_stream.benchmark, "build_engine", refuse)

@@ -1,14 +1,15 @@
-"""Engines on a briefly trained tiny checkpoint: no_cache and batched reproduce naive,
-int8 and spec_stream on int8 reproduce the int8 model's greedy decoding, and the registry
-hands each engine its own settings."""
+"""Engines on a briefly trained tiny checkpoint: no_cache and naive in batches reproduce
+naive, int8 and spec_stream on int8 reproduce the int8 model's greedy decoding, engines
+that cannot batch say so, sampling is reproducible per seed, and the registry hands each
+engine its own settings."""
 import re
 
 import pytest
 import torch
 
 import spec_stream.engines
-from spec_stream.engines import (ENGINE_NAMES, ENGINES, Int8Linear, build_engine, load_upstream, quantize_int8,
-                                 until_eos)
+from spec_stream.engines import (ENGINE_NAMES, ENGINES, Int8Linear, Sampling, Unsupported, build_engine,
+                                 load_upstream, quantize_int8, until_eos)
 from spec_stream.errors import UserError
 from tests.helpers import phrase_text
 
@@ -59,10 +60,9 @@ def test_no_cache_equals_naive(checkpoint, prompts, naive_outputs):
 
 
 def test_batched_rows_equal_naive_and_share_the_batch(checkpoint, prompts, naive_outputs):
-    engine = build_engine("batched", checkpoint, CPU, batch_size=4)
-    results = engine.run_many(prompts, NEW_TOKENS, EOS)  # a batch of 4 (mixed lengths), then one of 2
+    engine = build_engine("naive", checkpoint, CPU)
+    results = engine.run_many(prompts, NEW_TOKENS, EOS, batch_size=4)  # a batch of 4 (mixed lengths), then one of 2
     assert [r.new_tokens for r in results] == naive_outputs
-    assert engine.name == "batched_4"
     first, second = results[:4], results[4:]
     for batch in (first, second):
         assert all(r.latency == batch[0].latency for r in batch)
@@ -70,6 +70,32 @@ def test_batched_rows_equal_naive_and_share_the_batch(checkpoint, prompts, naive
         steps = max(len(r.new_tokens) for r in batch)  # one call per token of the longest row
         assert sum(r.forward_calls for r in batch) == pytest.approx(steps)
     assert all(r.forward_calls < NEW_TOKENS for r in results)
+    with pytest.raises(UserError, match="batch size 0"):
+        engine.run_many(prompts, NEW_TOKENS, EOS, batch_size=0)
+
+
+def test_engines_that_cannot_batch_say_so(checkpoint, prompts, naive_outputs):
+    with pytest.raises(Unsupported, match="one prompt at a time"):
+        build_engine("prompt_lookup", checkpoint, CPU).run_many(prompts, NEW_TOKENS, EOS, batch_size=2)
+    engine = build_engine("spec_stream", checkpoint, CPU, tree_widths=(3, 2, 2))
+    try:  # refused until generate(speculative_streaming=True) takes batches; then exact per row
+        results = engine.run_many(prompts, NEW_TOKENS, EOS, batch_size=3)
+    except Unsupported as refusal:
+        assert "refuses a batch of 3" in str(refusal)
+    else:
+        assert [r.new_tokens for r in results] == naive_outputs
+
+
+def test_sampling_is_reproducible_per_seed_and_follows_the_settings(checkpoint, prompts, naive_outputs):
+    sampling = Sampling(temperature=1.0, top_k=0, top_p=1.0, seed=5)
+    for name in ("naive", "spec_stream"):
+        engine = build_engine(name, checkpoint, CPU, sampling=sampling)
+        first, again = ([r.new_tokens for r in engine.run_many(prompts, NEW_TOKENS, EOS)] for _ in range(2))
+        assert first == again and first != naive_outputs  # seeded per prompt; really sampled
+        assert engine.decoding() == dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    greedy_like = build_engine("spec_stream", checkpoint, CPU, sampling=Sampling(1.0, 1, 1.0, 0))  # top-k 1: argmax
+    assert [r.new_tokens for r in greedy_like.run_many(prompts, NEW_TOKENS, EOS)] == naive_outputs
+    assert len(Sampling(0.7, 50, 0.9, 0).warpers()) == 3 and len(sampling.warpers()) == 0
 
 
 def test_until_eos_cuts_padding_after_the_first_eos():
@@ -120,17 +146,14 @@ def test_build_engine_checks_before_loading(tmp_path):
         build_engine("assisted", missing, CPU, draft_model=None)
     with pytest.raises(UserError, match="runs on cpu only"):
         build_engine("int8", missing, torch.device("cuda"))
-    with pytest.raises(UserError, match="batch size 0"):
-        build_engine("batched", missing, CPU, batch_size=0)
     with pytest.raises(TypeError, match="unknown settings"):
         build_engine("naive", missing, CPU, tree_width=(2,))
 
 
 def test_build_engine_hands_each_engine_its_own_settings(checkpoint):
-    settings = dict(tree_widths=(2, 2), batch_size=3, cuda_graphs=False, draft_model=None, lookup_tokens=4)
+    settings = dict(tree_widths=(2, 2), cuda_graphs=False, draft_model=None, lookup_tokens=4)
     assert build_engine("spec_stream", checkpoint, CPU, **settings).tree_widths == (2, 2)
     assert build_engine("static", checkpoint, CPU, **settings).tree_widths == ()
-    assert build_engine("batched", checkpoint, CPU, **settings).batch_size == 3
     assert build_engine("prompt_lookup", checkpoint, CPU, **settings).lookup_tokens == 4
     assert build_engine("half", checkpoint, CPU, half_dtype=torch.bfloat16).dtype == torch.bfloat16
     assert build_engine("no_cache", checkpoint, CPU, half_dtype=torch.bfloat16).dtype == torch.float32
