@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("max_steps", "stop after this many steps, checkpoint kept, continue with --resume (default: all)", type=int)
     add("batch_size", "examples per step and process", type=int)
     add("max_length", "tokens per example (prompt cut from its start)", type=int)
-    add("lr", f"peak learning rate (default: {defaults.LEARNING_RATE}, paper; "
-        f"{defaults.LEARNING_RATE_TINY} for a tiny model from scratch)", type=float)
+    from_scratch_rates = ", ".join(f"{rate} for {size}" for size, rate in defaults.LEARNING_RATE_FROM_SCRATCH.items())
+    add("lr", f"peak learning rate (default: {defaults.LEARNING_RATE}, paper; from scratch: {from_scratch_rates})",
+        type=float)
     add("warmup_ratio", "share of the steps spent warming the learning rate up", type=float)
     add("seed", "initialisation and batch-order seed", type=int)
     add("num_spec_streams", "speculative streams (gamma)", type=int)
@@ -194,8 +195,7 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
     size = config.from_scratch or (None if config.base else defaults.FROM_SCRATCH_SIZE)
     if size and size not in MODEL_SIZES:
         raise UserError(f"unknown --from-scratch size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
-    lr = config.lr if config.lr is not None else (
-        defaults.LEARNING_RATE_TINY if size == "tiny" else defaults.LEARNING_RATE)
+    lr = config.lr if config.lr is not None else defaults.LEARNING_RATE_FROM_SCRATCH.get(size, defaults.LEARNING_RATE)
     config = dataclasses.replace(config, dataset=dataset if isinstance(dataset, str) else config.dataset,
                                  from_scratch=size, lr=lr)
     for name in ("epochs", "batch_size", "max_length", "save_every", "lr", "peak_tflops"):

@@ -204,8 +204,8 @@ def test_benchmark_calls_finetune_with_a_config(monkeypatch, tmp_path):
     recipe = defaults.DEFAULT_RECIPES["cpu"]
     assert output == tmp_path / f"spider-{recipe['size']}"
     assert calls == [FinetuneConfig(dataset="spider", output=str(output), data_dir="DATA", from_scratch=recipe["size"],
-                                    epochs=float(recipe["epochs"]), max_train_samples=recipe["max_train_samples"],
-                                    resume=True)]
+                                    epochs=float(recipe["epochs"]),
+                                    max_train_samples=recipe["max_train_samples"]["spider"], resume=True)]
 
 
 def test_only_user_errors_become_exit_2(capsys):
@@ -244,14 +244,14 @@ BAD_FLAGS = [
     (["--from-scratch", "huge"], ["--from-scratch size 'huge'", "tiny"]),
     (["--from-scratch", "tiny", "--base", "x"], ["exclude", "pick one"]),
     (["--epochs", "0"], ["--epochs must be positive"]),
-    (["--num-stream-layers", "9"], ["--num-stream-layers 9 does not fit a model of 4 layers", "choose 1 to 4"]),
+    (["--num-stream-layers", "9"], ["--num-stream-layers 9 does not fit a model of 6 layers", "choose 1 to 6"]),
     (["--max-steps", "0"], ["--max-steps must be at least 1, got 0", "leave it out"]),
     (["--max-steps", "-3"], ["--max-steps must be at least 1, got -3"]),
     (["--max-train-samples", "0"], ["--max-train-samples must be at least 1, got 0", "train on all"]),
     (["--max-train-samples", "-1"], ["--max-train-samples must be at least 1, got -1"]),
     (["--freeze-base", "--from-scratch", "tiny"], ["--freeze-base", "needs --base", "drop --freeze-base"]),
     (["--freeze-base"], ["--freeze-base", "needs --base"]),
-    (["--max-length", "4096"], ["--max-length 4096 exceeds the model's 1024 positions", "--max-length 1024 or less"]),
+    (["--max-length", "4096"], ["--max-length 4096 exceeds the model's 2048 positions", "--max-length 2048 or less"]),
     (["--warmup-ratio", "1.5"], ["--warmup-ratio must lie in [0, 1)"]),
     (["--data-dir", "/nonexistent"], ["/nonexistent does not exist", "--data-dir"]),
 ]

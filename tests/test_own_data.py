@@ -261,6 +261,6 @@ def test_the_benchmark_prepares_a_checkpoint_for_your_data(files, tmp_path):
     assert dataset_tps.main(argv) == 0
     check_report(json.loads(report_path.read_text()), files["jsonl"])
     (prepared,) = (tmp_path / "checkpoints").iterdir()
-    assert prepared.name.startswith("units-") and prepared.name.endswith("-tiny")
+    assert prepared.name.startswith("units-") and prepared.name.endswith(f"-{defaults.DEFAULT_RECIPES['cpu']['size']}")
     saved = json.loads((prepared / "training_args.json").read_text())
     assert saved["args"]["dataset"] == str(files["jsonl"]) and saved["args"]["prompt_template"] == PROMPT_TEXT
