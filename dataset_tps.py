@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output", default=defaults.REPORT_PATH, help="JSON file for every figure")
     add("--half-dtype", choices=("fp16", "bf16"), default=defaults.HALF_DTYPE)
     add("--draft-model", default=None, help="small GPT-Neo draft model for the assisted engine")
-    add("--tree-widths", default=",".join(map(str, defaults.DEFAULT_TREE_WIDTHS)),
-        help="spec_stream tree: top-k per stream, one width per level")
+    add("--tree-widths", default=defaults.BENCHMARK_TREE_WIDTHS,
+        help="spec_stream tree: top-k per stream, one width per level (e.g. 4,3,2), or auto: the tree with "
+             "the most expected tokens/s from the checkpoint's acceptance rates and this device's step latency")
     add("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
         help="run static/spec_stream steps eagerly on a GPU (default: one CUDA graph per step)")
     add("--batch-size", default=",".join(map(str, defaults.BENCHMARK_BATCH_SIZES)),
@@ -109,7 +110,9 @@ def resolve_engines(model_type: str, draft_model: str | None, device: torch.devi
     return ("naive",) + tuple(t for t in dict.fromkeys(requested) if t != "naive")
 
 
-def parse_tree_widths(text: str) -> tuple[int, ...]:
+def parse_tree_widths(text: str) -> tuple[int, ...] | str:
+    if text == "auto":
+        return text
     try:
         widths = tuple(int(k) for k in text.split(","))
     except ValueError:

@@ -104,7 +104,7 @@ class BenchmarkSettings:
     num_samples: int
     max_new_tokens: int
     repeats: int
-    tree_widths: tuple[int, ...]
+    tree_widths: tuple[int, ...] | str  # "auto": each checkpoint's own best tree for the device
     half_dtype: torch.dtype
     output: Path
     model: str | None = None  # one checkpoint for every dataset; None: the default ones
@@ -209,7 +209,7 @@ def uses_streams(engines: tuple[str, ...]) -> bool:
 
 def check_tree_depth(tree_widths: tuple[int, ...], num_streams: int, checkpoint: str) -> None:
     """A UserError unless the spec_stream tree has at most one level per stream of the model."""
-    if len(tree_widths) > num_streams:
+    if tree_widths != "auto" and len(tree_widths) > num_streams:
         widths = ",".join(map(str, tree_widths))
         raise UserError(f"--tree-widths {widths} has {len(tree_widths)} levels but {checkpoint} has {num_streams} "
                         f"speculative streams; pass at most {num_streams} widths, e.g. --tree-widths "
@@ -419,6 +419,7 @@ def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationRe
         "predicted_ms_per_token": predicted_ms_per_token(engine, inputs, tokens / calls, probe, batch_size),
         "call_seconds_by_step": call_seconds_by_step(first),
         "acceptance_rate": sum(r.accepted for r in first) / drafted if drafted else None,
+        "tree_widths": list(engine.tree_widths) if hasattr(engine, "tree_widths") else None,
         "quality": quality(inputs.task, predictions, references, databases),
         "repetition": repetition_rate(predictions, references),
         "step_seconds": step_seconds_per_pass(passes),

@@ -44,6 +44,8 @@ MIXED_PRECISION = "auto"  # bf16 on a GPU that has it, fp32 elsewhere
 # -- your own data ---------------------------------------------------------------------------
 HOLDOUT_SHARE = 0.1  # a single file's rows held out for validation and again for test: 80/10/10, the usual
 HOLDOUT_SEED = 0  # fixed, not --seed: one file always gives the same test rows to training and benchmark
+ACCEPTANCE_PROMPTS = 32  # validation prompts whose stream acceptance sizes "auto" trees: rates to about +-0.03
+ACCEPTANCE_NEW_TOKENS = 48  # greedy tokens per prompt the acceptance is measured over (the benchmark makes 64)
 TREE_WIDTHS_SAVED = "auto"  # the tree a fine-tuned checkpoint asks generate for: the fastest for the device
 
 # -- default checkpoints the benchmark prepares once per dataset (from scratch: offline) --
@@ -64,6 +66,7 @@ REPEATS = 3  # timed passes over the prompts per engine: the fewest that give a 
 HALF_DTYPE = "fp16"  # half precision of the GPU engines: every CUDA GPU has it, bf16 needs Ampere
 REPORT_PATH = "results/dataset_tps.json"  # where the benchmark's JSON goes; the plots read it
 CHECKPOINT_DIR = "checkpoints"  # default checkpoints, prepared once and reused by later runs
+BENCHMARK_TREE_WIDTHS = "auto"  # spec_stream's tree: the fastest for the checkpoint on this device, as generate's
 BENCHMARK_BATCH_SIZES = (1,)  # --batch-size: one prompt at a time unless asked, the latency setting of the paper
 SAMPLE_TEMPERATURE = 0.7  # --do-sample: issue 14's temperature, between greedy and the raw distribution
 SAMPLE_TOP_K = 50  # transformers' own default top_k when sampling (0 turns it off)

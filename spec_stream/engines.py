@@ -400,13 +400,16 @@ class SpecStreamEngine(Engine):
 
     def __init__(self, *args, tree_widths=DEFAULT_TREE_WIDTHS, cuda_graphs: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.tree_widths = tuple(tree_widths)
+        # "auto": the tree the checkpoint's measured acceptance and this device's probed step
+        # latencies favour, chosen here, before any timed call
+        self.tree_widths = self.model.auto_tree_widths() if tree_widths == "auto" else tuple(tree_widths)
         self.decoder = None
         if cuda_graphs and self.device.type == "cuda":
             self.decoder = FixedShapeDecoder(self.model, self.tree_widths, cuda_graphs=True, **self.sampling_kwargs())
             self.decoder.capture()  # every graph now, none inside a timed call
         steps = "CUDA graphs" if self.decoder else "eager steps"
-        self.backend = f"spec-stream sdpa, static cache, {steps}" + ("" if self.tree_widths else ", no speculation")
+        tree = f", tree {','.join(map(str, self.tree_widths))}" if self.tree_widths else ", no speculation"
+        self.backend = f"spec-stream sdpa, static cache, {steps}{tree}"
 
     def _load(self, checkpoint):
         return GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa")

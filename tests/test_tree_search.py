@@ -74,3 +74,19 @@ def test_auto_tree_decodes_like_greedy(trained_model):
 def test_probe_measures_every_probe_size(trained_model):
     seconds = probe_step_seconds(trained_model, steps=2)
     assert set(by_size(seconds)) == {1, 2, 3, 7, 13, 41, 79, 105} and all(s > 0 for s in seconds.values())
+
+
+def test_fine_tuning_stores_the_acceptance_auto_trees_read(finetuned_checkpoint, monkeypatch):
+    from spec_stream import GPTNeoForCausalLM
+    import huggingface.transformers.generation.utils as generation_utils
+
+    output, summary = finetuned_checkpoint
+    model = GPTNeoForCausalLM.from_pretrained(output)
+    stored = model.generation_config.stream_acceptance
+    assert stored == summary["stream_acceptance"]
+    assert len(stored) == model.config.num_spec_streams and all(len(row) == MAX_WIDTH for row in stored)
+    assert all(0 <= rate <= 1 for row in stored for rate in row) and stored[0][0] > 0
+    # generate's "auto" reads the stored rates (the probe stubbed with flat latencies)
+    flat = {widths: 1.0 for widths in [(), (1,), (8, 4, 2)]}
+    monkeypatch.setattr(generation_utils, "probe_step_seconds", lambda model: flat)
+    assert model.auto_tree_widths() == choose_tree(stored, by_size(flat), model.config.num_spec_streams)
