@@ -128,6 +128,8 @@ class BenchmarkSettings:
     def to_json(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["datasets"] = [d if isinstance(d, str) else asdict(d) for d in self.datasets]
+        values["tree_widths"] = self.tree_widths if isinstance(self.tree_widths, str) else ",".join(
+            map(str, self.tree_widths))  # "auto" or "4,3,2", as given on the command line
         return {k: str(v) if isinstance(v, (torch.device, torch.dtype, Path)) else v for k, v in values.items()}
 
 

@@ -40,6 +40,16 @@ def notes(caplog):
     return messages
 
 
+@pytest.fixture
+def flat_step_costs(monkeypatch):
+    """The saved ``tree_widths="auto"`` with every tree size costing one root step: the
+    choice then rests on the acceptance stored with the checkpoint alone and drafts a tree,
+    whatever this machine's latencies (on a 2-core CPU a tiny model's best tree is none)."""
+    import huggingface.transformers.generation.utils as generation_utils
+
+    monkeypatch.setattr(generation_utils, "probe_step_seconds", lambda model: {(): 1.0, (8, 4, 2): 1.0})
+
+
 class ForwardCalls:
     """Counts forward passes of the decoder stack (our loop calls it directly)."""
 
@@ -88,7 +98,7 @@ def test_upstream_gpt_neo_still_loads_the_folder_as_plain_gpt_neo(checkpoint, pr
         torch.testing.assert_close(upstream(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_plain_generate_decodes_with_the_streams_exactly_as_greedy(checkpoint, prompts, notes):
+def test_plain_generate_decodes_with_the_streams_exactly_as_greedy(checkpoint, prompts, notes, flat_step_costs):
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     calls = ForwardCalls(model)
@@ -103,7 +113,7 @@ def test_plain_generate_decodes_with_the_streams_exactly_as_greedy(checkpoint, p
     assert sum(STREAMS_NOTE in m for m in notes()) == 1  # said once
 
 
-def test_the_pipeline_decodes_with_the_streams_exactly_as_greedy(checkpoint, prompts, notes):
+def test_the_pipeline_decodes_with_the_streams_exactly_as_greedy(checkpoint, prompts, notes, flat_step_costs):
     generator = pipeline("text-generation", model=str(checkpoint))
     assert type(generator.model) is spec_stream.GPTNeoForCausalLM
     calls = ForwardCalls(generator.model)
