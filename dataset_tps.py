@@ -116,7 +116,7 @@ def parse_tree_widths(text: str) -> tuple[int, ...] | str:
     try:
         widths = tuple(int(k) for k in text.split(","))
     except ValueError:
-        raise UserError(f"--tree-widths {text!r}: give comma-separated integers like 4,3,2") from None
+        raise UserError(f"--tree-widths {text!r}: give comma-separated integers like 4,3,2, or auto") from None
     if any(k < 1 for k in widths):
         raise UserError(f"--tree-widths {text}: every width must be at least 1 (top-k per stream), e.g. 4,3,2")
     return widths

@@ -392,8 +392,8 @@ class SpecStreamEngine(Engine):
     preallocated cache and loop, one token per forward call. With ``cuda_graphs`` (the
     default on a GPU) each step is one replayed CUDA graph (`FixedShapeDecoder`);
     otherwise the dynamic loop of ``generate(speculative_streaming=True)`` runs, which also
-    serves left-padded batches (greedy); a request it serves one prompt at a time (sampling
-    in a batch) raises a ValueError naming the batch, which makes the row `Unsupported`."""
+    serves left-padded batches (greedy); sampling it serves one prompt at a time, so a
+    sampled batch is `Unsupported`."""
 
     name = "spec_stream"
     settings = ("tree_widths", "cuda_graphs")
@@ -430,13 +430,10 @@ class SpecStreamEngine(Engine):
         return out.sequences, extra
 
     def _generate_batch(self, ids, mask, pad, max_new_tokens, eos_token_id):
-        try:
-            out = self._speculative_generate(ids, max_new_tokens, eos_token_id, attention_mask=mask, pad_token_id=pad)
-        except ValueError as error:
-            if "batch" not in str(error):
-                raise
+        if self.sampling:
             raise Unsupported(f"{self.name}: generate(speculative_streaming=True) refuses a batch of {ids.shape[0]} "
-                              "here") from None
+                              "when sampling: it samples one prompt at a time")
+        out = self._speculative_generate(ids, max_new_tokens, eos_token_id, attention_mask=mask, pad_token_id=pad)
         return out.sequences, [self.draft_figures(steps) for steps in accepted_lengths_per_row(out, ids.shape[0])]
 
     def _speculative_generate(self, ids, max_new_tokens, eos_token_id, **kwargs):
