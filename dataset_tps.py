@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tree-widths", default=defaults.BENCHMARK_TREE_WIDTHS,
         help="spec_stream tree: top-k per stream, one width per level (e.g. 4,3,2), or auto: the tree with "
              "the most expected tokens/s from the checkpoint's acceptance rates and this device's step latency")
+    add("--lookup-branch", type=int, default=None,
+        help="spec_stream: prompt-lookup nodes added to its tree (0: none); default per dataset: "
+             + ", ".join(f"{task} {n}" for task, n in defaults.LOOKUP_BRANCH.items()))
     add("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
         help="run static/spec_stream steps eagerly on a GPU (default: one CUDA graph per step)")
     add("--batch-size", default=",".join(map(str, defaults.BENCHMARK_BATCH_SIZES)),
@@ -199,6 +202,8 @@ def parse_settings(argv=None) -> BenchmarkSettings:
         output=Path(args.output), model=args.model, checkpoint_dir=Path(args.checkpoint_dir),
         data_dir=args.data_dir, split=args.split, draft_model=args.draft_model, cuda_graphs=args.cuda_graphs,
         reference_model=args.reference_model, batch_sizes=parse_batch_sizes(args.batch_size), **parse_sampling(args),
+        lookup_branch=None if args.lookup_branch is None else at_least(
+            "--lookup-branch", args.lookup_branch, 0, "pass 0 for no lookup branch, or the nodes of its chain"),
     )
 
 
@@ -256,6 +261,15 @@ def exactness_cell(r: dict) -> str:
     return f"{'pass' if check['passed'] else 'FAIL'} z={check['statistic']:+.2f}{outside}"
 
 
+def acceptance_cell(r: dict) -> str:
+    """Accepted drafts per draft position, and the share the lookup branch supplied."""
+    if r["acceptance_rate"] is None:
+        return "-"
+    accepted = r["accepted_from_lookup"] + r["accepted_from_streams"]
+    lookup = f" ({r['accepted_from_lookup'] / accepted:.0%} lookup)" if r["lookup_branch"] and accepted else ""
+    return f"{r['acceptance_rate']:.2f}{lookup}"
+
+
 def table_cells(r: dict) -> list[str]:
     spread = r["tokens_per_second_spread"]
     return [
@@ -263,7 +277,7 @@ def table_cells(r: dict) -> list[str]:
         f"{spread['min']:.1f}-{spread['max']:.1f} ({spread['iqr']:.1f})", f"{r['latency_seconds']:.3f}",
         f"{1e3 / r['tokens_per_second']:.2f} / {r['predicted_ms_per_token']['ms']:.2f} "
         f"{r['predicted_ms_per_token']['bound'][:3]}", f"{r['speedup_vs_naive']:.2f}x",
-        f"{r['tokens_per_call']:.2f}", "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}",
+        f"{r['tokens_per_call']:.2f}", acceptance_cell(r),
         exactness_cell(r), f"{r['identical_to_naive']:.0%}", f"{r['bandwidth_share']:.1%}",
         ", ".join(f"{k} {v:.3g}" for k, v in r["quality"].items()), f"{r['repetition']:.0%}",
         f"{r['peak_memory_mb']:.0f}",

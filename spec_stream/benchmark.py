@@ -84,14 +84,14 @@ from spec_stream.checkpoints import load_for_inference
 from spec_stream.data import (DATA_DIR_ENV, SPIDER_TABLES_ENV, CustomDataset, default_split, is_preset, load_examples,
                               load_spider_schemas)
 from spec_stream.arithmetic import MachineProbe, predicted_bound
-from spec_stream.defaults import SAMPLING_CHECK_LEVEL
+from spec_stream.defaults import LOOKUP_BRANCH, SAMPLING_CHECK_LEVEL
 from spec_stream.engines import (ENGINES, Engine, GenerationResult, Sampling, Unsupported, build_engine, load_upstream,
                                  plain_decoding)
 from spec_stream.errors import UserError
 from spec_stream.metrics import bleu, repetition_rate, rouge_l, spider_database, task_quality
 
 
-REPORT_SCHEMA_VERSION = 2  # the report's layout, documented field by field in docs/report.md
+REPORT_SCHEMA_VERSION = 3  # the report's layout, documented field by field in docs/report.md
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,13 @@ class BenchmarkSettings:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    lookup_branch: int | None = None  # spec_stream's prompt-lookup nodes; None: the task's (LOOKUP_BRANCH)
+
+    def lookup_branch_for(self, task: str) -> int:
+        """``lookup_branch`` as given, else the preset's default (your own data: "custom")."""
+        if self.lookup_branch is not None:
+            return self.lookup_branch
+        return LOOKUP_BRANCH.get(task, LOOKUP_BRANCH["custom"])
 
     @property
     def sampling(self) -> Sampling | None:
@@ -421,6 +428,9 @@ def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationRe
         "predicted_ms_per_token": predicted_ms_per_token(engine, inputs, tokens / calls, probe, batch_size),
         "call_seconds_by_step": call_seconds_by_step(first),
         "acceptance_rate": sum(r.accepted for r in first) / drafted if drafted else None,
+        "accepted_from_lookup": sum(r.accepted_from_lookup for r in first),  # drafts accepted, by source
+        "accepted_from_streams": sum(r.accepted - r.accepted_from_lookup for r in first),
+        "lookup_branch": getattr(engine, "lookup_branch", None),
         "tree_widths": list(engine.tree_widths) if hasattr(engine, "tree_widths") else None,
         "quality": quality(inputs.task, predictions, references, databases),
         "repetition": repetition_rate(predictions, references),
@@ -495,7 +505,7 @@ def benchmark_task(inputs: TaskInputs, settings: BenchmarkSettings,
         engine = build_engine(name, inputs.reference if name == "naive" else inputs.checkpoint, settings.device,
                               half_dtype=settings.half_dtype, sampling=settings.sampling,
                               draft_model=settings.draft_model, tree_widths=settings.tree_widths,
-                              cuda_graphs=settings.cuda_graphs)
+                              cuda_graphs=settings.cuda_graphs, lookup_branch=settings.lookup_branch_for(inputs.task))
         if naive_outputs is None and settings.batch_sizes[0] != 1:
             naive_outputs = naive_batch1_outputs(engine, inputs, settings)
         for batch_size in settings.batch_sizes:

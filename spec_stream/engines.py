@@ -97,6 +97,7 @@ class GenerationResult:
     forward_calls: float  # in a batch, this prompt's share of the batch's calls
     drafted: int = 0  # draft tokens the verifier could have accepted (tree depth per step)
     accepted: int = 0  # draft tokens it did accept
+    accepted_from_lookup: int = 0  # of which from the prompt-lookup branch (the rest from the streams)
     step_seconds: dict[str, float] = field(default_factory=dict)
     latency: float | None = None  # seconds until this prompt's tokens were out (a batch's whole time)
     call_seconds: list[float] = field(default_factory=list)  # wall time from each forward call to the next
@@ -396,20 +397,24 @@ class SpecStreamEngine(Engine):
     sampled batch is `Unsupported`."""
 
     name = "spec_stream"
-    settings = ("tree_widths", "cuda_graphs")
+    settings = ("tree_widths", "cuda_graphs", "lookup_branch")
 
-    def __init__(self, *args, tree_widths=DEFAULT_TREE_WIDTHS, cuda_graphs: bool = True, **kwargs):
+    def __init__(self, *args, tree_widths=DEFAULT_TREE_WIDTHS, cuda_graphs: bool = True, lookup_branch: int = 0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         # "auto": the tree the checkpoint's measured acceptance and this device's probed step
         # latencies favour, chosen here, before any timed call
         self.tree_widths = self.model.auto_tree_widths() if tree_widths == "auto" else tuple(tree_widths)
+        self.lookup_branch = lookup_branch  # prompt-lookup nodes beside the streams' (0: none)
         self.decoder = None
         if cuda_graphs and self.device.type == "cuda":
-            self.decoder = FixedShapeDecoder(self.model, self.tree_widths, cuda_graphs=True, **self.sampling_kwargs())
+            self.decoder = FixedShapeDecoder(self.model, self.tree_widths, cuda_graphs=True,
+                                             lookup_length=lookup_branch, **self.sampling_kwargs())
             self.decoder.capture()  # every graph now, none inside a timed call
         steps = "CUDA graphs" if self.decoder else "eager steps"
         tree = f", tree {','.join(map(str, self.tree_widths))}" if self.tree_widths else ", no speculation"
-        self.backend = f"spec-stream sdpa, static cache, {steps}{tree}"
+        lookup = f" + lookup {lookup_branch}" if lookup_branch else ""
+        self.backend = f"spec-stream sdpa, static cache, {steps}{tree}{lookup}"
 
     def _load(self, checkpoint):
         return GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa")
@@ -426,26 +431,30 @@ class SpecStreamEngine(Engine):
         else:
             out = self._speculative_generate(prompt_ids, max_new_tokens, eos_token_id, step_timer=timer)
         extra = dict(self.draft_figures(out.accepted_lengths), step_seconds=dict(timer.seconds),
-                     forward_calls=out.num_forward_calls)
+                     forward_calls=out.num_forward_calls, accepted_from_lookup=out.lookup_accepted or 0)
         return out.sequences, extra
 
     def _generate_batch(self, ids, mask, pad, max_new_tokens, eos_token_id):
         if self.sampling:
             raise Unsupported(f"{self.name}: generate(speculative_streaming=True) refuses a batch of {ids.shape[0]} "
                               "when sampling: it samples one prompt at a time")
+        if self.lookup_branch:
+            raise Unsupported(f"{self.name}: the prompt-lookup branch decodes one prompt at a time; pass "
+                              "--lookup-branch 0 to batch the streams alone")
         out = self._speculative_generate(ids, max_new_tokens, eos_token_id, attention_mask=mask, pad_token_id=pad)
         return out.sequences, [self.draft_figures(steps) for steps in accepted_lengths_per_row(out, ids.shape[0])]
 
     def _speculative_generate(self, ids, max_new_tokens, eos_token_id, **kwargs):
+        lookup = {"prompt_lookup_num_tokens": self.lookup_branch} if self.lookup_branch else {}
         return self.model.generate(ids, speculative_streaming=True, tree_widths=self.tree_widths,
                                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                   return_dict_in_generate=True, **self.sampling_kwargs(), **kwargs)
+                                   return_dict_in_generate=True, **lookup, **self.sampling_kwargs(), **kwargs)
 
     def draft_figures(self, accepted_lengths: list[int]) -> dict:
-        """Draft positions offered (tree depth per step) and drafts accepted, from the tokens
-        each step gained (accepted drafts + 1)."""
-        return dict(drafted=len(self.tree_widths) * len(accepted_lengths),
-                    accepted=sum(n - 1 for n in accepted_lengths))
+        """Draft positions offered (the tree's depth, streams' or lookup's, per step) and
+        drafts accepted, from the tokens each step gained (accepted drafts + 1)."""
+        depth = max(len(self.tree_widths), self.lookup_branch)
+        return dict(drafted=depth * len(accepted_lengths), accepted=sum(n - 1 for n in accepted_lengths))
 
 
 def accepted_lengths_per_row(out, rows: int) -> list[list[int]]:
@@ -499,7 +508,7 @@ def build_engine(name: str, checkpoint: str, device: torch.device, half_dtype: t
                  sampling: Sampling | None = None, **settings) -> Engine:
     """The engine ``name`` on ``checkpoint``, greedy or with ``sampling``. ``settings`` may
     hold any engine's settings (`ENGINE_SETTINGS`: tree_widths, cuda_graphs, draft_model,
-    lookup_tokens); each engine takes its own and ignores the rest, and None leaves an
+    lookup_tokens, lookup_branch); each engine takes its own and ignores the rest, and None leaves an
     engine's default."""
     if name not in ENGINES:
         raise UserError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)} or all")

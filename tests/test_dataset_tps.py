@@ -89,6 +89,17 @@ def test_exact_engines_reproduce_greedy_decoding_of_their_own_model(report):
             assert row["identical_to_naive"] == 1.0, row
 
 
+def test_spec_stream_runs_each_datasets_lookup_branch(report):
+    from spec_stream.defaults import LOOKUP_BRANCH
+
+    for row in report["results"]:
+        if row["engine"] == "spec_stream":
+            assert row["lookup_branch"] == LOOKUP_BRANCH[row["dataset"]]
+            assert ("lookup" in row["backend"]) == bool(LOOKUP_BRANCH[row["dataset"]])
+        else:
+            assert row["accepted_from_lookup"] == 0 and not row["lookup_branch"]  # 0 (static) or None
+
+
 def test_spider_rows_report_sql_validity(report):
     for row in report["results"]:
         assert ("valid_sql" in row["quality"]) == (row["dataset"] == "spider")
@@ -155,6 +166,7 @@ def refused(argv, capsys) -> str:
     (["--do-sample", "--seed", "-3"], "--seed -3"),
     (["--temperature", "0.5"], "--temperature sets sampling; add --do-sample"),
     (["--reference-model", "runs/base"], "pass --model CHECKPOINT too"),
+    (["--lookup-branch", "-1"], "--lookup-branch -1"),
 ])
 def test_bad_arguments_exit_2_in_one_line(args, words, capsys, no_engine):
     assert words in refused(args, capsys)
@@ -272,7 +284,7 @@ def matches(value, kind: str) -> bool:
 
 
 def test_report_follows_its_documented_schema(report):
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     check_documented(report)
 
 

@@ -78,12 +78,23 @@ def test_engines_that_cannot_batch_say_so(checkpoint, prompts, naive_outputs):
     with pytest.raises(Unsupported, match="one prompt at a time"):
         build_engine("prompt_lookup", checkpoint, CPU).run_many(prompts, NEW_TOKENS, EOS, batch_size=2)
     engine = build_engine("spec_stream", checkpoint, CPU, tree_widths=(3, 2, 2))
-    try:  # refused until generate(speculative_streaming=True) takes batches; then exact per row
-        results = engine.run_many(prompts, NEW_TOKENS, EOS, batch_size=3)
-    except Unsupported as refusal:
-        assert "refuses a batch of 3" in str(refusal)
-    else:
-        assert [r.new_tokens for r in results] == naive_outputs
+    assert [r.new_tokens for r in engine.run_many(prompts, NEW_TOKENS, EOS, batch_size=3)] == naive_outputs
+    with pytest.raises(Unsupported, match="lookup branch decodes one prompt at a time"):
+        build_engine("spec_stream", checkpoint, CPU, tree_widths=(2,), lookup_branch=3).run_many(
+            prompts, NEW_TOKENS, EOS, batch_size=3)
+
+
+def test_lookup_branch_is_exact_and_counts_what_it_supplied(checkpoint, prompts, naive_outputs):
+    """The phrase domain repeats itself, so a lookup chain beside a one-level tree gets
+    drafts accepted; every output stays naive's, and the two sources add up."""
+    streams_only = build_engine("spec_stream", checkpoint, CPU, tree_widths=(2,)).run_many(prompts, NEW_TOKENS, EOS)
+    engine = build_engine("spec_stream", checkpoint, CPU, tree_widths=(2,), lookup_branch=4)
+    hybrid = engine.run_many(prompts, NEW_TOKENS, EOS)
+    assert [r.new_tokens for r in hybrid] == naive_outputs and "lookup 4" in engine.backend
+    assert all(0 <= r.accepted_from_lookup <= r.accepted for r in hybrid)
+    assert sum(r.accepted_from_lookup for r in hybrid) > 0 == sum(r.accepted_from_lookup for r in streams_only)
+    assert all(r.drafted == 4 * (r.forward_calls - 1) for r in hybrid)  # the chain is the deeper branch
+    assert sum(r.forward_calls for r in hybrid) < sum(r.forward_calls for r in streams_only)
 
 
 def test_sampling_is_reproducible_per_seed_and_follows_the_settings(checkpoint, prompts, naive_outputs):
@@ -153,7 +164,8 @@ def test_build_engine_checks_before_loading(tmp_path):
 def test_build_engine_hands_each_engine_its_own_settings(checkpoint):
     settings = dict(tree_widths=(2, 2), cuda_graphs=False, draft_model=None, lookup_tokens=4)
     assert build_engine("spec_stream", checkpoint, CPU, **settings).tree_widths == (2, 2)
-    assert build_engine("static", checkpoint, CPU, **settings).tree_widths == ()
+    assert build_engine("static", checkpoint, CPU, **settings, lookup_branch=3).tree_widths == ()
+    assert build_engine("spec_stream", checkpoint, CPU, **settings, lookup_branch=3).lookup_branch == 3
     assert build_engine("prompt_lookup", checkpoint, CPU, **settings).lookup_tokens == 4
     assert build_engine("half", checkpoint, CPU, half_dtype=torch.bfloat16).dtype == torch.bfloat16
     assert build_engine("no_cache", checkpoint, CPU, half_dtype=torch.bfloat16).dtype == torch.float32

@@ -53,6 +53,30 @@ def test_fine_tuned_model_identical_and_gains_tokens_per_call(trained_model):
     assert per_call > 1.5
 
 
+def test_a_shallow_tree_drafts_what_all_streams_would(trained_model, monkeypatch):
+    """Trees of depth 1 and 2 run only the first 1 and 2 of the 3 streams: they draft, so
+    accept, exactly what they would with all three running."""
+    from huggingface.transformers.generation import utils
+
+    generator = torch.Generator().manual_seed(14)
+    prompts = [phrase_text(1, 2 + i, generator) for i in range(15)]
+    original = utils.DynamicTreeSteps.__init__
+
+    def all_streams(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.num_streams = trained_model.config.num_spec_streams
+
+    for widths in ((4,), (2, 2)):
+        trimmed = [speculative(trained_model, ids, tree_widths=widths) for ids in prompts]
+        with monkeypatch.context() as patch:
+            patch.setattr(utils.DynamicTreeSteps, "__init__", all_streams)
+            full = [speculative(trained_model, ids, tree_widths=widths) for ids in prompts]
+        assert [out.accepted_lengths for out in trimmed] == [out.accepted_lengths for out in full]
+        steps = sum(len(out.accepted_lengths) for out in trimmed)
+        assert steps < len(prompts) * NEW / 1.3  # drafts were accepted: the comparison saw real drafts
+        assert all(torch.equal(a.sequences, b.sequences) for a, b in zip(trimmed, full))
+
+
 def test_pruning_changes_the_work_not_the_output(trained_model):
     generator = torch.Generator().manual_seed(12)
     full_tree = build_tree_buffers((4, 3, 2)).size

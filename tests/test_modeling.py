@@ -5,6 +5,7 @@ import transformers
 
 from huggingface.transformers.cache_utils import VariableLengthKVCache
 from huggingface.transformers.generation.speculative_tree import build_tree_buffers
+from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS, linear_rows
 from spec_stream import GPTNeoForCausalLM, shifted_cross_entropy
 from tests.helpers import TINY, tiny_config, tiny_model, upstream_twin
 
@@ -56,6 +57,36 @@ def test_streams_are_causal_and_ordered():
     assert torch.equal(a.stream_logits[:, :2], c.stream_logits[:, :2])
     assert not torch.equal(a.stream_logits[:, 2], c.stream_logits[:, 2])
     assert torch.equal(a.logits, c.logits)  # the main stream never sees a stream
+
+
+def test_running_fewer_streams_leaves_the_first_ones_unchanged():
+    """A tree of depth D runs streams 1..D only: stream j never sees a later stream, so
+    the first D streams' states are those of the full forward."""
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    ids = torch.randint(1, TINY["vocab_size"], (2, SEQ))
+    with torch.no_grad():
+        every = model.transformer(ids, stream_positions="all")
+        for count in (1, 2):
+            first = model.transformer(ids, stream_positions="all", num_streams=count)
+            assert first.stream_hidden_states.shape == (2, count, SEQ, TINY["hidden_size"])
+            assert (first.stream_hidden_states - every.stream_hidden_states[:, :count]).abs().max() <= 1e-5
+            assert (first.hidden_states - every.hidden_states).abs().max() <= 1e-5
+        assert model.transformer(ids, stream_positions="all", num_streams=0).stream_hidden_states is None
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 4), (1, 8), (3, 3), (2, 9)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_row_linear_is_the_linear_layer(shape, bias):
+    """`linear_rows` ((W @ x^T)^T up to FEW_ROWS rows, one row entered twice) computes
+    nn.Linear to fp32 rounding, keeps the shape, and leaves gradients to nn.Linear."""
+    linear = torch.nn.Linear(48, 80, bias=bias)
+    x = torch.randn(*shape, 48)
+    with torch.no_grad():
+        ours, reference = linear_rows(linear, x), linear(x)
+    assert ours.shape == reference.shape == (*shape, 80) and FEW_ROWS == 8
+    assert (ours - reference).abs().max() <= 1e-5
+    x.requires_grad_(True)
+    assert linear_rows(linear, x).grad_fn is not None and torch.equal(linear_rows(linear, x), linear(x))
 
 
 def test_streams_at_chosen_positions_equal_all_positions():

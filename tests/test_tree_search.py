@@ -4,12 +4,14 @@ import torch
 
 from huggingface.transformers.generation.tree_search import (
     MAX_WIDTH,
-    by_size,
+    by_rows,
     candidate_trees,
     choose_tree,
     expected_tokens_per_step,
     measure_acceptance,
     probe_step_seconds,
+    stream_share,
+    tree_rows,
 )
 from tests.helpers import phrase_text
 
@@ -19,7 +21,7 @@ def padded(rows):
 
 
 ACCEPTANCE = padded([[0.9, 0.05], [0.8, 0.1], [0.1, 0.05]])
-LINEAR = {1: 1.0, 113: 12.2}  # 1 + 0.1 * (size - 1) seconds: exact under linear interpolation
+LINEAR = {1: 1.0, 301: 31.0}  # 1 + 0.1 * (rows - 1) seconds: exact under linear interpolation
 
 
 def test_expected_tokens_by_hand():
@@ -32,13 +34,25 @@ def test_choice_is_the_hand_computed_best():
     """By hand, tokens per second = expected tokens / (1 + 0.1 * (size - 1)):
     (1,) 1.9/1.1 = 1.73; (1, 1) 2.62/1.2 = 2.18; (1, 1, 1) 2.692/1.3 = 2.07;
     (2, 1) 2.71/1.4 = 1.94; (2, 2) 2.805/1.6 = 1.75; every wider tree is slower still."""
-    assert choose_tree(ACCEPTANCE, LINEAR, num_streams=3) == (1, 1)
-    assert choose_tree(ACCEPTANCE, LINEAR, num_streams=1) == (1,)
+    assert choose_tree(ACCEPTANCE, LINEAR, num_streams=3, stream_share=0.0) == (1, 1)
+    assert choose_tree(ACCEPTANCE, LINEAR, num_streams=1, stream_share=0.0) == (1,)
+
+
+def test_deeper_trees_pay_for_their_stream_rows():
+    """A tree of depth D runs D streams at every node in the stream layers. Here the third
+    stream is good: counting nodes alone (share 0), (1, 1, 1) makes 3.124 tokens in 1.3 s
+    (2.40/s) against (1, 1)'s 2.62 in 1.2 s (2.18/s). With streams in half the layers the
+    rows are 4 * (1 + 3/2) = 10 against 3 * (1 + 2/2) = 6: 3.124/1.9 = 1.64/s against
+    2.62/1.5 = 1.75/s, and (1, 1) wins ((1,): 1.9/1.2 = 1.58; (2, 1): 2.71/1.9 = 1.43)."""
+    good_third = padded([[0.9, 0.05], [0.8, 0.1], [0.7, 0.05]])
+    assert choose_tree(good_third, LINEAR, num_streams=3, stream_share=0.0) == (1, 1, 1)
+    assert choose_tree(good_third, LINEAR, num_streams=3, stream_share=0.5) == (1, 1)
+    assert tree_rows((1, 1, 1), 0.5) == 10 and tree_rows((), 0.5) == 1 and tree_rows((8,), 1 / 6) == 9 * (1 + 1 / 6)
 
 
 def test_flat_latency_takes_the_smallest_tree_with_the_most_tokens():
     two_ranks = padded([[0.5, 0.3], [0.5, 0.3], [0.5, 0.3]])
-    assert choose_tree(two_ranks, {1: 1.0, 128: 1.0}, num_streams=3) == (2, 2, 2)
+    assert choose_tree(two_ranks, {1: 1.0, 512: 1.0}, num_streams=3, stream_share=0.5) == (2, 2, 2)
 
 
 def test_candidates_are_bounded_and_non_increasing():
@@ -73,7 +87,8 @@ def test_auto_tree_decodes_like_greedy(trained_model):
 
 def test_probe_measures_every_probe_size(trained_model):
     seconds = probe_step_seconds(trained_model, steps=2)
-    assert set(by_size(seconds)) == {1, 2, 3, 7, 13, 41, 79, 105} and all(s > 0 for s in seconds.values())
+    assert set(seconds) == {(), (1,), (2,), (3,), (2, 2), (4, 2), (4, 3, 2), (6, 4, 2), (8, 4, 2)}
+    assert all(s > 0 for s in seconds.values())
 
 
 def test_fine_tuning_stores_the_acceptance_auto_trees_read(finetuned_checkpoint, monkeypatch):
@@ -89,4 +104,5 @@ def test_fine_tuning_stores_the_acceptance_auto_trees_read(finetuned_checkpoint,
     # generate's "auto" reads the stored rates (the probe stubbed with flat latencies)
     flat = {widths: 1.0 for widths in [(), (1,), (8, 4, 2)]}
     monkeypatch.setattr(generation_utils, "probe_step_seconds", lambda model: flat)
-    assert model.auto_tree_widths() == choose_tree(stored, by_size(flat), model.config.num_spec_streams)
+    share = stream_share(model.config)
+    assert model.auto_tree_widths() == choose_tree(stored, by_rows(flat, share), model.config.num_spec_streams, share)

@@ -64,17 +64,17 @@ class BatchState:
     prompt: torch.Tensor  # (B, context): each row's prompt from slot 0
     prompt_length: torch.Tensor  # (B,)
     root: torch.Tensor  # (B,): each row's last emitted token
-    root_streams: torch.Tensor  # (B, gamma, hidden): stream states at each row's last accepted node
+    root_streams: torch.Tensor  # (B, streams, hidden): stream states at each row's last accepted node
 
     @classmethod
-    def create(cls, model, batch: int, slots: int) -> "BatchState":
+    def create(cls, model, batch: int, slots: int, streams: int) -> "BatchState":
         config, device = model.config, model.device
         return cls(
             cache=FixedShapeKVCache(config, batch, slots, device, model.dtype),
             prompt=torch.zeros(batch, config.max_position_embeddings, dtype=torch.long, device=device),
             prompt_length=torch.ones(batch, dtype=torch.long, device=device),
             root=torch.zeros(batch, dtype=torch.long, device=device),
-            root_streams=torch.zeros(batch, config.num_spec_streams, config.hidden_size, dtype=model.dtype,
+            root_streams=torch.zeros(batch, streams, config.hidden_size, dtype=model.dtype,
                                      device=device),
         )
 
@@ -101,7 +101,7 @@ class FixedShapeDecoder:
         self.scorer = fixed_shape_scorer(model, generation_config, **sampling) if given else None
         self.draw_shape = uniforms_shape(self.tree) if self.scorer is not None and self.scorer.do_sample else None
         self.needs_text, self.recorded = False, None  # token choice from the logits alone; no output_scores
-        self.streams = config.num_spec_streams > 0 and len(self.tree.widths) > 0
+        self.num_streams = min(config.num_spec_streams, len(self.tree.widths))  # the tree drafts from streams 1..depth
         self.context = config.max_position_embeddings
         self.buckets = sorted({min(b, self.context) for b in prefill_buckets} | {self.context})
         self.states: dict[int, BatchState] = {}  # by batch size
@@ -116,7 +116,7 @@ class FixedShapeDecoder:
 
     def _state(self, batch: int) -> BatchState:
         if batch not in self.states:
-            self.states[batch] = BatchState.create(self.model, batch, self.context + self.tree.size)
+            self.states[batch] = BatchState.create(self.model, batch, self.context + self.tree.size, self.num_streams)
         return self.states[batch]
 
     # -- the two fixed-shape functions ---------------------------------------------------
@@ -126,12 +126,12 @@ class FixedShapeDecoder:
         state = self.state
         state.cache.length.zero_()
         positions = torch.arange(bucket, device=self.device)[None]
-        out = self.model.run_tree(state.prompt[:, :bucket], state.cache, positions, streams=self.streams,
+        out = self.model.run_tree(state.prompt[:, :bucket], state.cache, positions, num_streams=self.num_streams,
                                   logit_positions=(state.prompt_length - 1)[:, None])
         state.cache.set_length(state.prompt_length)  # the padding's entries become stale slots
         uniform = self.first_uniform if self.draw_shape else None
         state.root.copy_(first_tokens(self.scorer, out.logits[:, 0], uniform=uniform)[0])
-        if self.streams:
+        if self.num_streams:
             state.root_streams.copy_(out.stream_states[:, :, 0])
         return state.root.clone()
 
@@ -141,16 +141,16 @@ class FixedShapeDecoder:
         end, so it never writes past its slots; the host ignores its tokens."""
         model, tree, state = self.model, self.tree, self.state
         start = state.cache.length.clone()  # (B,)
-        stream_logits = model.draft_logits(state.root_streams) if self.streams else None  # (B, gamma, V)
+        stream_logits = model.draft_logits(state.root_streams) if self.num_streams else None  # (B, streams, V)
         tokens = draft_tree(state.root, stream_logits, tree, self.lookup)  # (B, n)
         positions = (start[:, None] + tree.depths).clamp(max=self.context - 1)
-        out = model.run_tree(tokens, state.cache, positions, tree.tree_mask, streams=self.streams)
+        out = model.run_tree(tokens, state.cache, positions, tree.tree_mask, num_streams=self.num_streams)
         path, accepted, choices = self._verify(tokens, out.logits)  # (B, D + 1), (B,), (B, D + 1)
         # each row's whole path moves; only its accepted part counts
         state.cache.compact(start, start[:, None] + path, torch.minimum(accepted + 1, self.context - start))
         last = path.gather(1, accepted[:, None])  # (B, 1): each row's last accepted node
         state.root.copy_(choices.gather(1, accepted[:, None])[:, 0])
-        if self.streams:
+        if self.num_streams:
             state.root_streams.copy_(select_per_row(out.stream_states, last, 2)[:, :, 0])
         from_lookup = tree.is_lookup.index_select(0, path[:, min(1, tree.max_depth)])
         return step_summary(accepted, self.tree_size.expand(len(start)), from_lookup, tokens.gather(1, path), choices)

@@ -8,8 +8,10 @@ Two measurements decide it (Sequoia / EAGLE-2 in spirit, for product trees):
   ``stream_acceptance``). A product tree of widths ``(k_1, ..., k_D)`` accepts depth ``j``
   after depth ``j - 1`` with probability ``a_j = sum_{r < k_j} acceptance[j-1][r]`` (only
   one token is right), so a step gains ``1 + sum_d prod_{j<=d} a_j`` tokens on average.
-- *step latency* by tree size on the device at hand (`probe_step_seconds`: a few real
-  decoding steps per probed size, cached per model and device), linear in between.
+- *step latency* on the device at hand (`probe_step_seconds`: a few real decoding steps
+  per probed tree, cached per model and device), as a function of the step's rows
+  (`tree_rows`: every node through every layer, plus its stream rows, one per tree level,
+  through the stream layers), linear in between.
 `choose_tree` takes the candidate with the most expected tokens per second.
 """
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .speculative_tree import tree_size
 
 MAX_WIDTH = 8  # candidates' widths; acceptance is measured for ranks below it
 MAX_TREE_NODES = 128  # beyond this a step costs more than any measured acceptance repays on our devices
-PROBE_TREES = ((), (1,), (2,), (2, 2), (4, 2), (4, 3, 2), (6, 4, 2), (8, 4, 2))  # sizes 1 .. 105
+PROBE_TREES = ((), (1,), (2,), (3,), (2, 2), (4, 2), (4, 3, 2), (6, 4, 2), (8, 4, 2))  # sizes 1 .. 105; on a
+# CPU, trees of up to 8 rows a layer take the few-row kernel (`linear_rows`): (3,) probes that edge
 
 
 def expected_tokens_per_step(tree_widths, acceptance) -> float:
@@ -47,25 +50,32 @@ def candidate_trees(num_streams: int, max_width: int = MAX_WIDTH, max_nodes: int
     return trees
 
 
-def interpolate(step_seconds: dict[int, float], size: int) -> float:
-    """Seconds per step of a tree of ``size`` nodes, linear between probed sizes (flat
-    beyond the largest, which `candidate_trees` keeps within range)."""
-    sizes = sorted(step_seconds)
-    if size <= sizes[0]:
-        return step_seconds[sizes[0]]
-    for low, high in zip(sizes, sizes[1:]):
-        if size <= high:
-            share = (size - low) / (high - low)
+def tree_rows(tree_widths, stream_share: float) -> float:
+    """A step's work in rows through one layer: each node through every layer, and a tree
+    of depth D runs streams 1..D at each node through the stream layers, which are
+    ``stream_share`` (num_stream_layers / num_layers) of them."""
+    return tree_size(tree_widths) * (1 + len(tree_widths) * stream_share)
+
+
+def interpolate(step_seconds: dict[float, float], rows: float) -> float:
+    """Seconds per step of ``rows`` (`tree_rows`), linear between probed trees (in
+    proportion beyond the largest, which `candidate_trees` keeps near range)."""
+    probed = sorted(step_seconds)
+    if rows <= probed[0]:
+        return step_seconds[probed[0]]
+    for low, high in zip(probed, probed[1:]):
+        if rows <= high:
+            share = (rows - low) / (high - low)
             return step_seconds[low] + share * (step_seconds[high] - step_seconds[low])
-    return step_seconds[sizes[-1]] * size / sizes[-1]
+    return step_seconds[probed[-1]] * rows / probed[-1]
 
 
-def choose_tree(acceptance, step_seconds: dict[int, float], num_streams: int) -> tuple:
+def choose_tree(acceptance, step_seconds: dict[float, float], num_streams: int, stream_share: float) -> tuple:
     """The candidate tree with the most expected tokens per second (ties: the smaller);
-    ``step_seconds``: seconds per step by tree size (`probe_step_seconds`' by size)."""
+    ``step_seconds``: seconds per step by rows (`by_rows` of `probe_step_seconds`)."""
     levels = min(num_streams, len(acceptance))
     def speed(widths):
-        return expected_tokens_per_step(widths, acceptance) / interpolate(step_seconds, tree_size(widths))
+        return expected_tokens_per_step(widths, acceptance) / interpolate(step_seconds, tree_rows(widths, stream_share))
     return max(candidate_trees(levels), key=lambda widths: (speed(widths), -tree_size(widths)))
 
 
@@ -92,9 +102,14 @@ def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PRO
     return result
 
 
-def by_size(step_seconds: dict[tuple, float]) -> dict[int, float]:
-    """`probe_step_seconds`' result keyed by tree size, as `choose_tree` takes it."""
-    return {tree_size(widths): seconds for widths, seconds in step_seconds.items()}
+def by_rows(step_seconds: dict[tuple, float], stream_share: float) -> dict[float, float]:
+    """`probe_step_seconds`' result keyed by `tree_rows`, as `choose_tree` takes it."""
+    return {tree_rows(widths, stream_share): seconds for widths, seconds in step_seconds.items()}
+
+
+def stream_share(config) -> float:
+    """The share of a model's layers its streams run in."""
+    return config.num_stream_layers / config.num_layers
 
 
 @torch.no_grad()

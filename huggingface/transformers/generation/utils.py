@@ -46,7 +46,7 @@ from transformers.utils import logging
 
 from ..cache_utils import VariableLengthKVCache, select_per_row
 from .request import DecodeOptions, NodeScorer, pack_prompts, prepare_request
-from .tree_search import by_size, choose_tree, probe_step_seconds
+from .tree_search import by_rows, choose_tree, probe_step_seconds, stream_share
 from .speculative_tree import (
     DEFAULT_MAX_NGRAM,
     DEFAULT_TREE_WIDTHS,
@@ -366,7 +366,7 @@ class DynamicTreeSteps:
         without_lookup = build_tree_buffers(tree_widths, model.device, config.num_spec_streams)
         self.trees = {(depth, lookup): (self.tree if lookup else without_lookup).truncated(depth)
                       for depth in range(self.tree.max_depth + 1) for lookup in (False, True)}
-        self.streams = config.num_spec_streams > 0 and len(self.tree.widths) > 0
+        self.num_streams = min(config.num_spec_streams, len(self.tree.widths))  # the tree drafts from streams 1..depth
         self.scorer = scorer
         self.needs_text = scorer is not None and scorer.needs_text
         self.draw_shape = uniforms_shape(self.tree) if scorer is not None and scorer.do_sample else None
@@ -380,10 +380,10 @@ class DynamicTreeSteps:
         self.cache = VariableLengthKVCache(self.model.config, batch, width + max_new_tokens + self.tree.size, device,
                                            self.model.dtype)
         out = self.model.run_tree(input_ids, self.cache, torch.arange(width, device=device)[None],
-                                  streams=self.streams, logit_positions=(lengths - 1)[:, None])
+                                  num_streams=self.num_streams, logit_positions=(lengths - 1)[:, None])
         self.cache.set_length(lengths)  # a shorter row's filler slots become stale
         self.root, self.recorded = first_tokens(self.scorer, out.logits[:, 0], text, uniforms)  # (B,)
-        self.root_streams = out.stream_states[:, :, 0] if self.streams else None  # (B, gamma, H)
+        self.root_streams = out.stream_states[:, :, 0] if self.num_streams else None  # (B, streams, H)
         return self.root
 
     def step(self, remaining: int, timer, lookup: list[int] = (), text=None, uniforms=None) -> torch.Tensor:
@@ -392,18 +392,18 @@ class DynamicTreeSteps:
         cut = room if uniforms is not None else min(remaining - 1, room)
         tree = self.trees[min(self.tree.max_depth, cut), bool(lookup)]
         with timer("draft"):
-            stream_logits = self.model.draft_logits(self.root_streams) if tree.widths else None  # (B, gamma, V)
+            stream_logits = self.model.draft_logits(self.root_streams) if tree.widths else None  # (B, streams, V)
             chain = lookup_tensor(list(lookup), tree.lookup_length, 0, self.root.device)
             tokens = draft_tree(self.root, stream_logits, tree, chain)  # (B, n)
         with timer("forward"):
             out = self.model.run_tree(tokens, self.cache, start[:, None] + tree.depths, tree.tree_mask,
-                                      streams=self.streams, early_exit_filter=self._pruner(tokens, tree))
+                                      num_streams=self.num_streams, early_exit_filter=self._pruner(tokens, tree))
         with timer("verify"):
             path, accepted, choices, rows = self._verify(tokens, out, tree, len(lookup), text, uniforms)
             # each row's whole path moves next to its prefix; its accepted nodes count
             self.cache.compact(start, start[:, None] + rows.clamp(min=0), accepted + 1)
             self.root = choices.gather(1, accepted[:, None])[:, 0]
-            if self.streams:  # the stream states at each row's last accepted node
+            if self.num_streams:  # the stream states at each row's last accepted node
                 self.root_streams = select_per_row(out.stream_states, rows.gather(1, accepted[:, None]), 2)[:, :, 0]
         nodes = torch.full_like(accepted, tree.size if out.kept is None else out.kept.numel())
         from_lookup = tree.is_lookup[path[:, min(1, tree.max_depth)]]
@@ -538,6 +538,7 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
         if not acceptance or not self.config.num_spec_streams:
             return DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams]
         probes = self.__dict__.setdefault("_step_seconds_by_device", {})
+        share = stream_share(self.config)
         if str(self.device) not in probes:
-            probes[str(self.device)] = by_size(probe_step_seconds(self))
-        return choose_tree(acceptance, probes[str(self.device)], self.config.num_spec_streams)
+            probes[str(self.device)] = by_rows(probe_step_seconds(self), share)
+        return choose_tree(acceptance, probes[str(self.device)], self.config.num_spec_streams, share)

@@ -220,10 +220,32 @@ def flash_attention(q, k, v, window, dropout_p=0.0):
     return out.transpose(1, 2)
 
 
+# Up to this many rows, a CPU linear layer runs as (W @ x^T)^T: BLAS then streams the weight
+# once for all rows on every core, while its small-row GEMM and its one-row GEMV do not (2
+# cores, every weight of the model in turn: GPT-Neo-125M shape 28.5 ms for 1 row, 49 for 2,
+# 57 for 7 the usual way; 14.3, 16.8, 30.9 this way; from 14 rows the usual way wins).
+FEW_ROWS = 8
+
+
+def linear_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``; for a plain `nn.Linear` on the CPU and at most `FEW_ROWS` rows,
+    computed as (W @ x^T)^T (one row goes in twice: a one-column product falls back to
+    the slow GEMV). Same function, a different order of additions: fp32 results agree to
+    rounding."""
+    rows = x.numel() // x.shape[-1]
+    if type(linear) is not nn.Linear or x.device.type != "cpu" or rows > FEW_ROWS or x.requires_grad:
+        return linear(x)
+    columns = x.reshape(rows, -1)
+    columns = columns.repeat(2, 1) if rows == 1 else columns.contiguous()  # BLAS wants real rows
+    weight = linear.weight
+    out = weight @ columns.t() if linear.bias is None else torch.addmm(linear.bias[:, None], weight, columns.t())
+    return out[:, :rows].t().reshape(*x.shape[:-1], weight.shape[0])
+
+
 def project(linear: nn.Linear, x: torch.Tensor, low_rank: nn.Module | None, num_main: int) -> torch.Tensor:
     """``linear(x)``, plus ``low_rank`` on the rows after the first ``num_main`` (the
     streams' rows); the main rows never see it, so the main stream stays the base model."""
-    y = linear(x)
+    y = linear_rows(linear, x)
     if low_rank is None or x.shape[1] == num_main:
         return y
     return torch.cat([y[:, :num_main], y[:, num_main:] + low_rank(x[:, num_main:])], dim=1)
@@ -283,8 +305,9 @@ class GPTNeoSelfAttention(nn.Module):
         v = self._heads(project(self.v_proj, hidden_states, adapter and adapter.v, num_main))
         if cache is not None:
             main_k, main_v = cache.update(k[:, :, :num_main], v[:, :, :num_main], self.layer_id)
-            k = torch.cat([main_k, k[:, :, num_main:]], dim=2)
-            v = torch.cat([main_v, v[:, :, num_main:]], dim=2)
+            if k.shape[2] > num_main:  # stream keys after the cache's (a copy of the cache: only when needed)
+                main_k, main_v = torch.cat([main_k, k[:, :, num_main:]], dim=2), torch.cat([main_v, v[:, :, num_main:]], dim=2)
+            k, v = main_k, main_v
         mask = masks.masks[self.attention_type]
         dropout = self.attn_dropout if self.training else 0.0
         implementation = self.config._attn_implementation
@@ -358,10 +381,11 @@ class SpeculativeStreams(nn.Module):
             self.pruner_down = nn.Linear(config.hidden_size, config.pruner_rank, bias=False)
             self.pruner_up = nn.Linear(config.pruner_rank, config.hidden_size, bias=False)
 
-    def initial_states(self, main_states: torch.Tensor) -> torch.Tensor:
-        """S_j(t) = M(t) + P_j: (batch, n, hidden) -> (batch, gamma * n, hidden), stream-major."""
+    def initial_states(self, main_states: torch.Tensor, num_streams: int) -> torch.Tensor:
+        """S_j(t) = M(t) + P_j for the first ``num_streams`` streams: (batch, n, hidden) ->
+        (batch, num_streams * n, hidden), stream-major."""
         batch, n, hidden = main_states.shape
-        streams = main_states[:, None] + self.embeddings[None, :, None].to(main_states.dtype)
+        streams = main_states[:, None] + self.embeddings[None, :num_streams, None].to(main_states.dtype)
         return streams.reshape(batch, -1, hidden)
 
     def pruner(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -417,6 +441,7 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         stream_positions: torch.Tensor | str | None = None,
         early_exit: bool = False,
         node_filter=None,
+        num_streams: int | None = None,
     ) -> GPTNeoModelOutput:
         """Main stream over the new tokens; speculative streams join at the first stream layer.
 
@@ -427,7 +452,9 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         tokens ((n,) in every row, or (B, n) per row). ``node_filter``: tree pruning; called at the first stream layer with the
         early-exit hidden states (B, T, H), it returns the ascending indices of the new
         tokens to keep (ancestors of kept ones included); only those go through the top
-        layers and into the cache, and the outputs cover them alone.
+        layers and into the cache, and the outputs cover them alone. ``num_streams``: run
+        only the first streams (stream j sees streams 1..j alone, so the others cannot
+        change them; a tree of depth D drafts from streams 1..D); None: all of them.
         """
         cache = as_model_cache(past_key_values, self.config)
         if node_filter is not None and not (cache.can_prune and input_ids.shape[0] == 1):
@@ -450,18 +477,20 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
             layout = cache.begin(input_ids[:, kept], layout.position_ids[:, kept])
             hidden, masks = hidden[:, kept], self._masks(layout, tree_mask, None)
         num_main = hidden.shape[1]
-        if stream_positions is not None and self.streams is not None:
+        streams = self.config.num_spec_streams
+        streams = streams if num_streams is None else min(num_streams, streams)
+        if stream_positions is not None and self.streams is not None and streams:
             anchors = torch.arange(num_main, device=hidden.device) if isinstance(stream_positions, str) \
                 else stream_positions.to(hidden.device)
             anchor_states = select_per_row(hidden, anchors, 1)  # (B, n, H)
-            hidden = torch.cat([hidden, self.streams.initial_states(anchor_states)], dim=1)  # (B, T + g*n, H)
-            masks = masks.with_streams(anchors, self.config.num_spec_streams)
+            hidden = torch.cat([hidden, self.streams.initial_states(anchor_states, streams)], dim=1)  # (B, T + g*n, H)
+            masks = masks.with_streams(anchors, streams)
         adapters = self.streams.adapters if self.streams is not None else None
         hidden = self.ln_f(self._run_blocks(self.h[first:], hidden, masks, cache, num_main, adapters))
         cache.commit()
         stream_hidden = None
-        if hidden.shape[1] > num_main:  # (B, gamma, n, H), stream-major
-            stream_hidden = hidden[:, num_main:].reshape(hidden.shape[0], self.config.num_spec_streams, -1, hidden.shape[-1])
+        if hidden.shape[1] > num_main:  # (B, streams, n, H), stream-major
+            stream_hidden = hidden[:, num_main:].reshape(hidden.shape[0], streams, -1, hidden.shape[-1])
         return GPTNeoModelOutput(hidden[:, :num_main], stream_hidden, early_exit_hidden, kept)
 
     def _masks(self, layout, tree_mask, key_valid) -> AttentionMasks:
@@ -596,7 +625,7 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         cache,
         position_ids: torch.Tensor,
         tree_mask: torch.Tensor | None = None,
-        streams: bool = True,
+        num_streams: int | None = None,
         logit_positions: torch.Tensor | None = None,
         early_exit_filter=None,
     ) -> TreeStepOutput:
@@ -604,8 +633,8 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         decoding loops make besides `draft_logits`.
 
         tokens, position_ids (B, T); cache: a `VariableLengthKVCache` or `FixedShapeKVCache`;
-        tree_mask (T, T): ancestors-or-self (None: causal, e.g. a prompt). With ``streams``
-        the speculative streams run at every node that gets logits; ``logit_positions``
+        tree_mask (T, T): ancestors-or-self (None: causal, e.g. a prompt). The first ``num_streams`` speculative
+        streams (None: all; 0: none) run at every node that gets logits; ``logit_positions``
         (None: every node; (n,): the same nodes in every row; (B, n): per row, e.g. each
         row's last prompt token) selects those nodes. ``early_exit_filter`` (tree
         pruning) gets the early-exit logits (B, T, V) at the first stream layer and returns
@@ -615,14 +644,14 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         anchors = "all" if logit_positions is None else logit_positions
         out = self.transformer(
             input_ids=tokens, past_key_values=cache, position_ids=position_ids, tree_mask=tree_mask,
-            stream_positions=anchors if streams and self.config.num_spec_streams else None, node_filter=node_filter,
+            stream_positions=anchors, num_streams=num_streams, node_filter=node_filter,
         )
         hidden = out.hidden_states if logit_positions is None else select_per_row(out.hidden_states, logit_positions, 1)
-        return TreeStepOutput(self.lm_head(hidden), out.stream_hidden_states, out.kept)
+        return TreeStepOutput(linear_rows(self.lm_head, hidden), out.stream_hidden_states, out.kept)
 
     def draft_logits(self, stream_states: torch.Tensor) -> torch.Tensor:
         """Stream logits from `run_tree`'s stream states (any leading shape, hidden last)."""
-        return self.lm_head(stream_states)
+        return linear_rows(self.lm_head, stream_states)
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
