@@ -404,8 +404,8 @@ class SpecStreamEngine(Engine):
         super().__init__(*args, **kwargs)
         # "auto": the tree the checkpoint's measured acceptance and this device's probed step
         # latencies favour, chosen here, before any timed call
-        self.tree_widths = self.model.auto_tree_widths() if tree_widths == "auto" else tuple(tree_widths)
         self.lookup_branch = lookup_branch  # prompt-lookup nodes beside the streams' (0: none)
+        self.tree_widths = self.model.auto_tree_widths(lookup_branch) if tree_widths == "auto" else tuple(tree_widths)
         self.decoder = None
         if cuda_graphs and self.device.type == "cuda":
             self.decoder = FixedShapeDecoder(self.model, self.tree_widths, cuda_graphs=True,

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from spec_stream import GPTNeoForCausalLM, defaults
-from huggingface.transformers.generation.tree_search import measure_acceptance
+from huggingface.transformers.generation.tree_search import measure_acceptance, measure_lookup_acceptance
 from spec_stream.arithmetic import ModelShape, forward_flops, measure_machine
 from spec_stream.checkpoints import (MODEL_SIZES, STATE_FILE, TRAINING_ARGS, build_from_scratch, check_output_path,
                                      is_run_folder, latest_checkpoint, load_base, load_base_config,
@@ -684,8 +684,7 @@ def final_evaluation(run: Run, seconds: float) -> dict:
                "peak_flops_per_second": run.peak_flops,
                "mfu": run.flops / seconds / run.peak_flops if seconds else None,
                **evaluate(run.model, eval_batches, int(counts.argmax()), accelerator),
-               "stream_acceptance": stream_acceptance(accelerator.unwrap_model(run.model), eval_features,
-                                                      accelerator.device)}
+               **stream_acceptance(accelerator.unwrap_model(run.model), eval_features, accelerator.device)}
     accelerator.print(f"validation loss {summary['eval_loss']:.3f}, main accuracy {summary['main_accuracy']:.3f}, "
                       f"stream accuracy {', '.join(f'{a:.3f}' for a in summary['stream_accuracy'])} "
                       f"(unigram {summary['unigram_accuracy']:.3f})")
@@ -693,21 +692,24 @@ def final_evaluation(run: Run, seconds: float) -> dict:
 
 
 @torch.no_grad()
-def stream_acceptance(model, features: list[dict], device) -> list[list[float]] | None:
-    """The streams' acceptance by depth and top-k rank (`measure_acceptance`) on the prompts
-    of up to ``ACCEPTANCE_PROMPTS`` validation examples: what ``tree_widths="auto"`` sizes
-    the tree from, saved with the checkpoint. None for a model without streams."""
+def stream_acceptance(model, features: list[dict], device) -> dict:
+    """``stream_acceptance``, the streams' acceptance by depth and top-k rank
+    (`measure_acceptance`), and ``lookup_acceptance``, a prompt-lookup chain's by depth
+    (`measure_lookup_acceptance`), on the prompts of up to ``ACCEPTANCE_PROMPTS``
+    validation examples: what ``tree_widths="auto"`` sizes the tree from, saved with the
+    checkpoint. None for a model without streams."""
     if not getattr(model.config, "num_spec_streams", 0):
-        return None
+        return {"stream_acceptance": None, "lookup_acceptance": None}
     room = model.config.max_position_embeddings - defaults.ACCEPTANCE_NEW_TOKENS - model.config.num_spec_streams
     prompts = [[t for t, label in zip(f["input_ids"], f["labels"]) if label == -100][-room:]
                for f in features[:defaults.ACCEPTANCE_PROMPTS]]
     was_training = model.training
     model.eval()
-    acceptance = measure_acceptance(model, [torch.tensor([p], device=device) for p in prompts if p],
-                                    max_new_tokens=defaults.ACCEPTANCE_NEW_TOKENS)
+    prompts = [torch.tensor([p], device=device) for p in prompts if p]
+    rates = {"stream_acceptance": measure_acceptance(model, prompts, max_new_tokens=defaults.ACCEPTANCE_NEW_TOKENS),
+             "lookup_acceptance": measure_lookup_acceptance(model, prompts, defaults.ACCEPTANCE_NEW_TOKENS)}
     model.train(was_training)
-    return acceptance
+    return rates
 
 
 def save_final(run: Run, summary: dict) -> None:
@@ -721,8 +723,9 @@ def save_final(run: Run, summary: dict) -> None:
         model = model.merge_and_unload()
 
     generation_note = streams_by_default(model)
-    if summary.get("stream_acceptance"):  # tree_widths="auto" reads it at generate time
+    if summary.get("stream_acceptance"):  # tree_widths="auto" reads them at generate time
         model.generation_config.stream_acceptance = summary["stream_acceptance"]
+        model.generation_config.lookup_acceptance = summary["lookup_acceptance"]
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)

@@ -9,6 +9,7 @@ from huggingface.transformers.generation.tree_search import (
     choose_tree,
     expected_tokens_per_step,
     measure_acceptance,
+    measure_lookup_acceptance,
     probe_step_seconds,
     stream_share,
     tree_rows,
@@ -28,6 +29,28 @@ def test_expected_tokens_by_hand():
     assert expected_tokens_per_step((), ACCEPTANCE) == 1.0
     assert expected_tokens_per_step((1, 1, 1), ACCEPTANCE) == pytest.approx(1 + 0.9 + 0.9 * 0.8 + 0.9 * 0.8 * 0.1)
     assert expected_tokens_per_step((2, 2), ACCEPTANCE) == pytest.approx(1 + 0.95 + 0.95 * 0.9)
+
+
+def test_expected_tokens_with_a_lookup_chain_by_hand():
+    """Depth 1: streams 0.9 or lookup 0.6: 1 - 0.1 * 0.4 = 0.96; depth 2: streams
+    0.9 * 0.8 = 0.72 or lookup 0.6 * 0.5 = 0.3: 1 - 0.28 * 0.7 = 0.804; depth 3: lookup
+    alone, 0.3 * 0.5 = 0.15 (a chain of 3 nodes beside a tree of depth 2)."""
+    lookup = [0.6, 0.5, 0.5, 0.5]
+    assert expected_tokens_per_step((1, 1), ACCEPTANCE, lookup, 3) == pytest.approx(1 + 0.96 + 0.804 + 0.15)
+    assert expected_tokens_per_step((), ACCEPTANCE, lookup, 2) == pytest.approx(1 + 0.6 + 0.3)
+    assert expected_tokens_per_step((1, 1), ACCEPTANCE, lookup, 0) == expected_tokens_per_step((1, 1), ACCEPTANCE)
+
+
+def test_a_strong_lookup_chain_leaves_less_for_the_streams():
+    """With streams in half the layers and a 4-node chain: ``()`` costs 5 rows, 1.4 s;
+    (1,) 6 * 1.5 = 9 rows, 1.8 s. Unmeasured chain: 1.0/1.4 = 0.71 against 1.9/1.8 =
+    1.06 tokens/s, the streams pay. A chain right 0.9 of the time at every depth: () makes
+    1 + 0.9 + 0.81 + 0.729 + 0.656 = 4.10 tokens, 2.93/s; (1,) adds 0.9's chance at depth
+    1 alone, 4.19 tokens, 2.33/s: the chain alone wins."""
+    strong = [0.9] * 8
+    assert choose_tree(ACCEPTANCE, LINEAR, num_streams=1, stream_share=0.5, lookup_length=4) == (1,)
+    assert choose_tree(ACCEPTANCE, LINEAR, num_streams=1, stream_share=0.5, lookup_length=4,
+                       lookup_acceptance=strong) == ()
 
 
 def test_choice_is_the_hand_computed_best():
@@ -50,6 +73,17 @@ def test_deeper_trees_pay_for_their_stream_rows():
     assert tree_rows((1, 1, 1), 0.5) == 10 and tree_rows((), 0.5) == 1 and tree_rows((8,), 1 / 6) == 9 * (1 + 1 / 6)
 
 
+def test_a_lookup_chain_is_paid_for_in_every_candidate():
+    """Second level good enough for (1, 1) alone: 2.44 tokens in 1 + 0.1 * (6 - 1) = 1.5 s
+    (1.63/s) against (1,)'s 1.9 in 1.2 s (1.58/s). Beside a 20-node lookup chain every node
+    of which runs the tree's streams in half the layers: (1, 1) has 23 * 2 = 46 rows, 5.5 s
+    (0.44/s); (1,) 22 * 1.5 = 33 rows, 4.2 s (0.45/s): the shallower tree wins."""
+    second_good = padded([[0.9], [0.6], [0.0]])
+    assert choose_tree(second_good, LINEAR, num_streams=3, stream_share=0.5) == (1, 1)
+    assert choose_tree(second_good, LINEAR, num_streams=3, stream_share=0.5, lookup_length=20) == (1,)
+    assert tree_rows((1, 1), 0.5, lookup_length=20) == 46
+
+
 def test_flat_latency_takes_the_smallest_tree_with_the_most_tokens():
     two_ranks = padded([[0.5, 0.3], [0.5, 0.3], [0.5, 0.3]])
     assert choose_tree(two_ranks, {1: 1.0, 512: 1.0}, num_streams=3, stream_share=0.5) == (2, 2, 2)
@@ -68,6 +102,38 @@ def test_acceptance_of_a_trained_model(trained_model):
     assert all(0 <= rate <= 1 for row in acceptance for rate in row)
     assert all(sum(row) <= 1 + 1e-6 for row in acceptance)
     assert acceptance[0][0] > 0.4  # the phrase domain is easy for the first stream
+
+
+def test_lookup_acceptance_of_a_repetitive_domain(trained_model):
+    """The phrase domain repeats 10 fixed phrases: the text's last tokens have occurred
+    before, so a lookup chain is often right; rates are chances, falling with depth no
+    faster than to 0."""
+    generator = torch.Generator().manual_seed(33)
+    prompts = [phrase_text(1, 30 + i, generator) for i in range(4)]
+    rates = measure_lookup_acceptance(trained_model, prompts, max_new_tokens=24, length=4)
+    assert len(rates) == 4 and all(0 <= rate <= 1 for rate in rates)
+    assert rates[0] > 0.3
+
+
+def test_a_continuation_ended_early_offers_no_positions(trained_model):
+    """Acceptance counts greedy text up to its end-of-sequence token; a prompt whose
+    continuation ends before the deepest stream's target gives no positions, not an error."""
+    from huggingface.transformers.generation.tree_search import _draft_ranks
+
+    assert _draft_ranks(trained_model, torch.tensor([[1, 2, 3, 4]]), 3, 3).shape == (0, 3)
+
+
+def test_lookup_acceptance_counts_by_hand():
+    """Text 1 2 3 1 2 | 3 1 2 9 (prompt | greedy). At each step the chain follows the
+    latest earlier occurrence of the last 2 tokens: after "1 2" -> 3 1 (right, right);
+    after "2 3" -> 1 2 (right, right); after "3 1" -> 2 3 (right, wrong: 9); after "1 2"
+    -> 3 (wrong). Depth 1: 3 of 4; depth 2: 2 of 3."""
+    class Greedy:  # a model whose greedy continuation is known
+        def generate(self, ids, **kwargs):
+            return torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2, 9]])
+
+    rates = measure_lookup_acceptance(Greedy(), [torch.tensor([[1, 2, 3, 1, 2]])], max_new_tokens=4, length=2)
+    assert rates == pytest.approx([3 / 4, 2 / 3])
 
 
 def test_auto_tree_decodes_like_greedy(trained_model):
@@ -99,6 +165,8 @@ def test_fine_tuning_stores_the_acceptance_auto_trees_read(finetuned_checkpoint,
     model = GPTNeoForCausalLM.from_pretrained(output)
     stored = model.generation_config.stream_acceptance
     assert stored == summary["stream_acceptance"]
+    lookup = model.generation_config.lookup_acceptance
+    assert lookup == summary["lookup_acceptance"] and len(lookup) == 8 and all(0 <= rate <= 1 for rate in lookup)
     assert len(stored) == model.config.num_spec_streams and all(len(row) == MAX_WIDTH for row in stored)
     assert all(0 <= rate <= 1 for row in stored for rate in row) and stored[0][0] > 0
     # generate's "auto" reads the stored rates (the probe stubbed with flat latencies)

@@ -8,6 +8,10 @@ Two measurements decide it (Sequoia / EAGLE-2 in spirit, for product trees):
   ``stream_acceptance``). A product tree of widths ``(k_1, ..., k_D)`` accepts depth ``j``
   after depth ``j - 1`` with probability ``a_j = sum_{r < k_j} acceptance[j-1][r]`` (only
   one token is right), so a step gains ``1 + sum_d prod_{j<=d} a_j`` tokens on average.
+  With a prompt-lookup chain beside the tree, ``lookup_acceptance[j]`` (stored as such,
+  `measure_lookup_acceptance`) is the chance that its depth-``j + 1`` draft is right
+  after the ones above it; a step reaches depth ``d`` by either branch, taken as
+  independent: ``1 - (1 - prod a_j) (1 - prod l_j)``.
 - *step latency* on the device at hand (`probe_step_seconds`: a few real decoding steps
   per probed tree, cached per model and device), as a function of the step's rows
   (`tree_rows`: every node through every layer, plus its stream rows, one per tree level,
@@ -21,20 +25,23 @@ import time
 
 import torch
 
-from .speculative_tree import tree_size
+from .speculative_tree import DEFAULT_MAX_NGRAM, propose_lookup, tree_size
 
 MAX_WIDTH = 8  # candidates' widths; acceptance is measured for ranks below it
+MAX_LOOKUP = 8  # lookup-chain depths whose acceptance is measured (the benchmark's chains are shorter)
 MAX_TREE_NODES = 128  # beyond this a step costs more than any measured acceptance repays on our devices
 PROBE_TREES = ((), (1,), (2,), (3,), (2, 2), (4, 2), (4, 3, 2), (6, 4, 2), (8, 4, 2))  # sizes 1 .. 105; on a
 # CPU, trees of up to 8 rows a layer take the few-row kernel (`linear_rows`): (3,) probes that edge
 
 
-def expected_tokens_per_step(tree_widths, acceptance) -> float:
-    """Mean tokens a step gains (accepted drafts + the correction token)."""
-    expected, reach = 1.0, 1.0
-    for depth, width in enumerate(tree_widths):
-        reach *= sum(acceptance[depth][:width])
-        expected += reach
+def expected_tokens_per_step(tree_widths, acceptance, lookup_acceptance=(), lookup_length: int = 0) -> float:
+    """Mean tokens a step gains (accepted drafts + the correction token), the streams'
+    tree beside a lookup chain of ``lookup_length`` nodes (its rates ``lookup_acceptance``)."""
+    expected, streams, lookup = 1.0, 1.0, 1.0
+    for depth in range(max(len(tree_widths), lookup_length)):
+        streams *= sum(acceptance[depth][:tree_widths[depth]]) if depth < len(tree_widths) else 0.0
+        lookup *= lookup_acceptance[depth] if depth < min(lookup_length, len(lookup_acceptance)) else 0.0
+        expected += 1 - (1 - streams) * (1 - lookup)
     return expected
 
 
@@ -50,11 +57,11 @@ def candidate_trees(num_streams: int, max_width: int = MAX_WIDTH, max_nodes: int
     return trees
 
 
-def tree_rows(tree_widths, stream_share: float) -> float:
-    """A step's work in rows through one layer: each node through every layer, and a tree
-    of depth D runs streams 1..D at each node through the stream layers, which are
-    ``stream_share`` (num_stream_layers / num_layers) of them."""
-    return tree_size(tree_widths) * (1 + len(tree_widths) * stream_share)
+def tree_rows(tree_widths, stream_share: float, lookup_length: int = 0) -> float:
+    """A step's work in rows through one layer: each node (a lookup chain's too) through
+    every layer, and a tree of depth D runs streams 1..D at each node through the stream
+    layers, which are ``stream_share`` (num_stream_layers / num_layers) of them."""
+    return tree_size(tree_widths, lookup_length) * (1 + len(tree_widths) * stream_share)
 
 
 def interpolate(step_seconds: dict[float, float], rows: float) -> float:
@@ -70,12 +77,17 @@ def interpolate(step_seconds: dict[float, float], rows: float) -> float:
     return step_seconds[probed[-1]] * rows / probed[-1]
 
 
-def choose_tree(acceptance, step_seconds: dict[float, float], num_streams: int, stream_share: float) -> tuple:
+def choose_tree(acceptance, step_seconds: dict[float, float], num_streams: int, stream_share: float,
+                lookup_length: int = 0, lookup_acceptance=()) -> tuple:
     """The candidate tree with the most expected tokens per second (ties: the smaller);
-    ``step_seconds``: seconds per step by rows (`by_rows` of `probe_step_seconds`)."""
+    ``step_seconds``: seconds per step by rows (`by_rows` of `probe_step_seconds`). A
+    lookup chain of ``lookup_length`` nodes rides along: its nodes count in every
+    candidate's cost, its tokens by ``lookup_acceptance`` (none when not measured)."""
     levels = min(num_streams, len(acceptance))
     def speed(widths):
-        return expected_tokens_per_step(widths, acceptance) / interpolate(step_seconds, tree_rows(widths, stream_share))
+        rows = tree_rows(widths, stream_share, lookup_length)
+        tokens = expected_tokens_per_step(widths, acceptance, lookup_acceptance, lookup_length)
+        return tokens / interpolate(step_seconds, rows)
     return max(candidate_trees(levels), key=lambda widths: (speed(widths), -tree_size(widths)))
 
 
@@ -122,8 +134,7 @@ def measure_acceptance(model, prompts, max_new_tokens: int = 48, max_rank: int =
     counts = torch.zeros(depth, max_rank, dtype=torch.long)
     eligible = torch.zeros(depth, dtype=torch.long)
     for ids in prompts:
-        sequence = model.generate(ids, speculative_streaming=True, tree_widths=(), max_new_tokens=max_new_tokens,
-                                  eos_token_id=None)
+        sequence = greedy_text(model, ids, max_new_tokens)
         ranks = _draft_ranks(model, sequence, ids.shape[1], depth)  # (positions, depth)
         within = torch.ones(ranks.shape[0], dtype=torch.bool)
         for j in range(depth):
@@ -133,12 +144,38 @@ def measure_acceptance(model, prompts, max_new_tokens: int = 48, max_rank: int =
     return (counts / eligible.clamp(min=1)[:, None]).tolist()
 
 
+@torch.no_grad()
+def measure_lookup_acceptance(model, prompts, max_new_tokens: int = 48, length: int = MAX_LOOKUP,
+                              max_ngram: int = DEFAULT_MAX_NGRAM) -> list[float]:
+    """``lookup_acceptance[j]`` on the given prompts (each (1, P)): at every step of their
+    greedy continuations, the chain `propose_lookup` offers from the text so far, and the
+    chance that its depth-``j + 1`` draft is greedy's token given that those above it were
+    (no match, or a chain that ends, counts as a miss)."""
+    accepted, eligible = [0] * length, [0] * length
+    for ids in prompts:
+        sequence = greedy_text(model, ids, max_new_tokens)[0].tolist()
+        for end in range(ids.shape[1], len(sequence)):  # the text so far ends at index end - 1, the root
+            drafts = propose_lookup(sequence[:end], length, max_ngram)
+            for depth in range(min(length, len(sequence) - end)):
+                eligible[depth] += 1
+                if depth >= len(drafts) or drafts[depth] != sequence[end + depth]:
+                    break
+                accepted[depth] += 1
+    return [a / e if e else 0.0 for a, e in zip(accepted, eligible)]
+
+
+def greedy_text(model, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """The prompt and its greedy continuation up to the model's end-of-sequence token (what
+    decoding will see: past it a small model loops, which flatters every draft)."""
+    return model.generate(ids, speculative_streaming=True, tree_widths=(), max_new_tokens=max_new_tokens)
+
+
 def _draft_ranks(model, sequence: torch.Tensor, prompt_length: int, depth: int) -> torch.Tensor:
     """Rank of greedy's token ``t + 1 + j`` in stream ``j``'s logits at ``t``, for every
     generated position ``t`` with all ``depth`` targets known: (positions, depth)."""
     stream_logits = model(sequence, stream_positions="all").stream_logits[0]  # (depth, T, V)
     length = sequence.shape[1]
-    starts = torch.arange(prompt_length - 1, length - 1 - depth)
+    starts = torch.arange(prompt_length - 1, max(prompt_length - 1, length - 1 - depth))  # none: ended early
     ranks = []
     for j in range(depth):
         logits = stream_logits[j, starts].float()
