@@ -11,6 +11,7 @@ from __future__ import annotations
 from huggingface.transformers.generation.fixed_shape import DEFAULT_PREFILL_BUCKETS  # prompt-length graphs
 from huggingface.transformers.generation.speculative_tree import DEFAULT_TREE_WIDTHS  # (4, 3, 2): the paper's tree
 from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS  # (W @ x^T)^T up to 8 rows on a CPU
+from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS_MIN_WEIGHT  # for weights of 64K+
 from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoConfig
 
 # -- the method --------------------------------------------------------------------------

@@ -39,6 +39,18 @@ def test_random_weights_identical_to_greedy_ours_and_upstream(implementation):
         assert out.sequences.shape[1] - ids.shape[1] == NEW <= 1 + sum(out.accepted_lengths)
 
 
+def test_identical_to_greedy_through_the_few_row_kernel():
+    """Hidden size 256: every linear layer is large enough for `linear_rows`' (W @ x^T)^T
+    at the few rows of a step (upstream runs the usual kernel)."""
+    model = tiny_model(num_spec_streams=2, num_stream_layers=1, hidden_size=256, num_layers=2,
+                       attention_types=[[["global", "local"], 1]], attn_implementation="sdpa")
+    upstream = upstream_twin(model)
+    for ids in prompts(20, seed=4):
+        expected = greedy(upstream, ids)
+        for widths in ((), (1,), (2, 2)):
+            assert torch.equal(speculative(model, ids, tree_widths=widths).sequences, expected)
+
+
 def test_fine_tuned_model_identical_and_gains_tokens_per_call(trained_model):
     calls = tokens = 0
     generator = torch.Generator().manual_seed(3)

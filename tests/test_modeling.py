@@ -79,11 +79,11 @@ def test_running_fewer_streams_leaves_the_first_ones_unchanged():
 def test_few_row_linear_is_the_linear_layer(shape, bias):
     """`linear_rows` ((W @ x^T)^T up to FEW_ROWS rows, one row entered twice) computes
     nn.Linear to fp32 rounding, keeps the shape, and leaves gradients to nn.Linear."""
-    linear = torch.nn.Linear(48, 80, bias=bias)
-    x = torch.randn(*shape, 48)
+    linear = torch.nn.Linear(256, 320, bias=bias)  # 81,920 weights: above FEW_ROWS_MIN_WEIGHT
+    x = torch.randn(*shape, 256)
     with torch.no_grad():
         ours, reference = linear_rows(linear, x), linear(x)
-    assert ours.shape == reference.shape == (*shape, 80) and FEW_ROWS == 8
+    assert ours.shape == reference.shape == (*shape, 320) and FEW_ROWS == 8
     assert (ours - reference).abs().max() <= 1e-5
     x.requires_grad_(True)
     assert linear_rows(linear, x).grad_fn is not None and torch.equal(linear_rows(linear, x), linear(x))
