@@ -71,9 +71,10 @@ def upstream_ms_per_token(model, prompt: torch.Tensor, tokens: int, repeats: int
 
 
 def roofline_ms(shape: ModelShape, widths: tuple, prompt: int, probe) -> float:
-    """The bound of one tree step: its nodes through the model, stream rows where they run."""
+    """The bound of one tree step: its nodes through the model, the streams its depth drafts
+    from at every node where they run."""
     nodes = tree_size(widths)
-    streams = shape.streams * nodes if widths else 0
+    streams = min(shape.streams, len(widths)) * nodes
     flops = forward_flops(shape, nodes, prompt, logits_rows=nodes, stream_rows=streams)
     return 1e3 * roofline_seconds(flops, forward_bytes(shape, torch.float32, nodes, prompt), probe)["seconds"]
 

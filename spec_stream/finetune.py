@@ -684,7 +684,7 @@ def final_evaluation(run: Run, seconds: float) -> dict:
                "peak_flops_per_second": run.peak_flops,
                "mfu": run.flops / seconds / run.peak_flops if seconds else None,
                **evaluate(run.model, eval_batches, int(counts.argmax()), accelerator),
-               **stream_acceptance(accelerator.unwrap_model(run.model), eval_features, accelerator.device)}
+               **acceptance_rates(accelerator.unwrap_model(run.model), eval_features, accelerator.device)}
     accelerator.print(f"validation loss {summary['eval_loss']:.3f}, main accuracy {summary['main_accuracy']:.3f}, "
                       f"stream accuracy {', '.join(f'{a:.3f}' for a in summary['stream_accuracy'])} "
                       f"(unigram {summary['unigram_accuracy']:.3f})")
@@ -692,12 +692,12 @@ def final_evaluation(run: Run, seconds: float) -> dict:
 
 
 @torch.no_grad()
-def stream_acceptance(model, features: list[dict], device) -> dict:
+def acceptance_rates(model, features: list[dict], device) -> dict:
     """``stream_acceptance``, the streams' acceptance by depth and top-k rank
     (`measure_acceptance`), and ``lookup_acceptance``, a prompt-lookup chain's by depth
     (`measure_lookup_acceptance`), on the prompts of up to ``ACCEPTANCE_PROMPTS``
     validation examples: what ``tree_widths="auto"`` sizes the tree from, saved with the
-    checkpoint. None for a model without streams."""
+    checkpoint. Both None for a model without streams."""
     if not getattr(model.config, "num_spec_streams", 0):
         return {"stream_acceptance": None, "lookup_acceptance": None}
     room = model.config.max_position_embeddings - defaults.ACCEPTANCE_NEW_TOKENS - model.config.num_spec_streams

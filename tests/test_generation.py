@@ -45,6 +45,9 @@ def test_identical_to_greedy_through_the_few_row_kernel():
     model = tiny_model(num_spec_streams=2, num_stream_layers=1, hidden_size=256, num_layers=2,
                        attention_types=[[["global", "local"], 1]], attn_implementation="sdpa")
     upstream = upstream_twin(model)
+    from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import linear_rows
+    with torch.no_grad():  # every block layer takes the kernel (its output comes out transposed)
+        assert not linear_rows(model.transformer.h[0].attn.attention.q_proj, torch.randn(1, 3, 256)).is_contiguous()
     for ids in prompts(20, seed=4):
         expected = greedy(upstream, ids)
         for widths in ((), (1,), (2, 2)):

@@ -124,16 +124,16 @@ def test_a_continuation_ended_early_offers_no_positions(trained_model):
 
 
 def test_lookup_acceptance_counts_by_hand():
-    """Text 1 2 3 1 2 | 3 1 2 9 (prompt | greedy). At each step the chain follows the
-    latest earlier occurrence of the last 2 tokens: after "1 2" -> 3 1 (right, right);
-    after "2 3" -> 1 2 (right, right); after "3 1" -> 2 3 (right, wrong: 9); after "1 2"
-    -> 3 (wrong). Depth 1: 3 of 4; depth 2: 2 of 3."""
+    """Text 1 2 3 1 2 | 3 1 2 9 (prompt | greedy). The first lookup comes after the
+    prefill's token (3), as in decoding; each follows the latest earlier occurrence of the
+    last 2 tokens: after "2 3" -> 1 2 (right, right); after "3 1" -> 2 3 (right, wrong:
+    9); after "1 2" -> 3 (wrong). Depth 1: 2 of 3; depth 2: 1 of 2."""
     class Greedy:  # a model whose greedy continuation is known
         def generate(self, ids, **kwargs):
             return torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2, 9]])
 
     rates = measure_lookup_acceptance(Greedy(), [torch.tensor([[1, 2, 3, 1, 2]])], max_new_tokens=4, length=2)
-    assert rates == pytest.approx([3 / 4, 2 / 3])
+    assert rates == pytest.approx([2 / 3, 1 / 2])
 
 
 def test_auto_tree_decodes_like_greedy(trained_model):

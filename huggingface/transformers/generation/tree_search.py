@@ -60,7 +60,9 @@ def candidate_trees(num_streams: int, max_width: int = MAX_WIDTH, max_nodes: int
 def tree_rows(tree_widths, stream_share: float, lookup_length: int = 0) -> float:
     """A step's work in rows through one layer: each node (a lookup chain's too) through
     every layer, and a tree of depth D runs streams 1..D at each node through the stream
-    layers, which are ``stream_share`` (num_stream_layers / num_layers) of them."""
+    layers, which are ``stream_share`` (num_stream_layers / num_layers) of them. A step
+    whose text offers no n-gram match runs without its chain; charging the chain every
+    step overstates its cost on text that rarely matches (a simplification)."""
     return tree_size(tree_widths, lookup_length) * (1 + len(tree_widths) * stream_share)
 
 
@@ -154,7 +156,8 @@ def measure_lookup_acceptance(model, prompts, max_new_tokens: int = 48, length: 
     accepted, eligible = [0] * length, [0] * length
     for ids in prompts:
         sequence = greedy_text(model, ids, max_new_tokens)[0].tolist()
-        for end in range(ids.shape[1], len(sequence)):  # the text so far ends at index end - 1, the root
+        for end in range(ids.shape[1] + 1, len(sequence)):  # text so far: up to the root at end - 1 (the
+            # first lookup follows the prefill's token, as in decoding)
             drafts = propose_lookup(sequence[:end], length, max_ngram)
             for depth in range(min(length, len(sequence) - end)):
                 eligible[depth] += 1

@@ -482,7 +482,7 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
             hidden, masks = hidden[:, kept], self._masks(layout, tree_mask, None)
         num_main = hidden.shape[1]
         streams = self.config.num_spec_streams
-        streams = streams if num_streams is None else min(num_streams, streams)
+        streams = streams if num_streams is None else max(0, min(num_streams, streams))
         if stream_positions is not None and self.streams is not None and streams:
             anchors = torch.arange(num_main, device=hidden.device) if isinstance(stream_positions, str) \
                 else stream_positions.to(hidden.device)
