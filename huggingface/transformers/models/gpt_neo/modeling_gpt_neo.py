@@ -481,14 +481,10 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
             layout = cache.begin(input_ids[:, kept], layout.position_ids[:, kept])
             hidden, masks = hidden[:, kept], self._masks(layout, tree_mask, None)
         num_main = hidden.shape[1]
-        streams = self.config.num_spec_streams
+        streams = self.config.num_spec_streams if stream_positions is not None and self.streams is not None else 0
         streams = streams if num_streams is None else max(0, min(num_streams, streams))
-        if stream_positions is not None and self.streams is not None and streams:
-            anchors = torch.arange(num_main, device=hidden.device) if isinstance(stream_positions, str) \
-                else stream_positions.to(hidden.device)
-            anchor_states = select_per_row(hidden, anchors, 1)  # (B, n, H)
-            hidden = torch.cat([hidden, self.streams.initial_states(anchor_states, streams)], dim=1)  # (B, T + g*n, H)
-            masks = masks.with_streams(anchors, streams)
+        if streams:
+            hidden, masks = self._add_streams(hidden, masks, stream_positions, streams)  # (B, T + s*n, H)
         adapters = self.streams.adapters if self.streams is not None else None
         hidden = self.ln_f(self._run_blocks(self.h[first:], hidden, masks, cache, num_main, adapters))
         cache.commit()
@@ -496,6 +492,15 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         if hidden.shape[1] > num_main:  # (B, streams, n, H), stream-major
             stream_hidden = hidden[:, num_main:].reshape(hidden.shape[0], streams, -1, hidden.shape[-1])
         return GPTNeoModelOutput(hidden[:, :num_main], stream_hidden, early_exit_hidden, kept)
+
+    def _add_streams(self, hidden, masks, stream_positions, streams: int):
+        """Append the first ``streams`` streams' initial states at the anchors ("all": every
+        new token) after the main rows, and their rows and keys to the masks."""
+        anchors = torch.arange(hidden.shape[1], device=hidden.device) if isinstance(stream_positions, str) \
+            else stream_positions.to(hidden.device)
+        anchor_states = select_per_row(hidden, anchors, 1)  # (B, n, H)
+        hidden = torch.cat([hidden, self.streams.initial_states(anchor_states, streams)], dim=1)
+        return hidden, masks.with_streams(anchors, streams)
 
     def _masks(self, layout, tree_mask, key_valid) -> AttentionMasks:
         return build_attention_masks(layout, tree_mask, key_valid, self.config.window_size,
