@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from spec_stream import GPTNeoForCausalLM, defaults
-from huggingface.transformers.generation.tree_search import measure_acceptance, measure_lookup_acceptance
+from huggingface.transformers.generation.tree_search import (greedy_texts, measure_acceptance,
+                                                              measure_lookup_acceptance)
 from spec_stream.arithmetic import ModelShape, forward_flops, measure_machine
 from spec_stream.checkpoints import (MODEL_SIZES, STATE_FILE, TRAINING_ARGS, build_from_scratch, check_output_path,
                                      is_run_folder, latest_checkpoint, load_base, load_base_config,
@@ -706,8 +707,9 @@ def acceptance_rates(model, features: list[dict], device) -> dict:
     was_training = model.training
     model.eval()
     prompts = [torch.tensor([p], device=device) for p in prompts if p]
-    rates = {"stream_acceptance": measure_acceptance(model, prompts, max_new_tokens=defaults.ACCEPTANCE_NEW_TOKENS),
-             "lookup_acceptance": measure_lookup_acceptance(model, prompts, defaults.ACCEPTANCE_NEW_TOKENS)}
+    texts = greedy_texts(model, prompts, defaults.ACCEPTANCE_NEW_TOKENS)  # both measures read the same texts
+    rates = {"stream_acceptance": measure_acceptance(model, prompts, texts=texts),
+             "lookup_acceptance": measure_lookup_acceptance(model, prompts, texts=texts)}
     model.train(was_training)
     return rates
 

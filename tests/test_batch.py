@@ -4,7 +4,6 @@ Each row of ``generate(input_ids (B, P), attention_mask=..., speculative_streami
 and of `FixedShapeDecoder.generate` must equal greedy decoding of that row's prompt alone,
 without padding, token for token, right-padded with ``pad_token_id`` to the longest row,
 as upstream's batched greedy pads it."""
-import contextlib
 
 import pytest
 import torch
@@ -175,15 +174,12 @@ def test_one_fixed_shape_decoder_serves_several_batch_sizes(trained_model):
 
 
 def test_fixed_shape_batch_step_never_syncs_the_host(trained_model):
-    from tests.test_fixed_shape import HostSyncDetector
+    from tests.test_fixed_shape import steps_without_host_sync
 
     decoder = FixedShapeDecoder(trained_model, (4, 3, 2), cuda_graphs=False, prefill_buckets=(16,))
     rows = phrase_rows(3, torch.Generator().manual_seed(8), 4, 14)
     packed, lengths = pack_prompts(*left_padded(rows))  # each row's prompt from slot 0
-    with torch.no_grad(), HostSyncDetector():
-        decoder.prefill(packed, max_new_tokens=8, prompt_lengths=lengths)
-        for _ in range(3):
-            decoder.step(remaining=8, timer=lambda name: contextlib.nullcontext())
+    steps_without_host_sync(decoder, packed, prompt_lengths=lengths)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -120,15 +120,19 @@ class HostSyncDetector(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def steps_without_host_sync(decoder, prompts, steps: int = 3, **prefill_settings) -> None:
+    """A prefill of ``prompts`` and ``steps`` steps under `HostSyncDetector`."""
+    with torch.no_grad(), HostSyncDetector():
+        decoder.prefill(prompts, max_new_tokens=8, **prefill_settings)
+        for _ in range(steps):
+            decoder.step(remaining=8, timer=lambda name: contextlib.nullcontext())
+
+
 @pytest.mark.parametrize("tree_widths", [(4, 3, 2), ()])
 def test_fixed_shape_functions_never_sync_the_host(trained_model, tree_widths):
     """What makes the step capturable as a CUDA graph, checked on the CPU."""
     decoder = FixedShapeDecoder(trained_model, tree_widths, cuda_graphs=False, prefill_buckets=(16,))
-    ids = phrase_text(1, 10, torch.Generator().manual_seed(10))
-    with torch.no_grad(), HostSyncDetector():
-        decoder.prefill(ids, max_new_tokens=8)
-        for _ in range(3):
-            decoder.step(remaining=8, timer=lambda name: contextlib.nullcontext())
+    steps_without_host_sync(decoder, phrase_text(1, 10, torch.Generator().manual_seed(10)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -101,7 +101,7 @@ class FixedShapeDecoder:
         self.scorer = fixed_shape_scorer(model, generation_config, **sampling) if given else None
         self.draw_shape = uniforms_shape(self.tree) if self.scorer is not None and self.scorer.do_sample else None
         self.needs_text, self.recorded = False, None  # token choice from the logits alone; no output_scores
-        self.num_streams = min(config.num_spec_streams, len(self.tree.widths))  # the tree drafts from streams 1..depth
+        self.num_streams = len(self.tree.widths)  # the tree drafts from streams 1..depth (checked: the model has them)
         self.context = config.max_position_embeddings
         self.buckets = sorted({min(b, self.context) for b in prefill_buckets} | {self.context})
         self.states: dict[int, BatchState] = {}  # by batch size

@@ -127,16 +127,17 @@ def stream_share(config) -> float:
 
 
 @torch.no_grad()
-def measure_acceptance(model, prompts, max_new_tokens: int = 48, max_rank: int = MAX_WIDTH) -> list[list[float]]:
+def measure_acceptance(model, prompts, max_new_tokens: int = 48, max_rank: int = MAX_WIDTH,
+                       texts=None) -> list[list[float]]:
     """``acceptance[j][r]`` for the model's streams on the given prompts (each (1, P)):
-    greedy continuations, then one forward with the streams at every position; the rank
-    of greedy's token at depth j in stream j, counted where every shallower draft was
-    within the top ``max_rank`` (so could have been in a tree)."""
+    greedy continuations (``texts``: `greedy_texts` already made), then one forward with
+    the streams at every position; the rank of greedy's token at depth j in stream j,
+    counted where every shallower draft was within the top ``max_rank`` (so could have
+    been in a tree)."""
     depth = model.config.num_spec_streams
     counts = torch.zeros(depth, max_rank, dtype=torch.long)
     eligible = torch.zeros(depth, dtype=torch.long)
-    for ids in prompts:
-        sequence = greedy_text(model, ids, max_new_tokens)
+    for ids, sequence in zip(prompts, texts or greedy_texts(model, prompts, max_new_tokens)):
         ranks = _draft_ranks(model, sequence, ids.shape[1], depth)  # (positions, depth)
         within = torch.ones(ranks.shape[0], dtype=torch.bool)
         for j in range(depth):
@@ -148,14 +149,15 @@ def measure_acceptance(model, prompts, max_new_tokens: int = 48, max_rank: int =
 
 @torch.no_grad()
 def measure_lookup_acceptance(model, prompts, max_new_tokens: int = 48, length: int = MAX_LOOKUP,
-                              max_ngram: int = DEFAULT_MAX_NGRAM) -> list[float]:
+                              max_ngram: int = DEFAULT_MAX_NGRAM, texts=None) -> list[float]:
     """``lookup_acceptance[j]`` on the given prompts (each (1, P)): at every step of their
-    greedy continuations, the chain `propose_lookup` offers from the text so far, and the
-    chance that its depth-``j + 1`` draft is greedy's token given that those above it were
-    (no match, or a chain that ends, counts as a miss)."""
+    greedy continuations (``texts``: `greedy_texts` already made), the chain
+    `propose_lookup` offers from the text so far, and the chance that its depth-``j + 1``
+    draft is greedy's token given that those above it were (no match, or a chain that
+    ends, counts as a miss)."""
     accepted, eligible = [0] * length, [0] * length
-    for ids in prompts:
-        sequence = greedy_text(model, ids, max_new_tokens)[0].tolist()
+    for ids, text in zip(prompts, texts or greedy_texts(model, prompts, max_new_tokens)):
+        sequence = text[0].tolist()
         for end in range(ids.shape[1] + 1, len(sequence)):  # text so far: up to the root at end - 1 (the
             # first lookup follows the prefill's token, as in decoding)
             drafts = propose_lookup(sequence[:end], length, max_ngram)
@@ -167,10 +169,11 @@ def measure_lookup_acceptance(model, prompts, max_new_tokens: int = 48, length: 
     return [a / e if e else 0.0 for a, e in zip(accepted, eligible)]
 
 
-def greedy_text(model, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """The prompt and its greedy continuation up to the model's end-of-sequence token (what
-    decoding will see: past it a small model loops, which flatters every draft)."""
-    return model.generate(ids, speculative_streaming=True, tree_widths=(), max_new_tokens=max_new_tokens)
+def greedy_texts(model, prompts, max_new_tokens: int) -> list[torch.Tensor]:
+    """Each prompt (1, P) and its greedy continuation up to the model's end-of-sequence
+    token (what decoding will see: past it a small model loops, which flatters every draft)."""
+    return [model.generate(ids, speculative_streaming=True, tree_widths=(), max_new_tokens=max_new_tokens)
+            for ids in prompts]
 
 
 def _draft_ranks(model, sequence: torch.Tensor, prompt_length: int, depth: int) -> torch.Tensor:

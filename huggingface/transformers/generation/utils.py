@@ -366,7 +366,7 @@ class DynamicTreeSteps:
         without_lookup = build_tree_buffers(tree_widths, model.device, config.num_spec_streams)
         self.trees = {(depth, lookup): (self.tree if lookup else without_lookup).truncated(depth)
                       for depth in range(self.tree.max_depth + 1) for lookup in (False, True)}
-        self.num_streams = min(config.num_spec_streams, len(self.tree.widths))  # the tree drafts from streams 1..depth
+        self.num_streams = len(self.tree.widths)  # the tree drafts from streams 1..depth (checked: the model has them)
         self.scorer = scorer
         self.needs_text = scorer is not None and scorer.needs_text
         self.draw_shape = uniforms_shape(self.tree) if scorer is not None and scorer.do_sample else None
