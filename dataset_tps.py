@@ -202,9 +202,20 @@ def parse_settings(argv=None) -> BenchmarkSettings:
         output=Path(args.output), model=args.model, checkpoint_dir=Path(args.checkpoint_dir),
         data_dir=args.data_dir, split=args.split, draft_model=args.draft_model, cuda_graphs=args.cuda_graphs,
         reference_model=args.reference_model, batch_sizes=parse_batch_sizes(args.batch_size), **parse_sampling(args),
-        lookup_branch=None if args.lookup_branch is None else at_least(
-            "--lookup-branch", args.lookup_branch, 0, "pass 0 for no lookup branch, or the nodes of its chain"),
+        lookup_branch=check_lookup_branch(args.lookup_branch, max_new_tokens),
     )
+
+
+def check_lookup_branch(nodes: int | None, max_new_tokens: int) -> int | None:
+    """``--lookup-branch`` as given (None: each dataset's default), 0 to ``--max-new-tokens``:
+    drafts past the last new token can never be emitted, and every node costs a row."""
+    if nodes is None:
+        return None
+    at_least("--lookup-branch", nodes, 0, "pass 0 for no lookup branch, or the nodes of its chain")
+    if nodes > max_new_tokens:
+        raise UserError(f"--lookup-branch {nodes}: a chain longer than --max-new-tokens {max_new_tokens} drafts "
+                        f"tokens that can never be emitted; pass at most {max_new_tokens}")
+    return nodes
 
 
 def check_output(output: Path) -> None:

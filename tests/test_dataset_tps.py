@@ -167,6 +167,7 @@ def refused(argv, capsys) -> str:
     (["--temperature", "0.5"], "--temperature sets sampling; add --do-sample"),
     (["--reference-model", "runs/base"], "pass --model CHECKPOINT too"),
     (["--lookup-branch", "-1"], "--lookup-branch -1"),
+    (["--lookup-branch", "100000", "--max-new-tokens", "64"], "pass at most 64"),
 ])
 def test_bad_arguments_exit_2_in_one_line(args, words, capsys, no_engine):
     assert words in refused(args, capsys)
