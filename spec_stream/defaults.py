@@ -70,7 +70,7 @@ REPORT_PATH = "results/dataset_tps.json"  # where the benchmark's JSON goes; the
 CHECKPOINT_DIR = "checkpoints"  # default checkpoints, prepared once and reused by later runs
 LOOKUP_BRANCH = dict(spider=4, dialogsum=0, e2e_nlg=0, custom=0)  # spec_stream's prompt-lookup chain (nodes):
 # SQL repeats the schema's names and itself (15 Spider prompts: 2.88 tokens per call with 4 nodes against 1.85
-# without, +40% tokens/s); on DialogSum and E2E-NLG the chain is rarely accepted and costs 5-7% a step
+# without, +40% tokens/s); on DialogSum and E2E-NLG the chain is rarely accepted and cost 4.5-7% of tokens/s
 BENCHMARK_TREE_WIDTHS = "auto"  # spec_stream's tree: the fastest for the checkpoint on this device, as generate's
 BENCHMARK_BATCH_SIZES = (1,)  # --batch-size: one prompt at a time unless asked, the latency setting of the paper
 SAMPLE_TEMPERATURE = 0.7  # --do-sample: issue 14's temperature, between greedy and the raw distribution
