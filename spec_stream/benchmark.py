@@ -336,10 +336,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def measure(engine: Engine, prompts: list[Prompt], settings: BenchmarkSettings, eos_token_id: int | None,
             batch_size: int, label: str) -> list[list[GenerationResult]]:
-    """Warm up on the first batch (untimed), then time every prompt in each of
+    """Settle the engine for ``batch_size`` (`Engine.use_batch_size`: an "auto" tree is
+    chosen for it), warm up on the first batch (untimed), then time every prompt in each of
     ``settings.repeats`` passes (`Engine.run_many` at ``batch_size``): ``passes[repeat][prompt]``.
     `Unsupported` when the engine cannot take the batch."""
     ids = [p.ids for p in prompts]
+    engine.use_batch_size(batch_size)
     engine.run_many(ids[:batch_size], settings.max_new_tokens, eos_token_id, batch_size)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)

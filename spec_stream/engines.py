@@ -297,6 +297,9 @@ class Engine:
     def generate_kwargs(self) -> dict:
         return {}
 
+    def use_batch_size(self, batch_size: int) -> None:
+        """Settle what depends on the batch size before a batch of that size is timed."""
+
 
 def left_padded(prompts: list[torch.Tensor], eos_token_id: int | None, device: torch.device):
     """(ids, attention mask, pad id) of ``prompts`` (each (1, length)) left-padded to the
@@ -403,17 +406,33 @@ class SpecStreamEngine(Engine):
                  **kwargs):
         super().__init__(*args, **kwargs)
         # "auto": the tree the checkpoint's measured acceptance and this device's probed step
-        # latencies favour, chosen here, before any timed call
+        # latencies favour at the batch size in use, chosen before any timed call
+        self.tree_request = tree_widths if tree_widths == "auto" else tuple(tree_widths)
         self.lookup_branch = lookup_branch  # prompt-lookup nodes beside the streams' (0: none)
-        self.tree_widths = self.model.auto_tree_widths(lookup_branch) if tree_widths == "auto" else tuple(tree_widths)
+        self.tree_widths = self._tree_for(1)
         self.decoder = None
         if cuda_graphs and self.device.type == "cuda":
             self.decoder = FixedShapeDecoder(self.model, self.tree_widths, cuda_graphs=True,
                                              lookup_length=lookup_branch, **self.sampling_kwargs())
             self.decoder.capture()  # every graph now, none inside a timed call
+        self._describe()
+
+    def _tree_for(self, batch_size: int) -> tuple:
+        if self.tree_request != "auto":
+            return self.tree_request
+        return self.model.auto_tree_widths(self.lookup_branch, batch_size=batch_size)
+
+    def use_batch_size(self, batch_size: int) -> None:
+        """The tree for batches of ``batch_size`` (with "auto": probed at that size; a batch
+        this engine refuses keeps the tree it has)."""
+        if batch_size == 1 or not (self.sampling or self.lookup_branch):
+            self.tree_widths = self._tree_for(batch_size)
+            self._describe()
+
+    def _describe(self) -> None:
         steps = "CUDA graphs" if self.decoder else "eager steps"
         tree = f", tree {','.join(map(str, self.tree_widths))}" if self.tree_widths else ", no speculation"
-        lookup = f" + lookup {lookup_branch}" if lookup_branch else ""
+        lookup = f" + lookup {self.lookup_branch}" if self.lookup_branch else ""
         self.backend = f"spec-stream sdpa, static cache, {steps}{tree}{lookup}"
 
     def _load(self, checkpoint):

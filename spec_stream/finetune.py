@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("batch_size", "examples per step and process", type=int)
     add("max_length", "tokens per example (prompt cut from its start)", type=int)
     from_scratch_rates = ", ".join(f"{rate} for {size}" for size, rate in defaults.LEARNING_RATE_FROM_SCRATCH.items())
-    add("lr", f"peak learning rate (default: {defaults.LEARNING_RATE}, paper; from scratch: {from_scratch_rates})",
-        type=float)
+    add("lr", f"peak learning rate (default: {defaults.LEARNING_RATE}, paper; from scratch: {from_scratch_rates}; "
+        f"--freeze-base: {defaults.LEARNING_RATE_FROZEN_BASE})", type=float)
     add("warmup_ratio", "share of the steps spent warming the learning rate up", type=float)
     add("seed", "initialisation and batch-order seed", type=int)
     add("num_spec_streams", "speculative streams (gamma)", type=int)
@@ -197,7 +197,7 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
     size = config.from_scratch or (None if config.base else defaults.FROM_SCRATCH_SIZE)
     if size and size not in MODEL_SIZES:
         raise UserError(f"unknown --from-scratch size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
-    lr = config.lr if config.lr is not None else defaults.LEARNING_RATE_FROM_SCRATCH.get(size, defaults.LEARNING_RATE)
+    lr = config.lr if config.lr is not None else default_learning_rate(size, config.freeze_base)
     config = dataclasses.replace(config, dataset=dataset if isinstance(dataset, str) else config.dataset,
                                  from_scratch=size, lr=lr)
     for name in ("epochs", "batch_size", "max_length", "save_every", "lr", "peak_tflops"):
@@ -248,6 +248,14 @@ class Inputs:
     train_split: str
     resume: Checkpoint | None  # the newest checkpoint, with --resume
     summary: dict | None  # the saved summary when OUTPUT already holds the finished run
+
+
+def default_learning_rate(size: str | None, freeze_base: bool) -> float:
+    """The peak rate when --lr is not given: from scratch, the size's; with the base frozen,
+    the stream adapters' (they start at zero); else the paper's fine-tuning rate."""
+    if freeze_base:
+        return defaults.LEARNING_RATE_FROZEN_BASE
+    return defaults.LEARNING_RATE_FROM_SCRATCH.get(size, defaults.LEARNING_RATE)
 
 
 def check_output(config: FinetuneConfig) -> Path:

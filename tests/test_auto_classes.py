@@ -47,7 +47,7 @@ def flat_step_costs(monkeypatch):
     whatever this machine's latencies (on a 2-core CPU a tiny model's best tree is none)."""
     import huggingface.transformers.generation.utils as generation_utils
 
-    monkeypatch.setattr(generation_utils, "probe_step_seconds", lambda model: {(): 1.0, (8, 4, 2): 1.0})
+    monkeypatch.setattr(generation_utils, "probe_step_seconds", lambda model, **kwargs: {(): 1.0, (8, 4, 2): 1.0})
 
 
 class ForwardCalls:

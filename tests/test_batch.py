@@ -162,6 +162,32 @@ def test_scores_only_processors_apply_row_by_row(trained_model):
     assert torch.equal(decoder.generate(ids, NEW, attention_mask=mask).sequences, expected(ids, new_rows))
 
 
+def test_auto_tree_is_chosen_for_the_batch_size(trained_model, monkeypatch):
+    """generate's "auto" probes step latencies at the request's batch size: probed latencies
+    that ignore the rows at batch 1 (drafts cost nothing: a tree) and grow with them at batch
+    4 (every draft costs a row: none) give a tree alone and no drafts in the batch; each
+    row still decodes as it would alone."""
+    import huggingface.transformers.generation.utils as generation_utils
+    from huggingface.transformers.generation.tree_search import stream_share, tree_rows
+
+    share = stream_share(trained_model.config)
+    def probe(model, batch_size=1, **kwargs):
+        slope = 0.0 if batch_size == 1 else 1.0
+        return {w: 1.0 + slope * (tree_rows(w, share) - 1) for w in [(), (1,), (2, 2), (8, 4, 2)]}
+    monkeypatch.setattr(generation_utils, "probe_step_seconds", probe)
+    monkeypatch.setitem(trained_model.__dict__, "_step_seconds_by_device", {})
+    monkeypatch.setattr(trained_model.generation_config, "stream_acceptance",
+                        [[0.5, 0.2] + [0.0] * 6] * 3, raising=False)
+    rows = phrase_rows(4, torch.Generator().manual_seed(9))
+    ids, mask = left_padded(rows)
+    batch = speculative(trained_model, ids, mask, "auto")
+    assert all(size == 1 for sizes in batch.tree_sizes for size in sizes)
+    assert torch.equal(batch.sequences, expected(ids, [alone(trained_model, row) for row in rows]))
+    single = speculative(trained_model, rows[0][None], torch.ones_like(rows[0][None]), "auto")
+    assert max(single.tree_sizes) > 1
+    assert set(trained_model.__dict__["_step_seconds_by_device"]) == {("cpu", 4), ("cpu", 1)}
+
+
 def test_one_fixed_shape_decoder_serves_several_batch_sizes(trained_model):
     decoder = FixedShapeDecoder(trained_model, (4, 3, 2), cuda_graphs=False)
     generator = torch.Generator().manual_seed(7)

@@ -84,6 +84,28 @@ def test_engines_that_cannot_batch_say_so(checkpoint, prompts, naive_outputs):
             prompts, NEW_TOKENS, EOS, batch_size=3)
 
 
+def test_auto_spec_stream_takes_each_batch_sizes_own_tree(checkpoint, prompts, naive_outputs, monkeypatch):
+    """With "auto" the engine settles its tree per batch size before timing it (here a stub
+    probe makes drafts free at batch 1 and cost a row each at batch 3), says which in its
+    description, and stays exact at both."""
+    import huggingface.transformers.generation.utils as generation_utils
+    from huggingface.transformers.generation.tree_search import tree_size
+
+    def probe(model, batch_size=1, **kwargs):
+        return {w: float(tree_size(w)) ** (batch_size > 1) for w in [(), (1,), (4, 3, 2)]}
+    monkeypatch.setattr(generation_utils, "probe_step_seconds", probe)
+    engine = build_engine("spec_stream", checkpoint, CPU, tree_widths="auto")
+    engine.model.generation_config.stream_acceptance = [[0.5, 0.2] + [0.0] * 6] * 3  # as fine-tuning stores it
+    engine.use_batch_size(1)
+    batch_one = engine.tree_widths
+    engine.use_batch_size(3)
+    assert batch_one != () and engine.tree_widths == () and "no speculation" in engine.backend
+    assert [r.new_tokens for r in engine.run_many(prompts, NEW_TOKENS, EOS, batch_size=3)] == naive_outputs
+    engine.use_batch_size(1)
+    assert engine.tree_widths == batch_one and f"tree {','.join(map(str, batch_one))}" in engine.backend
+    assert [r.new_tokens for r in engine.run_many(prompts, NEW_TOKENS, EOS)] == naive_outputs
+
+
 def test_lookup_branch_is_exact_and_counts_what_it_supplied(checkpoint, prompts, naive_outputs):
     """The phrase domain repeats itself, so a lookup chain beside a one-level tree gets
     drafts accepted; every output stays naive's, and the two sources add up."""

@@ -162,6 +162,8 @@ def test_freeze_base_keeps_every_main_stream_weight(finetuned_checkpoint, tmp_pa
     streams = [k for k in before if "transformer.streams." in k]
     assert streams and all(torch.equal(before[k], after[k]) for k in before if k not in streams)
     assert not torch.equal(before["transformer.streams.embeddings"], after["transformer.streams.embeddings"])
+    saved = json.loads((tmp_path / "frozen" / "training_args.json").read_text())
+    assert saved["args"]["lr"] == defaults.LEARNING_RATE_FROZEN_BASE != defaults.LEARNING_RATE  # the adapters' rate
 
 
 def test_lora_run_saves_a_plain_model(tmp_path, data_dir):

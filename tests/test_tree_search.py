@@ -11,6 +11,7 @@ from huggingface.transformers.generation.tree_search import (
     measure_acceptance,
     measure_lookup_acceptance,
     probe_step_seconds,
+    replayed_accepted_lengths,
     stream_share,
     tree_rows,
 )
@@ -171,6 +172,22 @@ def test_fine_tuning_stores_the_acceptance_auto_trees_read(finetuned_checkpoint,
     assert all(0 <= rate <= 1 for row in stored for rate in row) and stored[0][0] > 0
     # generate's "auto" reads the stored rates (the probe stubbed with flat latencies)
     flat = {widths: 1.0 for widths in [(), (1,), (8, 4, 2)]}
-    monkeypatch.setattr(generation_utils, "probe_step_seconds", lambda model: flat)
+    monkeypatch.setattr(generation_utils, "probe_step_seconds", lambda model, **kwargs: flat)
     share = stream_share(model.config)
     assert model.auto_tree_widths() == choose_tree(stored, by_rows(flat, share), model.config.num_spec_streams, share)
+
+
+def test_replayed_steps_on_a_models_own_text_are_its_decoding_steps(trained_model):
+    """Replaying a tree on the model's own greedy text gains, step by step, what decoding
+    with that tree gains (the last step aside: the length limit cuts decoding's)."""
+    generator = torch.Generator().manual_seed(40)
+    for widths in [(1,), (2, 2), (4, 3, 2)]:
+        for length in (6, 13, 21):
+            ids = phrase_text(1, length, generator)
+            text = trained_model.generate(ids, speculative_streaming=True, tree_widths=(), max_new_tokens=20,
+                                          eos_token_id=None)
+            decoded = trained_model.generate(ids, speculative_streaming=True, tree_widths=widths, max_new_tokens=20,
+                                             eos_token_id=None, return_dict_in_generate=True)
+            replayed = replayed_accepted_lengths(trained_model, text, length, widths)
+            assert len(replayed) == len(decoded.accepted_lengths) and replayed[:-1] == decoded.accepted_lengths[:-1]
+            assert sum(replayed) == 19 and max(decoded.accepted_lengths) > 1  # drafts were accepted

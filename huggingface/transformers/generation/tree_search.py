@@ -13,10 +13,13 @@ Two measurements decide it (Sequoia / EAGLE-2 in spirit, for product trees):
   after the ones above it; a step reaches depth ``d`` by either branch, taken as
   independent: ``1 - (1 - prod a_j) (1 - prod l_j)``.
 - *step latency* on the device at hand (`probe_step_seconds`: a few real decoding steps
-  per probed tree, cached per model and device), as a function of the step's rows
+  per probed tree, cached per model, device and batch size), as a function of the step's rows
   (`tree_rows`: every node through every layer, plus its stream rows, one per tree level,
   through the stream layers), linear in between.
-`choose_tree` takes the candidate with the most expected tokens per second.
+`choose_tree` takes the candidate with the most expected tokens per second. A batch of B
+prompts runs B trees per step, so its latencies are probed at B: where a batch's own rows
+already keep the machine busy, the choice shrinks, down to ``()`` (no drafts) where
+speculation no longer pays.
 """
 from __future__ import annotations
 
@@ -94,14 +97,16 @@ def choose_tree(acceptance, step_seconds: dict[float, float], num_streams: int, 
 
 
 @torch.no_grad()
-def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PROBE_TREES) -> dict[tuple, float]:
-    """Median seconds per decoding step of each probe tree the model can draft, after a
-    random prompt (the cost of a step hardly depends on the tokens), by tree widths."""
+def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PROBE_TREES,
+                       batch_size: int = 1) -> dict[tuple, float]:
+    """Median seconds per decoding step of each probe tree the model can draft, after
+    ``batch_size`` random prompts (the cost of a step hardly depends on the tokens; it
+    does on the rows: a batch of B runs B trees per step), by tree widths."""
     from .utils import DynamicTreeSteps, _no_timer  # the loop's own step: what "auto" trees will run
 
     config = model.config
     prompt_length = max(1, min(prompt_length, config.max_position_embeddings // 2))
-    ids = torch.randint(0, config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, config.vocab_size, (batch_size, prompt_length), generator=torch.Generator().manual_seed(0))
     result = {}
     for widths in (w for w in trees if len(w) <= config.num_spec_streams):
         decoder = DynamicTreeSteps(model, widths)
@@ -167,6 +172,32 @@ def measure_lookup_acceptance(model, prompts, max_new_tokens: int = 48, length: 
                     break
                 accepted[depth] += 1
     return [a / e if e else 0.0 for a, e in zip(accepted, eligible)]
+
+
+@torch.no_grad()
+def replayed_accepted_lengths(model, text: torch.Tensor, prompt_length: int, tree_widths) -> list[int]:
+    """The tokens each step of a product tree of ``tree_widths`` gains when decoding ``text``
+    (1, L) on from its first ``prompt_length`` tokens, as if each of its tokens were the
+    main stream's choice: one forward with the streams everywhere, then the steps replayed
+    (the depth-``d`` draft is accepted while the text's token is within stream ``d``'s
+    top-``k_d`` at the last accepted node). On a model's own greedy text it is what
+    decoding gains; on another model's text, tokens per call on the same text."""
+    stream_logits = model(text, stream_positions="all").stream_logits[0]  # (streams, L, V)
+    tokens, length = text[0].to(stream_logits.device), text.shape[1]
+    gained, node = [], prompt_length - 1  # the prefill emits the token at prompt_length
+    while node + 2 < length:  # the root sits at node + 1; tokens after it remain
+        accepted = 0
+        for depth, width in enumerate(tree_widths):
+            target = node + 2 + depth
+            if target >= length:
+                break
+            logits = stream_logits[depth, node]
+            if int((logits > logits[tokens[target]]).sum()) >= width:
+                break
+            accepted += 1
+        gained.append(min(1 + accepted, length - node - 2))  # the correction, if the text goes on
+        node += 1 + accepted
+    return gained
 
 
 def greedy_texts(model, prompts, max_new_tokens: int) -> list[torch.Tensor]:

@@ -518,7 +518,7 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
         # prompt lookup (transformers' own two settings): one more branch of the same tree
         lookup_length = int(config.prompt_lookup_num_tokens or 0)
         if tree_widths is None or tree_widths == "auto":
-            tree_widths = self.auto_tree_widths(lookup_length)
+            tree_widths = self.auto_tree_widths(lookup_length, batch_size=request.input_ids.shape[0])
         max_ngram = int(config.max_matching_ngram_size or DEFAULT_MAX_NGRAM)
         steps = DynamicTreeSteps(self, tuple(tree_widths), float(extra.get("prune_threshold") or 0.0), lookup_length,
                                  request.scorer)
@@ -529,19 +529,21 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
         output.logits = output.logits if config.output_logits else None
         return output if config.return_dict_in_generate else output.sequences
 
-    def auto_tree_widths(self, lookup_length: int = 0) -> tuple:
+    def auto_tree_widths(self, lookup_length: int = 0, batch_size: int = 1) -> tuple:
         """``tree_widths="auto"``: the tree with the most expected tokens per second from the
         acceptance rates stored with the checkpoint (``generation_config.stream_acceptance``)
-        and this device's step latencies (probed once per model and device), beside a lookup
-        chain of ``lookup_length`` nodes (its rates: ``generation_config.lookup_acceptance``,
-        when stored). Without stored stream rates: the default tree."""
+        and this device's step latencies at ``batch_size`` prompts (probed once per model,
+        device and batch size), beside a lookup chain of ``lookup_length`` nodes (its rates:
+        ``generation_config.lookup_acceptance``, when stored). Without stored stream rates:
+        the default tree."""
         acceptance = getattr(self.generation_config, "stream_acceptance", None)
         if not acceptance or not self.config.num_spec_streams:
             return DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams]
         probes = self.__dict__.setdefault("_step_seconds_by_device", {})
         share = stream_share(self.config)
-        if str(self.device) not in probes:
-            probes[str(self.device)] = by_rows(probe_step_seconds(self), share)
+        key = (str(self.device), batch_size)
+        if key not in probes:
+            probes[key] = by_rows(probe_step_seconds(self, batch_size=batch_size), share)
         lookup_acceptance = getattr(self.generation_config, "lookup_acceptance", None) or ()
-        return choose_tree(acceptance, probes[str(self.device)], self.config.num_spec_streams, share, lookup_length,
+        return choose_tree(acceptance, probes[key], self.config.num_spec_streams, share, lookup_length,
                            lookup_acceptance)
