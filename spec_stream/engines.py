@@ -401,6 +401,7 @@ class SpecStreamEngine(Engine):
 
     name = "spec_stream"
     settings = ("tree_widths", "cuda_graphs", "lookup_branch")
+    weights_note = ""  # what the backend adds about the weights (the int8 engine's)
 
     def __init__(self, *args, tree_widths=DEFAULT_TREE_WIDTHS, cuda_graphs: bool = True, lookup_branch: int = 0,
                  **kwargs):
@@ -427,13 +428,13 @@ class SpecStreamEngine(Engine):
         this engine refuses keeps the tree it has)."""
         if batch_size == 1 or not (self.sampling or self.lookup_branch):
             self.tree_widths = self._tree_for(batch_size)
-            self._describe()
+            self._describe(batch_size)
 
-    def _describe(self) -> None:
-        steps = "CUDA graphs" if self.decoder else "eager steps"
+    def _describe(self, batch_size: int = 1) -> None:
+        steps = "CUDA graphs" if self.decoder and batch_size == 1 else "eager steps"  # batches: the dynamic loop
         tree = f", tree {','.join(map(str, self.tree_widths))}" if self.tree_widths else ", no speculation"
         lookup = f" + lookup {self.lookup_branch}" if self.lookup_branch else ""
-        self.backend = f"spec-stream sdpa, static cache, {steps}{tree}{lookup}"
+        self.backend = f"spec-stream sdpa, static cache, {steps}{tree}{lookup}{self.weights_note}"
 
     def _load(self, checkpoint):
         return GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa")
@@ -511,9 +512,10 @@ class SpecStreamInt8Engine(Int8Mixin, SpecStreamEngine):
     name = "spec_stream_int8"
     settings = ("tree_widths",)
 
+    weights_note = ", int8 linear layers (per-token activations)"
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, cuda_graphs=False, **kwargs)
-        self.backend += ", int8 linear layers (per-token activations)"
 
 
 ENGINES = {cls.name: cls for cls in (

@@ -111,6 +111,34 @@ def test_every_engine_runs_at_every_batch_size_or_says_why(sweep):
     check_documented(sweep)
 
 
+def test_each_batch_size_is_settled_before_its_warm_up():
+    """`measure` tells the engine the batch size (where "auto" picks its tree) before any
+    call at that size, the untimed warm-up included."""
+    from types import SimpleNamespace
+
+    import torch
+    from spec_stream.benchmark import measure
+
+    class Recorder:
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.settled, self.calls = None, []
+
+        def use_batch_size(self, batch_size):
+            self.settled = batch_size
+
+        def run_many(self, ids, max_new_tokens, eos, batch_size):
+            self.calls.append((batch_size, self.settled))
+            return []
+
+    engine, prompts = Recorder(), [SimpleNamespace(ids=torch.ones(1, 3, dtype=torch.long))] * 4
+    for batch_size in (2, 1, 4):
+        measure(engine, prompts, SimpleNamespace(repeats=2, max_new_tokens=3), 0, batch_size, "label")
+    assert engine.calls and all(size == settled for size, settled in engine.calls)
+    assert [size for size, _ in engine.calls] == [2] * 3 + [1] * 3 + [4] * 3  # warm-up + 2 passes each
+
+
 def test_throughput_and_latency_per_batch(sweep):
     for row in sweep["results"]:
         size, passes = row["batch_size"], row["seconds_per_repeat"]

@@ -91,8 +91,11 @@ def test_auto_spec_stream_takes_each_batch_sizes_own_tree(checkpoint, prompts, n
     import huggingface.transformers.generation.utils as generation_utils
     from huggingface.transformers.generation.tree_search import tree_size
 
-    def probe(model, batch_size=1, **kwargs):
-        return {w: float(tree_size(w)) ** (batch_size > 1) for w in [(), (1,), (4, 3, 2)]}
+    def probe(model, batch_size=1, **kwargs):  # seconds per step by tree
+        trees = [(), (1,), (4, 3, 2)]
+        if batch_size == 1:
+            return {widths: 1.0 for widths in trees}  # drafts free: the deepest tree
+        return {widths: float(tree_size(widths)) for widths in trees}  # a second per node: no drafts
     monkeypatch.setattr(generation_utils, "probe_step_seconds", probe)
     engine = build_engine("spec_stream", checkpoint, CPU, tree_widths="auto")
     engine.model.generation_config.stream_acceptance = [[0.5, 0.2] + [0.0] * 6] * 3  # as fine-tuning stores it
@@ -161,6 +164,9 @@ def test_int8_engines_equal_int8_greedy(checkpoint, prompts, naive_outputs):
     results = engine.run_many(prompts, NEW_TOKENS, EOS)
     assert sum(r.accepted for r in results) > 0  # the tree really drafted and was verified
     assert engine.tree_widths == (3, 2, 2) and engine.weight_format == "int8"
+    for batch_size in (4, 1):  # settling for a batch size keeps the description's int8
+        engine.use_batch_size(batch_size)
+        assert engine.backend.endswith("tree 3,2,2, int8 linear layers (per-token activations)")
     assert sum(isinstance(m, Int8Linear) for m in engine.model.modules()) > 0
     assert not any(isinstance(m, torch.nn.Linear) for m in int8_engine.model.modules())
     fp32_bytes = build_engine("naive", checkpoint, CPU).weight_bytes

@@ -191,3 +191,36 @@ def test_replayed_steps_on_a_models_own_text_are_its_decoding_steps(trained_mode
             replayed = replayed_accepted_lengths(trained_model, text, length, widths)
             assert len(replayed) == len(decoded.accepted_lengths) and replayed[:-1] == decoded.accepted_lengths[:-1]
             assert sum(replayed) == 19 and max(decoded.accepted_lengths) > 1  # drafts were accepted
+
+
+def test_tokens_per_call_on_the_originals_texts_is_its_decodings(finetuned_checkpoint, data_dir, capsys):
+    """scripts/tokens_per_call_on_texts.py: for the original itself, the replayed figure is
+    the one its decoding reaches on the same prompts (tokens over forward calls)."""
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from spec_stream import GPTNeoForCausalLM
+    from spec_stream.data import load_examples
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import tokens_per_call_on_texts
+    finally:
+        sys.path.remove(scripts)
+    checkpoint = str(finetuned_checkpoint[0])
+    assert tokens_per_call_on_texts.main([checkpoint, "--original", checkpoint, "--dataset", "e2e_nlg", "--data-dir",
+                                          str(data_dir), "--num-samples", "4", "--max-new-tokens", "16",
+                                          "--tree-widths", "2,2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[1].split(": ")[1] == lines[2].split(": ")[1]
+    model, tokenizer = GPTNeoForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+    tokens = calls = 0
+    for example in load_examples("e2e_nlg", "test", data_dir, limit=4):
+        ids = tokenizer(example.prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, speculative_streaming=True, tree_widths=(2, 2), max_new_tokens=16,
+                             return_dict_in_generate=True)
+        tokens, calls = tokens + out.sequences.shape[1] - ids.shape[1], calls + out.num_forward_calls
+    assert lines[1].endswith(f": {tokens / calls:.3f} tokens per call ({calls} calls)") and calls < tokens

@@ -182,6 +182,11 @@ def replayed_accepted_lengths(model, text: torch.Tensor, prompt_length: int, tre
     (the depth-``d`` draft is accepted while the text's token is within stream ``d``'s
     top-``k_d`` at the last accepted node). On a model's own greedy text it is what
     decoding gains; on another model's text, tokens per call on the same text."""
+    if not 1 <= prompt_length <= text.shape[1]:
+        raise ValueError(f"prompt_length {prompt_length} must be within the text's 1..{text.shape[1]} tokens")
+    if len(tree_widths) > model.config.num_spec_streams:
+        raise ValueError(f"a tree of {len(tree_widths)} levels needs as many streams; the model has "
+                         f"{model.config.num_spec_streams}")
     stream_logits = model(text, stream_positions="all").stream_logits[0]  # (streams, L, V)
     tokens, length = text[0].to(stream_logits.device), text.shape[1]
     gained, node = [], prompt_length - 1  # the prefill emits the token at prompt_length

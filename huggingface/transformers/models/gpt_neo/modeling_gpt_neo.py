@@ -231,38 +231,28 @@ FEW_ROWS_MIN_WEIGHT = 65536
 
 
 def linear_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``, through `weight_rows` for a plain `nn.Linear`."""
-    if type(linear) is not nn.Linear:
-        return linear(x)
-    return weight_rows(linear.weight, linear.bias, x)
-
-
-def weight_rows(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; for at least `FEW_ROWS_MIN_WEIGHT` weights on the CPU
-    and at most `FEW_ROWS` rows, computed as (W @ x^T)^T (one row goes in twice: a
-    one-column product falls back to the slow GEMV). Same function, a different order of
-    additions: fp32 results agree to rounding."""
+    """``linear(x)``; for a plain `nn.Linear` of at least `FEW_ROWS_MIN_WEIGHT` weights on
+    the CPU and at most `FEW_ROWS` rows, computed as (W @ x^T)^T (one row goes in twice: a one-column product falls back to
+    the slow GEMV). Same function, a different order of additions: fp32 results agree to
+    rounding."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows > FEW_ROWS or x.requires_grad or weight.numel() < FEW_ROWS_MIN_WEIGHT:
-        return F.linear(x, weight, bias)
+    if type(linear) is not nn.Linear or x.device.type != "cpu" or rows > FEW_ROWS or x.requires_grad \
+            or linear.weight.numel() < FEW_ROWS_MIN_WEIGHT:
+        return linear(x)
     columns = x.reshape(rows, -1)
     columns = columns.repeat(2, 1) if rows == 1 else columns.contiguous()  # BLAS wants real rows
-    out = weight @ columns.t() if bias is None else torch.addmm(bias[:, None], weight, columns.t())
+    weight = linear.weight
+    out = weight @ columns.t() if linear.bias is None else torch.addmm(linear.bias[:, None], weight, columns.t())
     return out[:, :rows].t().reshape(*x.shape[:-1], weight.shape[0])
 
 
-def with_low_rank(y: torch.Tensor, x: torch.Tensor, low_rank: nn.Module | None, num_main: int) -> torch.Tensor:
-    """``y`` (a projection of ``x``), plus ``low_rank(x)`` on the rows after the first
-    ``num_main`` (the streams' rows); the main rows never see it, so the main stream
-    stays the base model."""
+def project(linear: nn.Linear, x: torch.Tensor, low_rank: nn.Module | None, num_main: int) -> torch.Tensor:
+    """``linear(x)``, plus ``low_rank`` on the rows after the first ``num_main`` (the
+    streams' rows); the main rows never see it, so the main stream stays the base model."""
+    y = linear_rows(linear, x)
     if low_rank is None or x.shape[1] == num_main:
         return y
     return torch.cat([y[:, :num_main], y[:, num_main:] + low_rank(x[:, num_main:])], dim=1)
-
-
-def project(linear: nn.Linear, x: torch.Tensor, low_rank: nn.Module | None, num_main: int) -> torch.Tensor:
-    """``linear(x)`` plus ``low_rank`` on the stream rows (`with_low_rank`)."""
-    return with_low_rank(linear_rows(linear, x), x, low_rank, num_main)
 
 
 class LowRank(nn.Module):
@@ -309,36 +299,14 @@ class GPTNeoSelfAttention(nn.Module):
     def _heads(self, x):
         return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def _qkv(self, hidden_states, num_main: int, adapter) -> tuple[torch.Tensor, ...]:
-        """The q, k, v projections (each through its adapter on the stream rows). Without
-        gradients, one product with the three weights stacked (`stacked_qkv`): a decoding
-        step's few rows pass once instead of three times, and every output is the same
-        dot product as alone (bit-identical, tested)."""
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        low_ranks = (adapter.q, adapter.k, adapter.v) if adapter is not None else (None,) * 3
-        if torch.is_grad_enabled() or any(type(linear) is not nn.Linear for linear in projections):
-            return tuple(project(linear, hidden_states, low_rank, num_main)
-                         for linear, low_rank in zip(projections, low_ranks))
-        stacked = weight_rows(self.stacked_qkv(), None, hidden_states)
-        return tuple(with_low_rank(y, hidden_states, low_rank, num_main)
-                     for y, low_rank in zip(stacked.split(self.q_proj.out_features, dim=-1), low_ranks))
-
-    def stacked_qkv(self) -> torch.Tensor:
-        """[W_q; W_k; W_v], (3 hidden, hidden), made again whenever one of them changes (a
-        training step, loading, a move to another device or dtype); it costs the memory of
-        the three weights once more (85 MB for GPT-Neo-125M in fp32). Not in the state dict."""
-        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
-        if getattr(self, "_stacked_key", None) != key:
-            self._stacked, self._stacked_key = torch.cat([w.detach() for w in weights]), key
-        return self._stacked
-
     def forward(self, hidden_states, masks: AttentionMasks, cache=None, num_main: int | None = None, adapter=None):
         """``num_main``: the first rows are main-stream tokens (cached); any rows after them
         are speculative-stream queries whose keys/values live for this forward only, and
         the stream rows alone go through ``adapter`` (`StreamLayerAdapter`) if any."""
         num_main = hidden_states.shape[1] if num_main is None else num_main
-        q, k, v = (self._heads(y) for y in self._qkv(hidden_states, num_main, adapter))
+        q = self._heads(project(self.q_proj, hidden_states, adapter and adapter.q, num_main))
+        k = self._heads(project(self.k_proj, hidden_states, adapter and adapter.k, num_main))
+        v = self._heads(project(self.v_proj, hidden_states, adapter and adapter.v, num_main))
         if cache is not None:
             main_k, main_v = cache.update(k[:, :, :num_main], v[:, :, :num_main], self.layer_id)
             if k.shape[2] > num_main:  # stream keys after the cache's (a copy of the cache: only when needed)
