@@ -426,9 +426,19 @@ class SpecStreamEngine(Engine):
     def use_batch_size(self, batch_size: int) -> None:
         """The tree for batches of ``batch_size`` (with "auto": probed at that size; a batch
         this engine refuses keeps the tree it has)."""
-        if batch_size == 1 or not (self.sampling or self.lookup_branch):
+        if batch_size == 1 or self._batch_refusal(batch_size) is None:
             self.tree_widths = self._tree_for(batch_size)
             self._describe(batch_size)
+
+    def _batch_refusal(self, batch_size: int) -> str | None:
+        """Why this engine cannot decode a batch of ``batch_size`` > 1, or None."""
+        if self.sampling:
+            return (f"{self.name}: generate(speculative_streaming=True) refuses a batch of {batch_size} when "
+                    "sampling: it samples one prompt at a time")
+        if self.lookup_branch:
+            return (f"{self.name}: the prompt-lookup branch decodes one prompt at a time; pass --lookup-branch 0 "
+                    "to batch the streams alone")
+        return None
 
     def _describe(self, batch_size: int = 1) -> None:
         steps = "CUDA graphs" if self.decoder and batch_size == 1 else "eager steps"  # batches: the dynamic loop
@@ -455,12 +465,8 @@ class SpecStreamEngine(Engine):
         return out.sequences, extra
 
     def _generate_batch(self, ids, mask, pad, max_new_tokens, eos_token_id):
-        if self.sampling:
-            raise Unsupported(f"{self.name}: generate(speculative_streaming=True) refuses a batch of {ids.shape[0]} "
-                              "when sampling: it samples one prompt at a time")
-        if self.lookup_branch:
-            raise Unsupported(f"{self.name}: the prompt-lookup branch decodes one prompt at a time; pass "
-                              "--lookup-branch 0 to batch the streams alone")
+        if (refusal := self._batch_refusal(ids.shape[0])) is not None:
+            raise Unsupported(refusal)
         out = self._speculative_generate(ids, max_new_tokens, eos_token_id, attention_mask=mask, pad_token_id=pad)
         return out.sequences, [self.draft_figures(steps) for steps in accepted_lengths_per_row(out, ids.shape[0])]
 
@@ -511,7 +517,6 @@ class Int8Engine(Int8Mixin, Engine):
 class SpecStreamInt8Engine(Int8Mixin, SpecStreamEngine):
     name = "spec_stream_int8"
     settings = ("tree_widths",)
-
     weights_note = ", int8 linear layers (per-token activations)"
 
     def __init__(self, *args, **kwargs):

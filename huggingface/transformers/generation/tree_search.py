@@ -187,18 +187,12 @@ def replayed_accepted_lengths(model, text: torch.Tensor, prompt_length: int, tre
     if len(tree_widths) > model.config.num_spec_streams:
         raise ValueError(f"a tree of {len(tree_widths)} levels needs as many streams; the model has "
                          f"{model.config.num_spec_streams}")
-    stream_logits = model(text, stream_positions="all").stream_logits[0]  # (streams, L, V)
-    tokens, length = text[0].to(stream_logits.device), text.shape[1]
+    ranks = _stream_ranks(model, text, prompt_length, len(tree_widths))  # row i: the node at prompt_length - 1 + i
+    length = text.shape[1]
     gained, node = [], prompt_length - 1  # the prefill emits the token at prompt_length
     while node + 2 < length:  # the root sits at node + 1; tokens after it remain
-        accepted = 0
-        for depth, width in enumerate(tree_widths):
-            target = node + 2 + depth
-            if target >= length:
-                break
-            logits = stream_logits[depth, node]
-            if int((logits > logits[tokens[target]]).sum()) >= width:
-                break
+        row, accepted = ranks[node - prompt_length + 1], 0
+        while accepted < len(tree_widths) and row[accepted] < tree_widths[accepted]:
             accepted += 1
         gained.append(min(1 + accepted, length - node - 2))  # the correction, if the text goes on
         node += 1 + accepted
@@ -213,17 +207,31 @@ def greedy_texts(model, prompts, max_new_tokens: int) -> list[torch.Tensor]:
 
 
 def _draft_ranks(model, sequence: torch.Tensor, prompt_length: int, depth: int) -> torch.Tensor:
-    """Rank of greedy's token ``t + 1 + j`` in stream ``j``'s logits at ``t``, for every
-    generated position ``t`` with all ``depth`` targets known: (positions, depth)."""
-    stream_logits = model(sequence, stream_positions="all").stream_logits[0]  # (depth, T, V)
+    """`_stream_ranks` at the positions with all ``depth`` targets known: (positions, depth)."""
+    known = max(0, sequence.shape[1] - depth - prompt_length)  # positions t < length - 1 - depth
+    return _stream_ranks(model, sequence, prompt_length, depth)[:known]
+
+
+NO_TARGET = torch.iinfo(torch.long).max  # the rank of a target past the text's end: never within a tree
+
+
+def _stream_ranks(model, sequence: torch.Tensor, prompt_length: int, depth: int) -> torch.Tensor:
+    """Rank of the text's token ``t + 2 + j`` in stream ``j + 1``'s logits at ``t``
+    (``NO_TARGET`` past the text's end), for every position ``t`` from ``prompt_length - 1``
+    to the second-last: (positions, depth), on the CPU."""
     length = sequence.shape[1]
-    starts = torch.arange(prompt_length - 1, max(prompt_length - 1, length - 1 - depth))  # none: ended early
-    ranks = []
+    starts = torch.arange(prompt_length - 1, max(prompt_length - 1, length - 1))
+    ranks = torch.full((len(starts), depth), NO_TARGET, dtype=torch.long)
+    if not depth or not len(starts):
+        return ranks
+    stream_logits = model(sequence, stream_positions="all").stream_logits[0]  # (streams, L, V)
     for j in range(depth):
-        logits = stream_logits[j, starts].float()
-        target = sequence[0, starts + 2 + j].to(logits.device)
-        ranks.append((logits > logits.gather(1, target[:, None])).sum(dim=1))
-    return torch.stack(ranks, dim=1).cpu()
+        known = starts + 2 + j < length
+        positions = starts[known].to(stream_logits.device)
+        logits = stream_logits[j, positions].float()
+        target = sequence[0, positions + 2 + j].to(logits.device)
+        ranks[known, j] = (logits > logits.gather(1, target[:, None])).sum(dim=1).cpu()
+    return ranks
 
 
 def _synchronize(device: torch.device) -> None:
