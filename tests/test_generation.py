@@ -181,6 +181,21 @@ def test_streamer_sees_every_token_in_order(capsys):
     assert len(streamer.chunks) == 2 + out.num_forward_calls
 
 
+def test_steps_run_in_inference_mode_and_return_plain_tensors():
+    """The loop's forwards run under inference mode (the speed-up `utils.decode` names);
+    what generate returns is made outside it: plain tensors a caller may edit in place."""
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    modes = []
+    model.transformer.register_forward_pre_hook(lambda module, args: modes.append(torch.is_inference_mode_enabled()))
+    ids = prompts(1, seed=7)[0]
+    out = speculative(model, ids, tree_widths=(2, 2), output_scores=True, output_logits=True)
+    assert modes and all(modes) and not torch.is_inference_mode_enabled()
+    returned = [out.sequences, *out.scores, *out.logits]
+    assert len(returned) == 1 + 2 * NEW and not any(t.is_inference() for t in returned)
+    out.sequences[0, 0] = 0
+    out.scores[0].zero_()  # an inference tensor would raise here
+
+
 def test_left_padding_is_ignored_for_a_single_prompt():
     model = tiny_model(num_spec_streams=3, num_stream_layers=2)
     ids = prompts(1, seed=7)[0]

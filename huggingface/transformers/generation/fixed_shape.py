@@ -227,7 +227,7 @@ class FixedShapeDecoder:
         graph.replay()
         return output
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as `utils.decode` runs the steps it captures
     def capture(self, max_prompt_length: int | None = None, batch_size: int = 1) -> None:
         """Capture the step and the prefill buckets up to ``max_prompt_length`` for
         ``batch_size`` now, so that no capture happens inside a timed `generate`. No-op

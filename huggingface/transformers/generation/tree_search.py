@@ -96,7 +96,7 @@ def choose_tree(acceptance, step_seconds: dict[float, float], num_streams: int, 
     return max(candidate_trees(levels), key=lambda widths: (speed(widths), -tree_size(widths)))
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as `utils.decode` runs its steps
 def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PROBE_TREES,
                        batch_size: int = 1) -> dict[tuple, float]:
     """Median seconds per decoding step of each probe tree the model can draft, after
