@@ -290,7 +290,7 @@ def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_to
     check_generation_request(config, len(prompts), prompts.shape[1], max_new_tokens, eos_token_ids, options)
     outputs = RowOutputs(input_ids, max_new_tokens, eos_token_ids, options)
     # Inference mode spares each of a step's ~2,000 small ops autograd's bookkeeping: about
-    # 10% of a `small` model's step on 2 cores. The output is built after it, as plain tensors.
+    # 10-20% of a `small` model's step on 2 cores. The output is built after it, as plain tensors.
     with torch.inference_mode():
         run_steps(steps, outputs, prompts, lengths, input_ids, streamer, timer, max_ngram, options)
     return outputs.result(input_ids, options.pad_token_id)
