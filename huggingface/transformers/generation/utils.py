@@ -257,23 +257,25 @@ class RowOutputs:
 
     def result(self, input_ids: torch.Tensor, pad_token_id: int | None) -> SpeculativeStreamingOutput:
         """The prompts as given, then each row's tokens right-padded with ``pad_token_id``
-        (needed only when rows differ: `check_generation_request`)."""
-        longest = max(len(sink.generated) for sink in self.sinks)
-        rows = [sink.generated + [pad_token_id] * (longest - len(sink.generated)) for sink in self.sinks]
-        new = torch.tensor(rows, device=input_ids.device, dtype=input_ids.dtype).reshape(len(rows), longest)
-        def per_row(values):  # batch 1: that row's values, as before batches existed
-            return values[0] if len(values) == 1 else values
-        first = self.sinks[0]
-        return SpeculativeStreamingOutput(
-            sequences=torch.cat([input_ids, new], dim=1), num_forward_calls=1 + self.steps,
-            accepted_lengths=per_row(self.accepted_lengths), tree_sizes=per_row(self.tree_sizes),
-            lookup_accepted=per_row(self.lookup_accepted),
-            scores=None if first.scores is None else tuple(score.clone() for score in first.scores),
-            logits=None if first.logits is None else tuple(logit.clone() for logit in first.logits),
-        )
+        (needed only when rows differ: `check_generation_request`). Built outside inference
+        mode (`decode` runs in it): plain tensors, which a caller may edit in place."""
+        with torch.inference_mode(False):
+            longest = max(len(sink.generated) for sink in self.sinks)
+            rows = [sink.generated + [pad_token_id] * (longest - len(sink.generated)) for sink in self.sinks]
+            new = torch.tensor(rows, device=input_ids.device, dtype=input_ids.dtype).reshape(len(rows), longest)
+            def per_row(values):  # batch 1: that row's values, as before batches existed
+                return values[0] if len(values) == 1 else values
+            first = self.sinks[0]
+            return SpeculativeStreamingOutput(
+                sequences=torch.cat([input_ids, new], dim=1), num_forward_calls=1 + self.steps,
+                accepted_lengths=per_row(self.accepted_lengths), tree_sizes=per_row(self.tree_sizes),
+                lookup_accepted=per_row(self.lookup_accepted),
+                scores=None if first.scores is None else tuple(score.clone() for score in first.scores),
+                logits=None if first.logits is None else tuple(logit.clone() for logit in first.logits),
+            )
 
 
-@torch.no_grad()
+@torch.inference_mode()  # spares each of a step's ~2,000 small ops autograd's bookkeeping
 def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_tokens: int,
            eos_token_ids=(), streamer=None, timer=None, max_ngram: int = DEFAULT_MAX_NGRAM,
            options: DecodeOptions | None = None, attention_mask: torch.Tensor | None = None
@@ -289,21 +291,11 @@ def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_to
     prompts, lengths = pack_prompts(input_ids, attention_mask)  # (B, P'): each row's tokens from slot 0
     check_generation_request(config, len(prompts), prompts.shape[1], max_new_tokens, eos_token_ids, options)
     outputs = RowOutputs(input_ids, max_new_tokens, eos_token_ids, options)
-    # Inference mode spares each of a step's ~2,000 small ops autograd's bookkeeping: about
-    # 10-20% of a `small` model's step on 2 cores. The output is built after it, as plain tensors.
-    with torch.inference_mode():
-        run_steps(steps, outputs, prompts, lengths, input_ids, streamer, timer, max_ngram, options)
-    return outputs.result(input_ids, options.pad_token_id)
-
-
-def run_steps(steps: TreeDecodingSteps, outputs: "RowOutputs", prompts: torch.Tensor, lengths, input_ids,
-              streamer, timer, max_ngram: int, options: DecodeOptions) -> None:
-    """`decode`'s loop: the prefill, then tree steps, each row's tokens into ``outputs``."""
     def text():  # processors that read the text: batch 1
         return outputs.sinks[0].text() if steps.needs_text else None
     first_draw = () if steps.draw_shape is not None else None
     with timer("prefill"):
-        first = steps.prefill(prompts, outputs.max_new_tokens, text=text(), prompt_lengths=lengths,
+        first = steps.prefill(prompts, max_new_tokens, text=text(), prompt_lengths=lengths,
                               uniforms=draw_uniforms(first_draw, options.generator, input_ids.device))
     emitted = outputs.add_first(first.tolist(), steps.recorded)
     if streamer is not None:
@@ -324,6 +316,7 @@ def run_steps(steps: TreeDecodingSteps, outputs: "RowOutputs", prompts: torch.Te
             streamer.put(torch.tensor(emitted[0]))
     if streamer is not None:
         streamer.end()
+    return outputs.result(input_ids, options.pad_token_id)
 
 
 def lookup_tensor(lookup: list[int], length: int, filler: int, device) -> torch.Tensor:
