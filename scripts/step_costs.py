@@ -51,9 +51,10 @@ def build_model(name: str, streams: int) -> GPTNeoForCausalLM:
     if not Path(name).is_dir():
         config.num_spec_streams = streams
         config.num_stream_layers = max(1, config.num_layers // 2)
-    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return GPTNeoForCausalLM.from_pretrained(name) if Path(name).is_dir() else GPTNeoForCausalLM(config).eval()
+    model = GPTNeoForCausalLM.from_pretrained(name) if Path(name).is_dir() else GPTNeoForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    return model
 
 
 def upstream_ms_per_token(model, prompt: torch.Tensor, tokens: int, repeats: int) -> list[float]:

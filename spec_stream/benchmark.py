@@ -79,12 +79,13 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from huggingface.transformers.internals import SUPPORTED, private
 from spec_stream import GPTNeoForCausalLM
 from spec_stream.checkpoints import load_for_inference
 from spec_stream.data import (DATA_DIR_ENV, SPIDER_TABLES_ENV, CustomDataset, default_split, is_preset, load_examples,
                               load_spider_schemas)
 from spec_stream.arithmetic import MachineProbe, predicted_bound
-from spec_stream.defaults import LOOKUP_BRANCH, SAMPLING_CHECK_LEVEL
+from spec_stream.defaults import LOOKUP_BRANCH, REFERENCE_CHECK_PROMPTS, SAMPLING_CHECK_LEVEL
 from spec_stream.engines import (ENGINES, Engine, GenerationResult, Sampling, Unsupported, build_engine, load_upstream,
                                  plain_decoding)
 from spec_stream.errors import UserError
@@ -458,7 +459,7 @@ def model_key(engine: Engine) -> tuple[str, str, str, str]:
     """What decides an engine's greedy output: checkpoint, model code, attention and weight format."""
     model = engine.model
     owner = "spec-stream" if isinstance(model, GPTNeoForCausalLM) else "upstream"
-    return engine.checkpoint, owner, model.config._attn_implementation, engine.weight_format
+    return engine.checkpoint, owner, private(model.config, "_attn_implementation"), engine.weight_format
 
 
 def greedy_reference(engine: Engine, prompts: list[Prompt], max_new_tokens: int, eos_token_id: int | None,
@@ -489,6 +490,32 @@ def exactness(engine: Engine, outputs: list[list[int]], naive_outputs: list[list
             "identical_to_naive": share_identical(outputs, naive_outputs), "distribution_check": None}
 
 
+def check_plain_decoding(inputs: TaskInputs, settings: BenchmarkSettings) -> None:
+    """A UserError (exit 2) unless our model's plain greedy `generate` of the checkpoint
+    equals upstream GPT-Neo's greedy `generate` of the same weights (same attention) on the
+    first `REFERENCE_CHECK_PROMPTS` prompts, both with eager attention (upstream GPT-Neo has
+    no other on a CPU). Every exactness figure compares with these
+    references: if the installed transformers hands our model what it does not read, the
+    run stops here rather than report that exact engines are lossy (or that broken ones
+    are exact)."""
+    ours, _ = load_for_inference(inputs.checkpoint)
+    ours.set_attn_implementation("eager")
+    ours = ours.to(settings.device).eval()
+    upstream = load_upstream(inputs.checkpoint, "eager")
+    prompts, eos = inputs.prompts[:REFERENCE_CHECK_PROMPTS], inputs.tokenizer.eos_token_id
+    ours_out = greedy_outputs(ours, prompts, settings.max_new_tokens, eos)
+    upstream_out = greedy_outputs(upstream.to(settings.device).eval(), prompts, settings.max_new_tokens, eos)
+    for index, (a, b) in enumerate(zip(ours_out, upstream_out)):
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            raise UserError(
+                f"{inputs.task}: spec-stream's plain greedy decoding of {inputs.checkpoint} differs from upstream "
+                f"GPT-Neo's on prompt {index} from new token {at} on, with transformers {transformers.__version__} "
+                f"and torch {torch.__version__}: the references this benchmark compares with are broken, so it stops "
+                f"before timing. spec-stream is tested with {SUPPORTED}: pip install -r requirements.txt."
+            )
+
+
 def naive_batch1_outputs(engine: Engine, inputs: TaskInputs, settings: BenchmarkSettings) -> list[list[int]]:
     """naive's outputs at batch 1 (untimed): the reference when the sweep skips batch 1."""
     results = engine.run_many([p.ids for p in inputs.prompts], settings.max_new_tokens, inputs.tokenizer.eos_token_id)
@@ -500,6 +527,7 @@ def benchmark_task(inputs: TaskInputs, settings: BenchmarkSettings,
     """Every engine at every batch size on the same prompts of one task, `naive` first (on
     the reference model): its rows, and the (engine, batch size) pairs it skipped, with why."""
     eos = inputs.tokenizer.eos_token_id
+    check_plain_decoding(inputs, settings)
     print(f"{inputs.task}: benchmarking on {inputs.task}/{inputs.split} ({len(inputs.prompts)} prompts, "
           f"{settings.repeats} timed passes, checkpoint {inputs.checkpoint}, reference {inputs.reference})")
     rows, outputs, skipped, naive_outputs, known = [], [], [], None, {}

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
+from huggingface.transformers.internals import set_private
 from spec_stream import GPTNeoConfig, GPTNeoForCausalLM, defaults
 from spec_stream.errors import UserError
 from spec_stream.tokenization import train_tokenizer
@@ -110,7 +111,7 @@ def streams_by_default(model) -> str:
     config = model.generation_config
     config.speculative_streaming = True
     config.tree_widths = defaults.TREE_WIDTHS_SAVED
-    config._from_model_config = False  # else from_pretrained drops the two settings above
+    set_private(config, "_from_model_config", False)  # else from_pretrained drops the two settings above
     return (f"generation_config.json: speculative_streaming=True, tree_widths={config.tree_widths!r}: generate() and "
             "pipelines decode greedily with the streams by default (speculative_streaming=False turns them off)")
 

@@ -65,6 +65,7 @@ DATASETS = ("spider", "dialogsum", "e2e_nlg")  # the paper's three tasks, in its
 NUM_SAMPLES = {"cpu": 50, "cuda": 50}  # prompts per dataset: enough for a median and spread, minutes on 2 cores
 MAX_NEW_TOKENS = {"cpu": 64, "cuda": 128}  # long enough for several tree steps per prompt
 PROMPT_LOOKUP_TOKENS = 10  # transformers' own default for prompt_lookup_num_tokens
+REFERENCE_CHECK_PROMPTS = 3  # before timing: our plain greedy must equal upstream's on these (a broken install shows at once)
 REPEATS = 3  # timed passes over the prompts per engine: the fewest that give a median and a spread
 HALF_DTYPE = "fp16"  # half precision of the GPU engines: every CUDA GPU has it, bf16 needs Ampere
 REPORT_PATH = "results/dataset_tps.json"  # where the benchmark's JSON goes; the plots read it

@@ -8,6 +8,7 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
+from huggingface.transformers.internals import CACHE_FIELD
 from spec_stream import GPTNeoConfig
 from spec_stream.arithmetic import (MachineProbe, ModelShape, decode_flops_per_token, forward_bytes, forward_flops,
                                     kv_bytes_per_token, main, measure_machine, model_parameter_count,
@@ -58,10 +59,10 @@ def test_flops_match_torch_flop_counter_for_prefill_decode_and_streams():
     model, shape = transformers.GPTNeoForCausalLM(config).eval(), ModelShape.of(config)
     ids = torch.randint(0, 300, (1, 20))
     with torch.no_grad(), FlopCounterMode(display=False) as prefill:
-        cache = model(ids, logits_to_keep=1, use_cache=True).past_key_values
+        cache = getattr(model(ids, logits_to_keep=1, use_cache=True), CACHE_FIELD)
     assert prefill.get_total_flops() == forward_flops(shape, 20, 0, logits_rows=1)
     with torch.no_grad(), FlopCounterMode(display=False) as decode:
-        model(ids[:, :1], past_key_values=cache, use_cache=True)
+        model(ids[:, :1], use_cache=True, **{CACHE_FIELD: cache})
     assert decode.get_total_flops() == decode_flops_per_token(shape, 20)
     ours = tiny_model(num_spec_streams=3, num_stream_layers=2)  # eager attention, stream rows in 2 layers
     with torch.no_grad(), FlopCounterMode(display=False) as streams:
@@ -73,7 +74,7 @@ def test_kv_bytes_per_token_match_a_real_cache():
     config = transformers.GPTNeoConfig(**SMALL_UPSTREAM)
     model = transformers.GPTNeoForCausalLM(config).eval()
     with torch.no_grad():
-        cache = model(torch.randint(0, 300, (1, 20)), use_cache=True).past_key_values
+        cache = getattr(model(torch.randint(0, 300, (1, 20)), use_cache=True), CACHE_FIELD)
     stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert stored == 20 * kv_bytes_per_token(ModelShape.of(config), "float32")
     assert kv_bytes_per_token(ModelShape.of(config), "bfloat16") * 2 == kv_bytes_per_token(ModelShape.of(config), "fp32")

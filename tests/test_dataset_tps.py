@@ -303,3 +303,24 @@ def check_documented(report) -> None:
             assert set(documented) - set(item) <= optional.get(section, set()), f"{section}: fields missing"
             for field, value in item.items():
                 assert matches(value, documented[field]), (section, field, value)
+
+
+def test_broken_plain_decoding_stops_the_run_before_timing(checkpoint, tmp_path, capsys, data_dir, no_engine,
+                                                           monkeypatch):
+    """A transformers release whose generate no longer hands our model its cache (simulated:
+    the cache is dropped from every step's inputs) makes our plain decoding differ from
+    upstream's: the benchmark says so and exits 2 before any engine is built or timed."""
+    import transformers
+
+    from spec_stream import GPTNeoForCausalLM
+
+    original = GPTNeoForCausalLM.prepare_inputs_for_generation
+
+    def without_cache(self, *args, **kwargs):
+        inputs = original(self, *args, **kwargs)
+        return {k: v for k, v in inputs.items() if k not in ("cache", "past_key_values")}
+
+    monkeypatch.setattr(GPTNeoForCausalLM, "prepare_inputs_for_generation", without_cache)
+    message = refused(run_on(checkpoint, tmp_path, data_dir, "--max-new-tokens", "16"), capsys)
+    assert "differs from upstream GPT-Neo's" in message and f"transformers {transformers.__version__}" in message
+    assert not (tmp_path / "r.json").exists()

@@ -4,6 +4,7 @@ import torch
 import transformers
 
 from huggingface.transformers.cache_utils import VariableLengthKVCache
+from huggingface.transformers.internals import CACHE_FIELD
 from huggingface.transformers.generation.speculative_tree import build_tree_buffers
 from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS, linear_rows
 from spec_stream import GPTNeoForCausalLM, shifted_cross_entropy
@@ -108,10 +109,10 @@ def test_incremental_decoding_equals_full_forward(implementation):
     with torch.no_grad():
         full = model(ids, stream_positions="all")
         cache = VariableLengthKVCache(model.config, 1, SEQ, dtype=torch.float32)
-        prefix = model(ids[:, :8], past_key_values=cache)
-        steps = [model(ids[:, i : i + 1], past_key_values=cache, stream_positions="all") for i in range(8, SEQ)]
+        prefix = model(ids[:, :8], cache=cache)
+        steps = [model(ids[:, i : i + 1], cache=cache, stream_positions="all") for i in range(8, SEQ)]
         dynamic = model(ids[:, :8], use_cache=True)
-        dynamic_steps = [model(ids[:, i : i + 1], past_key_values=dynamic.past_key_values) for i in range(8, 12)]
+        dynamic_steps = [model(ids[:, i : i + 1], cache=getattr(dynamic, CACHE_FIELD)) for i in range(8, 12)]
     torch.testing.assert_close(prefix.logits, full.logits[:, :8], atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat([s.logits for s in steps], 1), full.logits[:, 8:], atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat([s.stream_logits for s in steps], 2), full.stream_logits[:, :, 8:], atol=1e-5, rtol=0)

@@ -225,8 +225,10 @@ def test_same_distribution_as_plain_sampling(trained_model, name):
 
 
 def test_the_wrong_rule_fails_the_same_test(trained_model, monkeypatch):
+    """The same test, the same sample count: at 500 samples the wrong rule's bias gave a
+    smallest p-value of 0.015 with one machine's trained model, too weak to be caught."""
     monkeypatch.setattr(speculative_tree, "accept_first_child", accept_argmax_child)
-    p_values, _, _ = p_values_over_prompts(trained_model, SETTINGS["temperature 0.7, top-k, lookup branch"], 500)
+    p_values, _, _ = p_values_over_prompts(trained_model, SETTINGS["temperature 0.7, top-k, lookup branch"], 1500)
     assert min(p_values.values()) < ALPHA, p_values
 
 

@@ -24,6 +24,7 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from transformers.generation import logits_process as processors_module
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
+from ..internals import default_generation_params, eos_token_ids, pad_token_id, private
 from .speculative_tree import node_prefixes
 
 SUPPORTED_FIELDS = frozenset({
@@ -73,7 +74,7 @@ FIXED_SHAPE_FIELDS = NO_EFFECT_FIELDS | {
     "suppress_tokens", "eos_token_id", "max_length", "max_new_tokens",
 }
 # a field holding one of these values is not in effect (upstream's defaults, and a neutral guidance scale)
-_INERT = {**GenerationConfig._get_default_generation_params(), "guidance_scale": 1.0}
+_INERT = {**default_generation_params(), "guidance_scale": 1.0}
 # processors and warpers that read the scores only, never the tokens before them
 SCORES_ONLY = tuple(getattr(processors_module, name) for name in (
     "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
@@ -181,7 +182,7 @@ def prepare_request(model, inputs, generation_config, kwargs: dict) -> Speculati
                           and model.generation_config.max_length is None)
     default_min_length = (kwargs.get("min_length") is None and getattr(generation_config, "min_length", None) is None
                           and model.generation_config.min_length is None)
-    config, extra = model._prepare_generation_config(generation_config, **kwargs)
+    config, extra = private(model, "_prepare_generation_config")(generation_config, **kwargs)
     check_generation_fields(config)
     extra = {key: value for key, value in extra.items() if value is not None and value is not False}
     unknown = set(extra) - EXTRA_ARGUMENTS - {"output_attentions", "output_hidden_states"}  # fields: checked
@@ -192,10 +193,9 @@ def prepare_request(model, inputs, generation_config, kwargs: dict) -> Speculati
         raise ValueError(f"generator={extra['generator']!r}: pass a torch.Generator (or none: torch's global seed).")
     mask = prompt_mask(model, config, input_ids, extra.get("attention_mask"))
     length = input_ids.shape[1]
-    config = model._prepare_generated_length(config, default_max_length, default_min_length, "input_ids", length,
-                                             input_ids)
-    model._validate_generated_length(config, length, default_max_length)
-    eos = config._eos_token_tensor
+    config = private(model, "_prepare_generated_length")(config, default_max_length, default_min_length, "input_ids",
+                                                         length, input_ids)
+    private(model, "_validate_generated_length")(config, length, default_max_length)
     padding = 0 if bool(mask.all()) else int((mask[0] != 0).int().argmax())  # what the repetition penalty skips
     processors = build_processors(model, config, input_ids, padding, extra)
     record = bool(config.return_dict_in_generate and (config.output_scores or config.output_logits))
@@ -208,11 +208,10 @@ def prepare_request(model, inputs, generation_config, kwargs: dict) -> Speculati
     })
     needed = processors or config.do_sample or record
     scorer = NodeScorer(processors, bool(config.do_sample), record) if needed else None
-    pad = config._pad_token_tensor
     options = DecodeOptions(extra.get("generator"), build_stopping_criteria(model, config, extra), record,
-                            None if pad is None else int(pad))
-    return SpeculativeRequest(input_ids, mask, config, config.max_length - length,
-                              set() if eos is None else set(eos.tolist()), scorer, options, extra)
+                            pad_token_id(config))
+    return SpeculativeRequest(input_ids, mask, config, config.max_length - length, eos_token_ids(config), scorer,
+                              options, extra)
 
 
 def prompt_mask(model, config: GenerationConfig, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -221,13 +220,13 @@ def prompt_mask(model, config: GenerationConfig, input_ids: torch.Tensor, mask: 
     padding only. A batch without a mask whose rows start with the pad token is refused:
     its padding would be read as text."""
     batch = len(input_ids)
-    model._prepare_special_tokens(config, mask is not None, device=input_ids.device, batch_size=batch)
+    private(model, "_prepare_special_tokens")(config, mask is not None, device=input_ids.device, batch_size=batch)
     if mask is None:
-        mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
-        pad = config._pad_token_tensor
+        mask = private(model, "_prepare_attention_mask_for_generation")(input_ids, config, {})
+        pad = pad_token_id(config)
         if batch > 1 and pad is not None and bool(mask.all()) and bool((input_ids[:, 0] == pad).any()):
             raise ValueError(
-                f"a batch of {batch} prompts without an attention_mask, some starting with pad_token_id={int(pad)}: "
+                f"a batch of {batch} prompts without an attention_mask, some starting with pad_token_id={pad}: "
                 "their padding would be read as text; pass the attention_mask of the padded batch "
                 "(tokenizer(prompts, padding=True, return_tensors='pt') gives it, with padding_side='left')."
             )
@@ -284,7 +283,7 @@ def build_processors(model, config: GenerationConfig, input_ids: torch.Tensor, p
     ``prefix_allowed_tokens_fn`` always hears batch id 0, and the repetition penalty skips
     the first ``padding`` tokens (plain generate: up to the first unmasked one)."""
     allowed = extra.get("prefix_allowed_tokens_fn")
-    processors = model._get_logits_processor(
+    processors = private(model, "_get_logits_processor")(
         config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
         prefix_allowed_tokens_fn=None if allowed is None else (lambda batch_id, tokens: allowed(0, tokens)),
         logits_processor=extra.get("logits_processor") or LogitsProcessorList(), device=input_ids.device,
@@ -299,7 +298,7 @@ def build_processors(model, config: GenerationConfig, input_ids: torch.Tensor, p
 def build_stopping_criteria(model, config: GenerationConfig, extra: dict) -> StoppingCriteriaList | None:
     """Plain generate's stopping criteria without the two the loop enforces itself (EOS,
     the length limit); None when nothing is left."""
-    criteria = model._get_stopping_criteria(config, extra.get("stopping_criteria") or StoppingCriteriaList(),
+    criteria = private(model, "_get_stopping_criteria")(config, extra.get("stopping_criteria") or StoppingCriteriaList(),
                                             tokenizer=extra.get("tokenizer"))
     rest = StoppingCriteriaList(c for c in criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria)))
     return rest or None
@@ -313,12 +312,12 @@ def fixed_shape_scorer(model, generation_config: GenerationConfig | None = None,
     misplaced = sorted({"max_new_tokens", "max_length", "eos_token_id"} & set(kwargs))
     if misplaced:
         raise ValueError(f"FixedShapeDecoder takes {misplaced} per call: pass them to its generate().")
-    config, extra = model._prepare_generation_config(generation_config, **kwargs)
+    config, extra = private(model, "_prepare_generation_config")(generation_config, **kwargs)
     unknown = sorted(key for key, value in extra.items() if value is not None)
     if unknown:
         raise ValueError(f"FixedShapeDecoder does not take {unknown}: pass GenerationConfig fields only.")
     check_generation_fields(config, FIXED_SHAPE_FIELDS, "FixedShapeDecoder",
                             "decode with generate(speculative_streaming=True), which applies it")
-    model._prepare_special_tokens(config, False, device=model.device, batch_size=1)
-    processors = model._get_logits_processor(config, input_ids_seq_length=1, device=model.device)
+    private(model, "_prepare_special_tokens")(config, False, device=model.device, batch_size=1)
+    processors = private(model, "_get_logits_processor")(config, input_ids_seq_length=1, device=model.device)
     return NodeScorer(processors, bool(config.do_sample)) if processors or config.do_sample else None

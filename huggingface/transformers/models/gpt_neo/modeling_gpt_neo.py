@@ -19,15 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GPTNeoConfig as UpstreamGPTNeoConfig
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from transformers.utils import logging
 from huggingface_hub.dataclasses import strict
 
 from ...cache_utils import KeyLayout, as_model_cache, select_per_row
 from ...generation.utils import SpeculativeStreamingGenerationMixin
+from ...internals import CACHE_FIELD, upstream_changed
 
 logger = logging.get_logger(__name__)
 
@@ -76,12 +77,13 @@ class GPTNeoConfig(UpstreamGPTNeoConfig):
 
 
 @dataclass
-class SpecStreamCausalLMOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None  # (batch, seq, vocab): main stream, predicts t+1
+class SpecStreamCausalLMOutput(CausalLMOutputWithPast):
+    """Upstream's causal-LM output (loss, logits (batch, seq, vocab) of the main stream,
+    predicting t+1, and the cache under the name the installed transformers reads:
+    `CACHE_FIELD`) plus what the streams add."""
+
     stream_logits: torch.Tensor | None = None  # (batch, gamma, n_positions, vocab): stream j predicts t+1+j
     early_exit_logits: torch.Tensor | None = None  # (batch, seq, vocab): pruning adapter at the first stream layer
-    past_key_values: object | None = None
     early_exit_loss: torch.Tensor | None = None  # loss_only with early_exit: CE(early-exit logits, next token)
 
 
@@ -438,7 +440,7 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
     def forward(
         self,
         input_ids: torch.Tensor,
-        past_key_values=None,
+        cache=None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         tree_mask: torch.Tensor | None = None,
@@ -449,7 +451,7 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
     ) -> GPTNeoModelOutput:
         """Main stream over the new tokens; speculative streams join at the first stream layer.
 
-        ``past_key_values``: None, one of our caches, or an upstream `Cache`
+        ``cache``: None, one of our caches, or an upstream `Cache`
         (`cache_utils` says how each is seen). ``position_ids`` default to the cached length
         + index. ``tree_mask`` (T, T) bool: which new tokens each new token sees (default
         causal). ``stream_positions``: None (no streams), "all", or indices into the new
@@ -460,7 +462,7 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         only the first streams (stream j sees streams 1..j alone, so the others cannot
         change them; a tree of depth D drafts from streams 1..D); None: all of them.
         """
-        cache = as_model_cache(past_key_values, self.config)
+        cache = as_model_cache(cache, self.config)
         if node_filter is not None and not (cache.can_prune and input_ids.shape[0] == 1):
             raise ValueError("tree pruning (node_filter) needs batch 1 and a VariableLengthKVCache.")
         layout = cache.begin(input_ids, position_ids)
@@ -534,7 +536,7 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
@@ -545,23 +547,31 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
         loss_only: bool = False,
-        **kwargs,
+        past_key_values=None,
+        **unused,
     ) -> SpecStreamCausalLMOutput:
         """Upstream's forward plus ``tree_mask``, ``stream_positions`` and ``early_exit``
-        (see `GPTNeoModel.forward`). With ``labels`` (aligned with ``input_ids``, -100 =
-        ignore), streams run at every position and ``loss`` is the method's
-        ``a0 * CE(main) + sum_j a_j * CE(stream_j)``. With ``loss_only`` too, the same loss
-        is computed for less work (`_loss_on_targets`) and no logits are returned."""
+        (see `GPTNeoModel.forward`). The cache comes as ``cache`` (transformers >= 5.24) or
+        ``past_key_values`` (before), and goes back under the installed release's name.
+        With ``labels`` (aligned with ``input_ids``, -100 = ignore), streams run at every
+        position and ``loss`` is the method's ``a0 * CE(main) + sum_j a_j * CE(stream_j)``.
+        With ``loss_only`` too, the same loss is computed for less work
+        (`_loss_on_targets`) and no logits are returned. Other arguments are ignored, as
+        upstream's GPT-Neo ignores them, except a cache (`check_unused_arguments`)."""
+        check_unused_arguments(unused)
         if input_ids is None:
             raise ValueError("GPTNeoForCausalLM (spec-stream) needs input_ids; inputs_embeds is not supported.")
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the cache once: as `cache` or as `past_key_values`, not both.")
+        cache = cache if cache is not None else past_key_values
         if labels is not None and loss_only:
             return self._loss_on_targets(input_ids, attention_mask, labels, early_exit)
         if labels is not None and stream_positions is None and self.config.num_spec_streams:
             stream_positions = "all"
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         out = self.transformer(
-            input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            input_ids=input_ids, cache=cache, attention_mask=attention_mask,
             position_ids=position_ids, tree_mask=tree_mask, stream_positions=stream_positions, early_exit=early_exit,
         )
         hidden = out.hidden_states[:, -logits_to_keep:] if logits_to_keep else out.hidden_states
@@ -573,7 +583,8 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
             loss = speculative_streaming_loss(
                 logits, stream_logits, labels, self.config.main_loss_weight, self.config.stream_loss_weight
             )
-        return SpecStreamCausalLMOutput(loss, logits, stream_logits, early_exit_logits, past_key_values)
+        return SpecStreamCausalLMOutput(loss=loss, logits=logits, stream_logits=stream_logits,
+                                        early_exit_logits=early_exit_logits, **{CACHE_FIELD: cache})
 
     def _loss_on_targets(self, input_ids, attention_mask, labels, early_exit) -> SpecStreamCausalLMOutput:
         """The training loss without the work it does not need: streams run only at the
@@ -652,7 +663,7 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         node_filter = None if early_exit_filter is None else (lambda hidden: early_exit_filter(self.lm_head(hidden)))
         anchors = "all" if logit_positions is None else logit_positions
         out = self.transformer(
-            input_ids=tokens, past_key_values=cache, position_ids=position_ids, tree_mask=tree_mask,
+            input_ids=tokens, cache=cache, position_ids=position_ids, tree_mask=tree_mask,
             stream_positions=anchors, num_streams=num_streams, node_filter=node_filter,
         )
         hidden = out.hidden_states if logit_positions is None else select_per_row(out.hidden_states, logit_positions, 1)
@@ -697,6 +708,16 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
             )
         model.randomly_initialised_streams = bool(missing)
         return (model, info) if return_info else model
+
+
+def check_unused_arguments(arguments: dict) -> None:
+    """Upstream's `generate` hands the model what it does not read (a ``tokenizer``, say),
+    which upstream's GPT-Neo ignores too; a cache among them is an error, not ignored:
+    decoding would go on without its past and write garbage."""
+    caches = [name for name, value in arguments.items() if isinstance(value, Cache)]
+    if caches:
+        raise upstream_changed(f"it passed GPT-Neo's cache as `{caches[0]}`, an argument spec-stream does not know "
+                               "(it reads `cache` and `past_key_values`), so decoding would run without its past")
 
 
 def _hub_kwargs(kwargs: dict) -> dict:
