@@ -33,7 +33,8 @@ def test_a_removed_private_name_is_a_clear_error_naming_it_and_the_version(monke
 
 
 def test_a_changed_signature_is_a_clear_error_naming_the_parameter(monkeypatch):
-    monkeypatch.setattr(GenerationMixin, "_validate_generated_length", lambda self, config, length: None)
+    monkeypatch.setattr(GenerationMixin, "_validate_generated_length",
+                        lambda self, generation_config, input_ids_length: None)
     with pytest.raises(UpstreamChanged, match="_validate_generated_length no longer takes has_default_max_length"):
         check_private("_validate_generated_length")
 
