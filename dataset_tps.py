@@ -20,6 +20,7 @@ beside the speed. Prints a table and writes every figure (and the machine) to a 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -34,7 +35,7 @@ from spec_stream import defaults
 from spec_stream.arithmetic import measure_machine
 from spec_stream.benchmark import (REPORT_SCHEMA_VERSION, BenchmarkSettings, benchmark_task,
                                    check_draft_model, check_tree_depth, default_checkpoint, machine_info,
-                                   prepare_task, uses_streams)
+                                   prepare_task, prepared_checkpoint, uses_streams)
 from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
 from spec_stream.data import is_preset, resolve_dataset
 from spec_stream.errors import UserError, exit_on_user_error
@@ -246,15 +247,26 @@ def write_report(report: dict, output: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def checkpoints_for(settings: BenchmarkSettings) -> dict[str, str]:
-    """The checkpoint of each dataset: --model for all, else the default one (prepared
-    once, after checking that the tree fits the streams it will have)."""
+def checkpoints_for(settings: BenchmarkSettings) -> dict[str, str | None]:
+    """The checkpoint of each dataset that exists now: --model for all, else the default
+    one once prepared (None: not yet; the tree is checked against the streams it will have)."""
     if settings.model:
         return {task: settings.model for task in settings.datasets}
     if uses_streams(settings.engines):
         check_tree_depth(settings.tree_widths, defaults.NUM_SPEC_STREAMS, "the default checkpoint")
-    return {task: str(default_checkpoint(task, settings.device, settings.checkpoint_dir, settings.data_dir))
-            for task in settings.datasets}
+    return {task: prepared_checkpoint(task, settings.device, settings.checkpoint_dir) for task in settings.datasets}
+
+
+def tasks_as_ready(settings: BenchmarkSettings):
+    """Each dataset's `TaskInputs`, in order, as soon as its checkpoint is ready: those that
+    exist are checked before any work starts, a default one right after it is prepared."""
+    existing = checkpoints_for(settings)
+    checked = {task: prepare_task(task, checkpoint, settings) for task, checkpoint in existing.items() if checkpoint}
+    for task in settings.datasets:
+        if task not in checked:
+            checkpoint = default_checkpoint(task, settings.device, settings.checkpoint_dir, settings.data_dir)
+            checked[task] = prepare_task(task, str(checkpoint), settings)
+        yield checked[task]
 
 
 COLUMNS = ("dataset", "engine", "batch", "backend", "tok/s", "spread", "latency s", "ms/token / bound", "speedup",
@@ -318,25 +330,28 @@ def print_table(rows: list[dict], skipped: list[dict], console: Console, setting
 def main(argv=None) -> int:
     settings = parse_settings(argv)
     check_output(settings.output)
-    checkpoints = checkpoints_for(settings)
-    inputs = [prepare_task(task, checkpoints[task], settings) for task in settings.datasets]
+    tasks = tasks_as_ready(settings)
+    first = next(tasks)  # every existing checkpoint checked, or the first one prepared
     if "assisted" in settings.engines:
         check_draft_model(settings.draft_model)
     probe = measure_machine(settings.device)
     print(f"{settings.device}: copy {probe.copy_bytes_per_second / 1e9:.1f} GB/s (read + write), read "
           f"{probe.read_bytes_per_second / 1e9:.1f} GB/s, fp32 matmul {probe.matmul_flops_per_second / 1e9:.0f} GFLOP/s")
-    rows, skipped = [], []
-    for task_inputs in inputs:
-        task_rows, task_skipped = benchmark_task(task_inputs, settings, probe)
-        rows += task_rows
-        skipped += task_skipped
-    console = Console()
-    print_table(rows, skipped, console if console.is_terminal else Console(width=300), settings)  # logs: full table
     machine = {**machine_info(settings.device), "copy_gb_per_second": probe.copy_bytes_per_second / 1e9,
                "read_gb_per_second": probe.read_bytes_per_second / 1e9,
                "matmul_gflops_per_second": probe.matmul_flops_per_second / 1e9}
-    write_report({"schema_version": REPORT_SCHEMA_VERSION, "machine": machine, "settings": settings.to_json(),
-                  "results": rows, "skipped": skipped}, settings.output)
+    console = Console()
+    console = console if console.is_terminal else Console(width=300)  # logs: full table
+    rows, skipped = [], []
+    for task_inputs in itertools.chain([first], tasks):
+        task_rows, task_skipped = benchmark_task(task_inputs, settings, probe)
+        rows += task_rows
+        skipped += task_skipped
+        print_table(task_rows, task_skipped, console, settings)  # this dataset's table, as soon as it is measured
+        write_report({"schema_version": REPORT_SCHEMA_VERSION, "machine": machine, "settings": settings.to_json(),
+                      "results": rows, "skipped": skipped}, settings.output)  # so far: nothing lost on a stop
+    if len(settings.datasets) > 1:
+        print_table(rows, skipped, console, settings)
     print(f"wrote {settings.output}")
     return 0
 

@@ -91,6 +91,7 @@ class FinetuneConfig:
     lora_rank: int = defaults.LORA_RANK
     freeze_base: bool = False
     stream_adapter_rank: int | None = None
+    stream_targets: str | None = None
     train_pruner: bool = False
     save_every: int = defaults.SAVE_EVERY
     resume: bool = False
@@ -103,8 +104,9 @@ class FinetuneConfig:
 RESUME_SETTINGS = ("dataset", "prompt_template", "response_field", "response_template", "train_split",
                    "max_train_samples", "epochs", "batch_size", "max_length", "lr", "warmup_ratio", "seed",
                    "num_spec_streams", "num_stream_layers", "main_loss_weight", "stream_loss_weight", "lora_rank",
-                   "freeze_base", "stream_adapter_rank", "train_pruner")
+                   "freeze_base", "stream_adapter_rank", "stream_targets", "train_pruner")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+STREAM_TARGETS = ("references", "distill", "greedy")  # what the streams learn to predict (--stream-targets)
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -167,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("stream_adapter_rank", "rank of the streams' own adapters in the stream layers (default: "
         f"{defaults.STREAM_ADAPTER_RANK} with --freeze-base, where the streams need capacity of their own; 0 otherwise)",
         type=int)
+    add("stream_targets", "what the streams learn: references (the data's next tokens), distill (the frozen "
+        "base's own distribution at each later position, same forward) or greedy (references replaced by the base's "
+        "greedy continuations, generated first); distill and greedy need --freeze-base (default: "
+        f"{defaults.STREAM_TARGETS} with --freeze-base, references otherwise)", choices=STREAM_TARGETS)
     add("train_pruner", "also train the tree-pruning adapter")
     add("save_every", "steps between checkpoints (plus one at every epoch end)", type=int)
     add("resume", "continue from OUTPUT's newest checkpoint (start afresh if it has none)")
@@ -208,8 +214,20 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}; "
                             f"pass a positive number, or leave it out to {meaning}")
-    if config.num_spec_streams < 1:
-        raise UserError("--num-spec-streams must be at least 1: fine-tuning trains the streams")
+    if config.num_spec_streams < 0:
+        raise UserError(f"--num-spec-streams must be 0 (a plain model, e.g. the base of a later stream stage) or "
+                        f"more, got {config.num_spec_streams}")
+    if config.freeze_base and not config.num_spec_streams:
+        raise UserError("--freeze-base trains only the streams, so it needs --num-spec-streams 1 or more")
+    if config.stream_targets is None:
+        config = dataclasses.replace(config, stream_targets=defaults.STREAM_TARGETS if config.freeze_base
+                                     else "references")
+    if config.stream_targets not in STREAM_TARGETS:
+        raise UserError(f"unknown --stream-targets {config.stream_targets!r}; choose one of {', '.join(STREAM_TARGETS)}")
+    if config.stream_targets != "references" and not config.freeze_base:
+        raise UserError(f"--stream-targets {config.stream_targets} teaches the streams the base model's own "
+                        "predictions, which only hold still with --freeze-base; add --freeze-base --base PATH, "
+                        "or use --stream-targets references")
     if config.num_stream_layers is not None and config.num_stream_layers < 1:
         raise UserError(f"--num-stream-layers must be at least 1, got {config.num_stream_layers}")
     if config.stream_adapter_rank is not None and config.stream_adapter_rank < 0:
@@ -412,6 +430,8 @@ def build_run(config: FinetuneConfig, inputs: Inputs, accelerator: Accelerator) 
     if state:
         model.load_state_dict(state["model"])
     features = [tokenize_example(tokenizer, e, config.max_length) for e in inputs.train]
+    if config.stream_targets == "greedy":
+        features = greedy_features(model, tokenizer, features, accelerator.device)
     steps_per_epoch = math.ceil(len(features) / (config.batch_size * accelerator.num_processes))  # global batches
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
@@ -428,6 +448,33 @@ def build_run(config: FinetuneConfig, inputs: Inputs, accelerator: Accelerator) 
         run.saved_step = run.step
         accelerator.print(f"resuming from {inputs.resume.folder} at step {run.step}/{total_steps}")
     return run
+
+
+@torch.no_grad()
+def greedy_features(model, tokenizer, features: list[dict], device) -> list[dict]:
+    """``features`` with each target replaced by the model's own greedy continuation of its
+    prompt, as long as the reference target at most (up to its end-of-sequence token, kept
+    as a target): what the streams will see when decoding. Deterministic, so a resumed run
+    makes the same texts again."""
+    model.eval()
+    model.to(device)
+    eos, pad, batch = tokenizer.eos_token_id, tokenizer.pad_token_id, defaults.GREEDY_TARGETS_BATCH
+    rebuilt = []
+    for start in tqdm(range(0, len(features), batch), desc="greedy targets", unit="batch"):
+        chunk = features[start:start + batch]
+        prompts = [[t for t, label in zip(f["input_ids"], f["labels"]) if label == -100] for f in chunk]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        longest = max(len(f["labels"]) - len(p) for f, p in zip(chunk, prompts))
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=longest, speculative_streaming=True,
+                             tree_widths=(), pad_token_id=pad, eos_token_id=eos)[:, width:].tolist()
+        for f, prompt, new in zip(chunk, prompts, out):
+            target = new[: len(f["labels"]) - len(prompt)]
+            target = target[: target.index(eos) + 1] if eos in target else target
+            rebuilt.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target})
+    model.train()
+    return rebuilt
 
 
 def peak_flops(device: torch.device, config: FinetuneConfig) -> float:
@@ -450,7 +497,9 @@ def cpu_matmul_rate() -> float:
 
 
 def make_batches(features, order, batch_size, pad_id):
-    """Right-padded batches (labels -100 on padding) in the given example order."""
+    """Left-padded batches (labels -100 on padding, positions counted from each row's first
+    token) in the given example order: every row's targets end at the last column, so the
+    positions that carry some row's target (where the head and the streams run) are few."""
     for start in range(0, len(order), batch_size):
         chunk = [features[i] for i in order[start : start + batch_size]]
         width = max(len(f["input_ids"]) for f in chunk)
@@ -459,14 +508,16 @@ def make_batches(features, order, batch_size, pad_id):
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, f in enumerate(chunk):
             n = len(f["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+            ids[row, width - n:], labels[row, width - n:] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"])
+            mask[row, width - n:] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        yield {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": positions}
 
 
-def compute_loss(model, batch, train_pruner):
+def compute_loss(model, batch, train_pruner, distill_streams=False):
     """The training loss (streams only where they have targets, the head only on target rows:
     `GPTNeoForCausalLM._loss_on_targets`), plus the pruner's early-exit loss when trained."""
-    out = model(**batch, early_exit=train_pruner, loss_only=True)
+    out = model(**batch, early_exit=train_pruner, loss_only=True, distill_streams=distill_streams)
     if train_pruner:
         return out.loss + defaults.PRUNER_LOSS_WEIGHT * out.early_exit_loss
     return out.loss
@@ -518,23 +569,29 @@ def target_share(accelerator: Accelerator, labels: torch.Tensor):
     return local * accelerator.num_processes / total.clamp(min=1)
 
 
-def batch_flops(shape: ModelShape, batch: dict) -> float:
-    """Matmul FLOPs of one training step on ``batch`` (forward + backward = 3 x forward),
-    counting the rows the model really runs: every token through every layer, stream rows
-    at the target positions through the top layers, the head on target rows."""
+def batch_flops(shape: ModelShape, batch: dict, frozen_base: bool = False) -> float:
+    """Matmul FLOPs of one training step on ``batch``, counting the rows the model really
+    runs: every token through every layer, stream rows at the target positions through the
+    top layers, the head on target rows. Backward costs twice the forward of what it goes
+    through: everything, or with ``frozen_base`` the stream layers and the stream heads."""
     total = 0.0
+    top = dataclasses.replace(shape, layers=shape.stream_layers)
     for tokens, targets in zip(batch["attention_mask"].sum(dim=1).tolist(),
                                (batch["labels"] != -100).sum(dim=1).tolist()):
         stream_rows = shape.streams * (targets + shape.streams)
-        total += forward_flops(shape, tokens, 0, logits_rows=targets + stream_rows, stream_rows=stream_rows)
-    return 3 * total
+        forward = forward_flops(shape, tokens, 0, logits_rows=targets + stream_rows, stream_rows=stream_rows)
+        backward = forward_flops(top, tokens, 0, logits_rows=stream_rows, stream_rows=stream_rows) \
+            if frozen_base else forward
+        total += forward + 2 * backward
+    return total
 
 
 def train_step(run: Run, batch: dict) -> float:
     """One optimizer step; returns the loss averaged over processes."""
     accelerator = run.accelerator
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    loss = compute_loss(run.model, batch, run.config.train_pruner) * target_share(accelerator, batch["labels"])
+    loss = compute_loss(run.model, batch, run.config.train_pruner, run.config.stream_targets == "distill")
+    loss = loss * target_share(accelerator, batch["labels"])
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(run.model.parameters(), defaults.GRAD_CLIP_NORM)
     run.optimizer.step()
@@ -542,7 +599,7 @@ def train_step(run: Run, batch: dict) -> float:
     run.optimizer.zero_grad()
     run.step += 1
     run.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-    run.flops += batch_flops(run.shape, batch) * accelerator.num_processes
+    run.flops += batch_flops(run.shape, batch, run.config.freeze_base) * accelerator.num_processes
     value = accelerator.gather(loss.detach()[None]).mean().item()
     run.first_loss = value if run.first_loss is None else run.first_loss
     run.losses.append(value)
@@ -650,26 +707,28 @@ class StopSignals:
 @torch.no_grad()
 def evaluate(model, batches, unigram_token, accelerator) -> dict:
     """Validation loss, main and per-stream top-1 accuracy on target tokens, and the
-    accuracy of always predicting the most frequent training target token."""
+    accuracy of always predicting the most frequent training target token. The streams run
+    only from just before the first target on (left-padded batches: the end of each row)."""
     model.eval()
-    losses, correct, total, unigram_hits, unigram_total = [], None, None, 0, 0
+    streams = accelerator.unwrap_model(model).config.num_spec_streams
+    losses, correct, total, unigram_hits, unigram_total = [], [0] * (1 + streams), [0] * (1 + streams), 0, 0
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        out = model(**batch)
-        losses.append(out.loss.float().item())
+        losses.append(model(**batch, loss_only=True).loss.float().item())
         labels = batch["labels"]
-        heads = [out.logits] + list(out.stream_logits.unbind(1))
-        hits, counts = [], []
-        for shift, logits in enumerate(heads, start=1):
-            target = labels[:, shift:]
+        first = int((labels != -100).any(dim=0).nonzero()[0]) if bool((labels != -100).any()) else labels.shape[1]
+        anchors = torch.arange(max(0, first - 1 - streams), labels.shape[1] - 1, device=labels.device)
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                    stream_positions=anchors if streams else None, logits_to_keep=len(anchors) + 1)
+        predictions = [out.logits[:, :-1].argmax(-1)] + [out.stream_logits[:, j].argmax(-1) for j in range(streams)]
+        for head, predicted in enumerate(predictions):  # head h at anchor t predicts t + 1 + h
+            known = anchors + 1 + head < labels.shape[1]
+            target = labels[:, anchors[known] + 1 + head]
             valid = target != -100
-            predicted = logits[:, : labels.shape[1] - shift].argmax(-1)
-            hits.append(((predicted == target) & valid).sum().item())
-            counts.append(valid.sum().item())
-        correct = hits if correct is None else [a + b for a, b in zip(correct, hits)]
-        total = counts if total is None else [a + b for a, b in zip(total, counts)]
+            correct[head] += int(((predicted[:, known] == target) & valid).sum())
+            total[head] += int(valid.sum())
         targets = labels[:, 1:][labels[:, 1:] != -100]
-        unigram_hits += (targets == unigram_token).sum().item()
+        unigram_hits += int((targets == unigram_token).sum())
         unigram_total += targets.numel()
     model.train()
     accuracy = [c / max(t, 1) for c, t in zip(correct, total)]
@@ -693,22 +752,37 @@ def final_evaluation(run: Run, seconds: float) -> dict:
                "peak_flops_per_second": run.peak_flops,
                "mfu": run.flops / seconds / run.peak_flops if seconds else None,
                **evaluate(run.model, eval_batches, int(counts.argmax()), accelerator),
-               **acceptance_rates(accelerator.unwrap_model(run.model), eval_features, accelerator.device)}
+               **acceptance_rates(accelerator.unwrap_model(run.model), eval_features, accelerator.device,
+                                  int(counts.argmax()))}
+    streams = ", ".join(f"{a:.3f}" for a in summary["stream_accuracy"]) or "none (no streams)"
     accelerator.print(f"validation loss {summary['eval_loss']:.3f}, main accuracy {summary['main_accuracy']:.3f}, "
-                      f"stream accuracy {', '.join(f'{a:.3f}' for a in summary['stream_accuracy'])} "
-                      f"(unigram {summary['unigram_accuracy']:.3f})")
+                      f"stream accuracy {streams} (unigram {summary['unigram_accuracy']:.3f})")
+    if summary["stream_acceptance"]:
+        accelerator.print(acceptance_report(summary))
     return summary
 
 
+def acceptance_report(summary: dict) -> str:
+    """Whether the streams learned, in one line: each stream's top-1 acceptance on the
+    model's own greedy text beside always drafting the most frequent target token."""
+    top1 = [by_rank[0] for by_rank in summary["stream_acceptance"]]
+    unigram = summary["unigram_acceptance"]
+    verdict = ("the streams learned: stream 1 beats the unigram draft" if top1[0] > unigram + 0.02 else
+               "the streams learned nothing beyond the unigram draft: train them longer (--epochs) or on more rows")
+    return (f"stream top-1 acceptance on the model's own greedy text: {', '.join(f'{a:.3f}' for a in top1)} "
+            f"(always the most frequent target token: {unigram:.3f}); {verdict}")
+
+
 @torch.no_grad()
-def acceptance_rates(model, features: list[dict], device) -> dict:
+def acceptance_rates(model, features: list[dict], device, unigram_token: int) -> dict:
     """``stream_acceptance``, the streams' acceptance by depth and top-k rank
     (`measure_acceptance`), and ``lookup_acceptance``, a prompt-lookup chain's by depth
     (`measure_lookup_acceptance`), on the prompts of up to ``ACCEPTANCE_PROMPTS``
     validation examples: what ``tree_widths="auto"`` sizes the tree from, saved with the
-    checkpoint. Both None for a model without streams."""
+    checkpoint; and ``unigram_acceptance``, the share of the greedy tokens that always
+    drafting ``unigram_token`` would get right. All None for a model without streams."""
     if not getattr(model.config, "num_spec_streams", 0):
-        return {"stream_acceptance": None, "lookup_acceptance": None}
+        return {"stream_acceptance": None, "lookup_acceptance": None, "unigram_acceptance": None}
     room = model.config.max_position_embeddings - defaults.ACCEPTANCE_NEW_TOKENS - model.config.num_spec_streams
     prompts = [[t for t, label in zip(f["input_ids"], f["labels"]) if label == -100][-room:]
                for f in features[:defaults.ACCEPTANCE_PROMPTS]]
@@ -717,9 +791,16 @@ def acceptance_rates(model, features: list[dict], device) -> dict:
     prompts = [torch.tensor([p], device=device) for p in prompts if p]
     texts = greedy_texts(model, prompts, defaults.ACCEPTANCE_NEW_TOKENS)  # both measures read the same texts
     rates = {"stream_acceptance": measure_acceptance(model, prompts, texts=texts),
-             "lookup_acceptance": measure_lookup_acceptance(model, prompts, texts=texts)}
+             "lookup_acceptance": measure_lookup_acceptance(model, prompts, texts=texts),
+             "unigram_acceptance": unigram_share(prompts, texts, unigram_token)}
     model.train(was_training)
     return rates
+
+
+def unigram_share(prompts: list[torch.Tensor], texts: list[torch.Tensor], token: int) -> float:
+    """The share of the new tokens of ``texts`` (after each prompt) that equal ``token``."""
+    new = torch.cat([text[0, ids.shape[1]:].cpu() for ids, text in zip(prompts, texts)])
+    return float((new == token).float().mean()) if len(new) else 0.0
 
 
 def save_final(run: Run, summary: dict) -> None:
@@ -732,7 +813,8 @@ def save_final(run: Run, summary: dict) -> None:
     if hasattr(model, "merge_and_unload"):  # LoRA: save a plain model
         model = model.merge_and_unload()
 
-    generation_note = streams_by_default(model)
+    generation_note = streams_by_default(model) if model.config.num_spec_streams else "a plain model: no streams"
+
     if summary.get("stream_acceptance"):  # tree_widths="auto" reads them at generate time
         model.generation_config.stream_acceptance = summary["stream_acceptance"]
         model.generation_config.lookup_acceptance = summary["lookup_acceptance"]

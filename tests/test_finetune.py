@@ -197,19 +197,6 @@ def test_help_shows_every_option_with_its_default():
         assert shown in blocks[flag], (flag, blocks[flag])
 
 
-def test_benchmark_calls_finetune_with_a_config(monkeypatch, tmp_path):
-    from spec_stream.benchmark import default_checkpoint
-
-    calls = []
-    monkeypatch.setattr(finetune_module, "finetune", calls.append)
-    output = default_checkpoint("spider", torch.device("cpu"), tmp_path, "DATA")
-    recipe = defaults.DEFAULT_RECIPES["cpu"]
-    assert output == tmp_path / f"spider-{recipe['size']}"
-    assert calls == [FinetuneConfig(dataset="spider", output=str(output), data_dir="DATA", from_scratch=recipe["size"],
-                                    epochs=float(recipe["epochs"]),
-                                    max_train_samples=recipe["max_train_samples"]["spider"], resume=True)]
-
-
 def test_only_user_errors_become_exit_2(capsys):
     def failing(error):
         @exit_on_user_error

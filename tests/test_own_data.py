@@ -260,7 +260,9 @@ def test_the_benchmark_prepares_a_checkpoint_for_your_data(files, tmp_path):
     argv = benchmark_argv(files["jsonl"], report_path, "--checkpoint-dir", str(tmp_path / "checkpoints"))
     assert dataset_tps.main(argv) == 0
     check_report(json.loads(report_path.read_text()), files["jsonl"])
-    (prepared,) = (tmp_path / "checkpoints").iterdir()
-    assert prepared.name.startswith("units-") and prepared.name.endswith(f"-{defaults.DEFAULT_RECIPES['cpu']['size']}")
+    base, prepared = sorted((tmp_path / "checkpoints").iterdir())  # stage 1 and stage 2 (`default_checkpoint`)
+    size = defaults.DEFAULT_RECIPES["cpu"]["size"]
+    assert base.name.startswith("units-") and base.name.endswith(f"-{size}-base")
+    assert prepared.name == base.name.replace("-base", "-streams")
     saved = json.loads((prepared / "training_args.json").read_text())
     assert saved["args"]["dataset"] == str(files["jsonl"]) and saved["args"]["prompt_template"] == PROMPT_TEXT

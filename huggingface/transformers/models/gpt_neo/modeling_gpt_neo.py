@@ -547,6 +547,7 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
         loss_only: bool = False,
+        distill_streams: bool = False,
         past_key_values=None,
         **unused,
     ) -> SpecStreamCausalLMOutput:
@@ -556,7 +557,8 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         With ``labels`` (aligned with ``input_ids``, -100 = ignore), streams run at every
         position and ``loss`` is the method's ``a0 * CE(main) + sum_j a_j * CE(stream_j)``.
         With ``loss_only`` too, the same loss is computed for less work
-        (`_loss_on_targets`) and no logits are returned. Other arguments are ignored, as
+        (`_loss_on_targets`) and no logits are returned; ``distill_streams`` then teaches
+        each stream the main stream's own distribution instead of the labels. Other arguments are ignored, as
         upstream's GPT-Neo ignores them, except a cache (`check_unused_arguments`)."""
         check_unused_arguments(unused)
         if input_ids is None:
@@ -565,7 +567,7 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
             raise ValueError("pass the cache once: as `cache` or as `past_key_values`, not both.")
         cache = cache if cache is not None else past_key_values
         if labels is not None and loss_only:
-            return self._loss_on_targets(input_ids, attention_mask, labels, early_exit)
+            return self._loss_on_targets(input_ids, attention_mask, labels, early_exit, distill_streams, position_ids)
         if labels is not None and stream_positions is None and self.config.num_spec_streams:
             stream_positions = "all"
         if use_cache and cache is None:
@@ -586,28 +588,55 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         return SpecStreamCausalLMOutput(loss=loss, logits=logits, stream_logits=stream_logits,
                                         early_exit_logits=early_exit_logits, **{CACHE_FIELD: cache})
 
-    def _loss_on_targets(self, input_ids, attention_mask, labels, early_exit) -> SpecStreamCausalLMOutput:
+    def _loss_on_targets(self, input_ids, attention_mask, labels, early_exit, distill_streams=False,
+                         position_ids=None) -> SpecStreamCausalLMOutput:
         """The training loss without the work it does not need: streams run only at the
         positions where some stream has a target (a prompt's streams predict prompt tokens,
         labelled -100), and the head projects only rows with a target. Same value as the
-        full computation: the rows left out contribute nothing to any sum or count."""
+        full computation: the rows left out contribute nothing to any sum or count. Batches
+        left-padded (with ``position_ids``) keep those positions few: every row's targets end
+        at the same place. A loss
+        weight of 0 skips its part (weight 0 on the streams: they do not run).
+
+        ``distill_streams``: stream j at t learns the main stream's distribution at t + j
+        (its prediction of the same token t + 1 + j, on the same sequence) instead of the
+        label: KL(main || stream), the main side detached. Acceptance is agreement with the
+        main stream, so this teaches the streams exactly what verification checks."""
         has_target = (labels != -100).any(dim=0)  # (T,): some row of the batch has a target there
-        length, streams = labels.shape[1], self.config.num_spec_streams
+        length = labels.shape[1]
+        streams = self.config.num_spec_streams if self.config.stream_loss_weight else 0
         anchors = torch.zeros(length, dtype=torch.bool, device=labels.device)
         for shift in range(2, 2 + streams):  # stream j at t predicts t + 1 + j
             anchors[: length - shift] |= has_target[shift:]
         anchors = anchors.nonzero().flatten()
-        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, early_exit=early_exit,
-                               stream_positions=anchors if streams else None)
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               early_exit=early_exit, stream_positions=anchors if streams else None)
         main_rows = has_target[1:].nonzero().flatten()  # t with a target at t + 1
-        loss = self.config.main_loss_weight * self._head_loss(out.hidden_states, main_rows, labels, 1)
+        loss = torch.zeros((), device=labels.device)
+        if self.config.main_loss_weight:
+            loss = self.config.main_loss_weight * self._head_loss(out.hidden_states, main_rows, labels, 1)
         for j in range(streams if out.stream_hidden_states is not None else 0):
-            loss = loss + self.config.stream_loss_weight * self._head_loss(
-                out.stream_hidden_states[:, j], None, labels, 2 + j, positions=anchors)
+            stream_loss = self._distillation_loss if distill_streams else self._head_loss
+            loss = loss + self.config.stream_loss_weight * stream_loss(
+                out.stream_hidden_states[:, j], None, labels, 2 + j, positions=anchors,
+                **({"main_hidden": out.hidden_states} if distill_streams else {}))
         early_exit_loss = None
         if out.early_exit_hidden_states is not None:
             early_exit_loss = self._head_loss(out.early_exit_hidden_states, main_rows, labels, 1)
         return SpecStreamCausalLMOutput(loss=loss, early_exit_loss=early_exit_loss)
+
+    def _distillation_loss(self, hidden, rows, labels, shift, positions, main_hidden) -> torch.Tensor:
+        """Mean KL(main || stream) over the targets ``shift`` tokens after ``positions``:
+        the stream at t against the main stream at t + shift - 1, which predicts the same
+        token (the target only says where to count, as in `_head_loss`)."""
+        rows = (positions + shift < labels.shape[1]).nonzero().flatten()
+        targets = labels[:, positions[rows] + shift]  # (B, n)
+        counted = targets != -100
+        with torch.no_grad():
+            teacher = F.log_softmax(self.lm_head(main_hidden[:, positions[rows] + shift - 1][counted]).float(), -1)
+        student = F.log_softmax(self.lm_head(hidden[:, rows][counted]).float(), -1)
+        total = F.kl_div(student, teacher, log_target=True, reduction="sum")
+        return total / (labels[:, shift:] != -100).sum().clamp(min=1)
 
     def _head_loss(self, hidden, rows, labels, shift, positions=None) -> torch.Tensor:
         """Mean CE of the head at ``rows`` of ``hidden`` (positions ``positions[rows]``, or
