@@ -106,6 +106,7 @@ RESUME_SETTINGS = ("dataset", "prompt_template", "response_field", "response_tem
                    "num_spec_streams", "num_stream_layers", "main_loss_weight", "stream_loss_weight", "lora_rank",
                    "freeze_base", "stream_adapter_rank", "stream_targets", "train_pruner")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}  # accelerate's name -> what it means
 STREAM_TARGETS = ("references", "distill", "greedy")  # what the streams learn to predict (--stream-targets)
 
 
@@ -177,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("save_every", "steps between checkpoints (plus one at every epoch end)", type=int)
     add("resume", "continue from OUTPUT's newest checkpoint (start afresh if it has none)")
     add("overwrite", "write into an OUTPUT that holds other files or an earlier run (its model files are replaced)")
-    add("mixed_precision", "auto = bf16 on a GPU that supports it, else no", choices=PRECISIONS)
+    add("mixed_precision", "auto = bf16 on a GPU that supports it and on a CPU where bf16 matmul is measured "
+        f"{defaults.CPU_BF16_MIN_SPEEDUP}x as fast as fp32, else no (fp32)", choices=PRECISIONS)
     add("peak_tflops", "device peak for MFU (H100 bf16 dense)", type=float)
     return parser
 
@@ -482,15 +484,15 @@ def peak_flops(device: torch.device, config: FinetuneConfig) -> float:
     fp32 matmul rate measured now (a short probe: no datasheet knows a shared machine)."""
     if device.type == "cuda":
         return config.peak_tflops * 1e12
-    return cpu_matmul_rate()
+    return cpu_matmul_rate("bfloat16" if _precision(config.mixed_precision) == "bf16" else "float32")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_matmul_rate() -> float:
-    """fp32 matmul FLOP/s of this process's threads, measured once (about half a second),
-    leaving the random state as it was (a resumed run must draw what the first one drew)."""
+@functools.lru_cache(maxsize=None)
+def cpu_matmul_rate(dtype: str = "float32") -> float:
+    """Matmul FLOP/s in ``dtype`` of this process's threads, measured once (about half a
+    second), leaving the random state as it was (a resumed run must draw what the first one drew)."""
     with torch.random.fork_rng(devices=[]):
-        return measure_machine("cpu", repeats=3, buffer_bytes=2**22).matmul_flops_per_second
+        return measure_machine("cpu", repeats=3, buffer_bytes=2**22, matmul_dtype=dtype).matmul_flops_per_second
 
 
 # ---------------------------------------------------------------------- training
@@ -831,9 +833,21 @@ def save_final(run: Run, summary: dict) -> None:
 
 
 def _precision(choice: str) -> str:
+    """--mixed-precision as accelerate takes it. ``auto``: bf16 on a GPU that has it; on a
+    CPU bf16 where it is measured to pay (`cpu_bf16_pays`), else fp32 ("no")."""
     if choice != "auto":
         return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_bf16_pays() else "no"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_pays() -> bool:
+    """Whether this CPU multiplies bf16 matrices at least `defaults.CPU_BF16_MIN_SPEEDUP`
+    times as fast as fp32 (native bf16 instructions, e.g. AVX512-BF16 or AMX; without them
+    bf16 is emulated and slower). Measured once, the random state left as it was."""
+    return cpu_matmul_rate("bfloat16") >= defaults.CPU_BF16_MIN_SPEEDUP * cpu_matmul_rate("float32")
 
 
 def _processes_on_cpu() -> bool:
@@ -877,7 +891,8 @@ def finetune(config: FinetuneConfig) -> dict:
     accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision), cpu=_processes_on_cpu(),
                               step_scheduler_with_optimizer=False)
     accelerator.print(f"training on {config.dataset}/{inputs.train_split} ({len(inputs.train)} examples), "
-                      f"validating on {config.dataset}/{config.eval_split} ({len(inputs.evaluation)} examples)")
+                      f"validating on {config.dataset}/{config.eval_split} ({len(inputs.evaluation)} examples), "
+                      f"{PRECISION_NAMES[accelerator.mixed_precision]}")
     if accelerator.is_main_process:
         start(inputs)
     accelerator.wait_for_everyone()
