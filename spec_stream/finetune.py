@@ -50,7 +50,7 @@ from transformers import get_linear_schedule_with_warmup
 from spec_stream import GPTNeoForCausalLM, defaults
 from huggingface.transformers.generation.tree_search import (greedy_texts, measure_acceptance,
                                                               measure_lookup_acceptance)
-from spec_stream.arithmetic import ModelShape, forward_flops, measure_machine
+from spec_stream.arithmetic import ModelShape, forward_flops, measure_machine, median_seconds
 from spec_stream.checkpoints import (MODEL_SIZES, STATE_FILE, TRAINING_ARGS, build_from_scratch, check_output_path,
                                      is_run_folder, latest_checkpoint, load_base, load_base_config,
                                      load_checkpoint, publish_model, read_json, remove_stale_temporaries,
@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("save_every", "steps between checkpoints (plus one at every epoch end)", type=int)
     add("resume", "continue from OUTPUT's newest checkpoint (start afresh if it has none)")
     add("overwrite", "write into an OUTPUT that holds other files or an earlier run (its model files are replaced)")
-    add("mixed_precision", "auto = bf16 on a GPU that supports it and on a CPU where bf16 matmul is measured "
-        f"{defaults.CPU_BF16_MIN_SPEEDUP}x as fast as fp32, else no (fp32)", choices=PRECISIONS)
+    add("mixed_precision", "auto = bf16 on a GPU that supports it, and with --freeze-base on a CPU where bf16 "
+        f"matmul is measured {defaults.CPU_BF16_MIN_SPEEDUP}x as fast as fp32; else no (fp32)", choices=PRECISIONS)
     add("peak_tflops", "device peak for MFU (H100 bf16 dense)", type=float)
     return parser
 
@@ -321,10 +321,15 @@ def load_resume_state(config: FinetuneConfig, output: Path):
     return checkpoint, None
 
 
+def model_shape(config: FinetuneConfig, resume: Checkpoint | None) -> dict:
+    """The trained model's config fields (hidden_size, num_layers, ...) before it is built."""
+    model_config = resume.model_config if resume else load_base_config(config.base) if config.base else None
+    return model_config.to_dict() if model_config else MODEL_SIZES[config.from_scratch]
+
+
 def check_model_fits(config: FinetuneConfig, resume: Checkpoint | None, task: str) -> None:
     """--num-stream-layers and --max-length against the model's layers and positions."""
-    model_config = resume.model_config if resume else load_base_config(config.base) if config.base else None
-    shape = model_config.to_dict() if model_config else MODEL_SIZES[config.from_scratch]
+    shape = model_shape(config, resume)
     if not resume:  # a checkpoint brings its own stream layers
         stream_layers(config.num_stream_layers, task, shape["num_layers"])
     positions = shape["max_position_embeddings"]
@@ -440,7 +445,7 @@ def build_run(config: FinetuneConfig, inputs: Inputs, accelerator: Accelerator) 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     run = Run(config, inputs, accelerator, model, tokenizer, optimizer, scheduler, features, steps_per_epoch,
-              total_steps, peak_flops=peak_flops(accelerator.device, config),
+              total_steps, peak_flops=peak_flops(accelerator.device, config, accelerator.mixed_precision),
               shape=ModelShape.of(accelerator.unwrap_model(model).config))
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -479,12 +484,12 @@ def greedy_features(model, tokenizer, features: list[dict], device) -> list[dict
     return rebuilt
 
 
-def peak_flops(device: torch.device, config: FinetuneConfig) -> float:
+def peak_flops(device: torch.device, config: FinetuneConfig, precision: str) -> float:
     """The denominator of MFU: on a GPU the datasheet peak (--peak-tflops); on a CPU the
-    fp32 matmul rate measured now (a short probe: no datasheet knows a shared machine)."""
+    matmul rate in the training's precision measured now (no datasheet knows a shared machine)."""
     if device.type == "cuda":
         return config.peak_tflops * 1e12
-    return cpu_matmul_rate("bfloat16" if _precision(config.mixed_precision) == "bf16" else "float32")
+    return cpu_matmul_rate("bfloat16" if precision == "bf16" else "float32")
 
 
 @functools.lru_cache(maxsize=None)
@@ -832,22 +837,29 @@ def save_final(run: Run, summary: dict) -> None:
 # -------------------------------------------------------------------------- the run
 
 
-def _precision(choice: str) -> str:
+def _precision(choice: str, hidden_size: int, freeze_base: bool) -> str:
     """--mixed-precision as accelerate takes it. ``auto``: bf16 on a GPU that has it; on a
-    CPU bf16 where it is measured to pay (`cpu_bf16_pays`), else fp32 ("no")."""
+    CPU bf16 only for a frozen base (its output cannot change) where bf16 is measured to pay
+    for this model's width (`cpu_bf16_pays`); else fp32 ("no"). A from-scratch `small` base
+    trained in bf16 lost task quality (docs/method.md, section 2)."""
     if choice != "auto":
         return choice
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_bf16_pays() else "no"
+    return "bf16" if freeze_base and cpu_bf16_pays(hidden_size) else "no"
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_bf16_pays() -> bool:
-    """Whether this CPU multiplies bf16 matrices at least `defaults.CPU_BF16_MIN_SPEEDUP`
-    times as fast as fp32 (native bf16 instructions, e.g. AVX512-BF16 or AMX; without them
-    bf16 is emulated and slower). Measured once, the random state left as it was."""
-    return cpu_matmul_rate("bfloat16") >= defaults.CPU_BF16_MIN_SPEEDUP * cpu_matmul_rate("float32")
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_pays(hidden_size: int) -> bool:
+    """Whether this CPU runs a training-sized product of a model ``hidden_size`` wide (4,096
+    rows through its MLP's first layer) at least `defaults.CPU_BF16_MIN_SPEEDUP` times as
+    fast in bf16 as in fp32: native bf16 instructions (AVX512-BF16, AMX) make it 2x or more
+    on wide models; narrow ones and CPUs without them gain nothing (bf16 is emulated)."""
+    def seconds(dtype):
+        x, w = (torch.ones(rows, hidden_size, dtype=dtype) for rows in (4096, 4 * hidden_size))
+        return median_seconds(lambda: x @ w.T, torch.device("cpu"), repeats=5)
+
+    return seconds(torch.float32) >= defaults.CPU_BF16_MIN_SPEEDUP * seconds(torch.bfloat16)
 
 
 def _processes_on_cpu() -> bool:
@@ -888,7 +900,9 @@ def finetune(config: FinetuneConfig) -> dict:
     if config.resume and inputs.resume is None:
         print(f"--resume: no checkpoint in {inputs.output}, starting fresh")
     # the schedule counts global steps: accelerate would step it once per process per step
-    accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision), cpu=_processes_on_cpu(),
+    precision = _precision(config.mixed_precision, model_shape(config, inputs.resume)["hidden_size"],
+                           config.freeze_base)
+    accelerator = Accelerator(mixed_precision=precision, cpu=_processes_on_cpu(),
                               step_scheduler_with_optimizer=False)
     accelerator.print(f"training on {config.dataset}/{inputs.train_split} ({len(inputs.train)} examples), "
                       f"validating on {config.dataset}/{config.eval_split} ({len(inputs.evaluation)} examples), "

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # 17 examples in global batches of 8: steps of 8, 8 and 1 rows per epoch, 6 steps in all;
 # in the 1-row step the second process has no row of its own (it steps on a row without targets).
 RUN = dict(dataset="e2e_nlg", from_scratch="tiny", max_train_samples=17, max_eval_samples=4, epochs=2.0,
-           max_length=128, save_every=2, seed=5)
+           max_length=128, save_every=2, seed=5,
+           mixed_precision="no")  # fp32: one process and two agree to rounding (bf16 rounds each share apart)
 
 
 def free_port() -> int:
@@ -34,7 +35,8 @@ def launch_two(output: Path, data_dir: Path, *extra) -> subprocess.CompletedProc
     argv = ["--dataset", RUN["dataset"], "--from-scratch", RUN["from_scratch"], "--output", str(output),
             "--data-dir", str(data_dir), "--batch-size", "4", *extra]
     argv += [f"--{name.replace('_', '-')}={RUN[name]}" for name in
-             ("max_train_samples", "max_eval_samples", "epochs", "max_length", "save_every", "seed")]
+             ("max_train_samples", "max_eval_samples", "epochs", "max_length", "save_every", "seed",
+              "mixed_precision")]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
