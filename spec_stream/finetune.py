@@ -50,7 +50,7 @@ from transformers import get_linear_schedule_with_warmup
 from spec_stream import GPTNeoForCausalLM, defaults
 from huggingface.transformers.generation.tree_search import (greedy_texts, measure_acceptance,
                                                               measure_lookup_acceptance)
-from spec_stream.arithmetic import ModelShape, forward_flops, measure_machine, median_seconds
+from spec_stream.arithmetic import ModelShape, forward_flops, measure_machine
 from spec_stream.checkpoints import (MODEL_SIZES, STATE_FILE, TRAINING_ARGS, build_from_scratch, check_output_path,
                                      is_run_folder, latest_checkpoint, load_base, load_base_config,
                                      load_checkpoint, publish_model, read_json, remove_stale_temporaries,
@@ -106,7 +106,6 @@ RESUME_SETTINGS = ("dataset", "prompt_template", "response_field", "response_tem
                    "num_spec_streams", "num_stream_layers", "main_loss_weight", "stream_loss_weight", "lora_rank",
                    "freeze_base", "stream_adapter_rank", "stream_targets", "train_pruner")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}  # accelerate's name -> what it means
 STREAM_TARGETS = ("references", "distill", "greedy")  # what the streams learn to predict (--stream-targets)
 
 
@@ -178,8 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("save_every", "steps between checkpoints (plus one at every epoch end)", type=int)
     add("resume", "continue from OUTPUT's newest checkpoint (start afresh if it has none)")
     add("overwrite", "write into an OUTPUT that holds other files or an earlier run (its model files are replaced)")
-    add("mixed_precision", "auto = bf16 on a GPU that supports it, and with --freeze-base on a CPU where bf16 "
-        f"matmul is measured {defaults.CPU_BF16_MIN_SPEEDUP}x as fast as fp32; else no (fp32)", choices=PRECISIONS)
+    add("mixed_precision", "auto = bf16 on a GPU that supports it, else no", choices=PRECISIONS)
     add("peak_tflops", "device peak for MFU (H100 bf16 dense)", type=float)
     return parser
 
@@ -321,15 +319,10 @@ def load_resume_state(config: FinetuneConfig, output: Path):
     return checkpoint, None
 
 
-def model_shape(config: FinetuneConfig, resume: Checkpoint | None) -> dict:
-    """The trained model's config fields (hidden_size, num_layers, ...) before it is built."""
-    model_config = resume.model_config if resume else load_base_config(config.base) if config.base else None
-    return model_config.to_dict() if model_config else MODEL_SIZES[config.from_scratch]
-
-
 def check_model_fits(config: FinetuneConfig, resume: Checkpoint | None, task: str) -> None:
     """--num-stream-layers and --max-length against the model's layers and positions."""
-    shape = model_shape(config, resume)
+    model_config = resume.model_config if resume else load_base_config(config.base) if config.base else None
+    shape = model_config.to_dict() if model_config else MODEL_SIZES[config.from_scratch]
     if not resume:  # a checkpoint brings its own stream layers
         stream_layers(config.num_stream_layers, task, shape["num_layers"])
     positions = shape["max_position_embeddings"]
@@ -445,7 +438,7 @@ def build_run(config: FinetuneConfig, inputs: Inputs, accelerator: Accelerator) 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     run = Run(config, inputs, accelerator, model, tokenizer, optimizer, scheduler, features, steps_per_epoch,
-              total_steps, peak_flops=peak_flops(accelerator.device, config, accelerator.mixed_precision),
+              total_steps, peak_flops=peak_flops(accelerator.device, config),
               shape=ModelShape.of(accelerator.unwrap_model(model).config))
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -484,20 +477,20 @@ def greedy_features(model, tokenizer, features: list[dict], device) -> list[dict
     return rebuilt
 
 
-def peak_flops(device: torch.device, config: FinetuneConfig, precision: str) -> float:
+def peak_flops(device: torch.device, config: FinetuneConfig) -> float:
     """The denominator of MFU: on a GPU the datasheet peak (--peak-tflops); on a CPU the
-    matmul rate in the training's precision measured now (no datasheet knows a shared machine)."""
+    fp32 matmul rate measured now (a short probe: no datasheet knows a shared machine)."""
     if device.type == "cuda":
         return config.peak_tflops * 1e12
-    return cpu_matmul_rate("bfloat16" if precision == "bf16" else "float32")
+    return cpu_matmul_rate()
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_matmul_rate(dtype: str = "float32") -> float:
-    """Matmul FLOP/s in ``dtype`` of this process's threads, measured once (about half a
-    second), leaving the random state as it was (a resumed run must draw what the first one drew)."""
+@functools.lru_cache(maxsize=1)
+def cpu_matmul_rate() -> float:
+    """fp32 matmul FLOP/s of this process's threads, measured once (about half a second),
+    leaving the random state as it was (a resumed run must draw what the first one drew)."""
     with torch.random.fork_rng(devices=[]):
-        return measure_machine("cpu", repeats=3, buffer_bytes=2**22, matmul_dtype=dtype).matmul_flops_per_second
+        return measure_machine("cpu", repeats=3, buffer_bytes=2**22).matmul_flops_per_second
 
 
 # ---------------------------------------------------------------------- training
@@ -837,29 +830,10 @@ def save_final(run: Run, summary: dict) -> None:
 # -------------------------------------------------------------------------- the run
 
 
-def _precision(choice: str, hidden_size: int, freeze_base: bool) -> str:
-    """--mixed-precision as accelerate takes it. ``auto``: bf16 on a GPU that has it; on a
-    CPU bf16 only for a frozen base (its output cannot change) where bf16 is measured to pay
-    for this model's width (`cpu_bf16_pays`); else fp32 ("no"). A from-scratch `small` base
-    trained in bf16 lost task quality (docs/method.md, section 2)."""
+def _precision(choice: str) -> str:
     if choice != "auto":
         return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if freeze_base and cpu_bf16_pays(hidden_size) else "no"
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_bf16_pays(hidden_size: int) -> bool:
-    """Whether this CPU runs a training-sized product of a model ``hidden_size`` wide (4,096
-    rows through its MLP's first layer) at least `defaults.CPU_BF16_MIN_SPEEDUP` times as
-    fast in bf16 as in fp32: native bf16 instructions (AVX512-BF16, AMX) make it 2x or more
-    on wide models; narrow ones and CPUs without them gain nothing (bf16 is emulated)."""
-    def seconds(dtype):
-        x, w = (torch.ones(rows, hidden_size, dtype=dtype) for rows in (4096, 4 * hidden_size))
-        return median_seconds(lambda: x @ w.T, torch.device("cpu"), repeats=5)
-
-    return seconds(torch.float32) >= defaults.CPU_BF16_MIN_SPEEDUP * seconds(torch.bfloat16)
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def _processes_on_cpu() -> bool:
@@ -900,13 +874,10 @@ def finetune(config: FinetuneConfig) -> dict:
     if config.resume and inputs.resume is None:
         print(f"--resume: no checkpoint in {inputs.output}, starting fresh")
     # the schedule counts global steps: accelerate would step it once per process per step
-    precision = _precision(config.mixed_precision, model_shape(config, inputs.resume)["hidden_size"],
-                           config.freeze_base)
-    accelerator = Accelerator(mixed_precision=precision, cpu=_processes_on_cpu(),
+    accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision), cpu=_processes_on_cpu(),
                               step_scheduler_with_optimizer=False)
     accelerator.print(f"training on {config.dataset}/{inputs.train_split} ({len(inputs.train)} examples), "
-                      f"validating on {config.dataset}/{config.eval_split} ({len(inputs.evaluation)} examples), "
-                      f"{PRECISION_NAMES[accelerator.mixed_precision]}")
+                      f"validating on {config.dataset}/{config.eval_split} ({len(inputs.evaluation)} examples)")
     if accelerator.is_main_process:
         start(inputs)
     accelerator.wait_for_everyone()
