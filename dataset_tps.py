@@ -33,9 +33,12 @@ from rich.table import Table
 
 from spec_stream import defaults
 from spec_stream.arithmetic import measure_machine
-from spec_stream.benchmark import (REPORT_SCHEMA_VERSION, BenchmarkSettings, benchmark_task,
-                                   check_draft_model, check_tree_depth, default_checkpoint, machine_info,
-                                   prepare_task, prepared_checkpoint, uses_streams)
+from huggingface.transformers.generation.speculative_tree import TreeSpec, parse_tree
+from spec_stream.benchmark.inputs import check_draft_model, check_tree_depth, prepare_task, uses_streams
+from spec_stream.benchmark.machine import machine_info
+from spec_stream.benchmark.recipe import default_checkpoint, prepared_checkpoint
+from spec_stream.benchmark.settings import REPORT_SCHEMA_VERSION, BenchmarkSettings
+from spec_stream.benchmark.task import benchmark_task
 from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
 from spec_stream.data import is_preset, resolve_dataset
 from spec_stream.errors import UserError, exit_on_user_error
@@ -95,7 +98,7 @@ RENAMED_ENGINES = {"batched": "naive at batch B is upstream batched greedy: pass
 
 def resolve_engines(model_type: str, draft_model: str | None, device: torch.device) -> tuple[str, ...]:
     """The engines to run, `naive` first. `all` means every engine that runs on ``device``
-    (`assisted` only with a draft model)."""
+    (`assisted` only with a draft model, `compiled` only where torch.compile can compile)."""
     requested = engines_for(device) if model_type == "all" else tuple(t.strip() for t in model_type.split(","))
     renamed = [t for t in requested if t in RENAMED_ENGINES]
     if renamed:
@@ -111,19 +114,21 @@ def resolve_engines(model_type: str, draft_model: str | None, device: torch.devi
         if model_type != "all":
             raise UserError("the assisted engine needs a small GPT-Neo draft model: pass --draft-model PATH_OR_ID")
         requested = tuple(t for t in requested if t != "assisted")
+    unavailable = {t: reason for t in requested if (reason := ENGINES[t].unavailable(device)) is not None}
+    for name, reason in unavailable.items():
+        if model_type != "all":
+            raise UserError(f"{reason}; drop {name} from --model_type")
+        print(f"--model_type all: leaving out {name}: {reason}")
+    requested = tuple(t for t in requested if t not in unavailable)
     return ("naive",) + tuple(t for t in dict.fromkeys(requested) if t != "naive")
 
 
-def parse_tree_widths(text: str) -> tuple[int, ...] | str:
-    if text == "auto":
-        return text
+def parse_tree_widths(text: str) -> TreeSpec | str:
+    """--tree-widths: "auto" or concrete widths (`parse_tree`, the one parser of trees)."""
     try:
-        widths = tuple(int(k) for k in text.split(","))
-    except ValueError:
-        raise UserError(f"--tree-widths {text!r}: give comma-separated integers like 4,3,2, or auto") from None
-    if any(k < 1 for k in widths):
-        raise UserError(f"--tree-widths {text}: every width must be at least 1 (top-k per stream), e.g. 4,3,2")
-    return widths
+        return parse_tree(text)
+    except ValueError as error:
+        raise UserError(f"--tree-widths: {error}") from None
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

@@ -345,7 +345,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv=None) -> int:
-    from spec_stream.benchmark import machine_info
+    from spec_stream.benchmark.machine import machine_info
 
     args = parse_args(argv)
     memory = PeakMemory(args.device)

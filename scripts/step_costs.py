@@ -1,16 +1,20 @@
-"""What one decoding step costs, by tree, against upstream greedy and the roofline.
+"""What one decoding step costs, by tree and by way of running it, against upstream and the roofline.
 
     python scripts/step_costs.py                                # tiny, small and 125M shapes, random weights
-    python scripts/step_costs.py --model checkpoints/e2e_nlg-tiny --trees "(),(1,),(2,2),(4,3,2)"
+    python scripts/step_costs.py --model checkpoints/e2e_nlg-small-streams --trees "(),(1,1,1),(4,3,2)"
 
 For each model (a checkpoint folder or a built-in size from `spec_stream.checkpoints`): the
 milliseconds per token of upstream `transformers` greedy decoding on the same weights, and
-the milliseconds per step of our dynamic loop for each tree (`DynamicTreeSteps`, after a
-``--prompt``-token prompt), each the median of ``--repeats`` measurements of ``--steps``
-steps, with the min-max spread. Beside each cell, the roofline bound of that forward pass
-(`spec_stream.arithmetic`: FLOPs over the measured fp32 matmul rate, weight and cache bytes
-over the measured memory read rate; the larger binds). Prints a table and writes JSON.
-Run it on an otherwise idle machine: anything running beside it inflates every cell.
+the milliseconds per step of our one step (`tree_step.TreeStep`) for each tree, run each
+way named in ``--runners``: ``exact`` (eager, exact shapes: `DynamicTreeSteps`, what
+``generate`` runs) and ``compiled`` (`FixedShapeDecoder(compile=True)`: padded shapes,
+`torch.compile`; its compile time is printed too). Each cell is the median of ``--repeats``
+measurements of ``--steps`` steps after a ``--prompt``-token prompt, with the min-max
+spread, and its ratio to the same runner's one-token step ``()``. Beside each cell, the
+roofline bound of that forward pass (`spec_stream.arithmetic`: FLOPs over the measured fp32
+matmul rate, weight and cache bytes over the measured memory read rate; the larger binds).
+Prints a table and writes JSON. Run it on an otherwise idle machine: anything running beside
+it inflates every cell.
 """
 from __future__ import annotations
 
@@ -25,22 +29,34 @@ from pathlib import Path
 import torch
 import transformers
 
-from huggingface.transformers.generation.speculative_tree import tree_size
+from huggingface.transformers.generation.speculative_tree import TreeSpec, tree_size
 from huggingface.transformers.generation.tree_search import probe_step_seconds
-from spec_stream import GPTNeoForCausalLM
+from huggingface.transformers.generation.tree_step import DynamicTreeSteps
+from spec_stream import FixedShapeDecoder, GPTNeoForCausalLM
 from spec_stream.arithmetic import (ModelShape, forward_bytes, forward_flops, load_config, measure_machine,
                                     roofline_seconds)
-from spec_stream.benchmark import machine_info
+from spec_stream.benchmark.machine import machine_info
 from spec_stream.errors import UserError, exit_on_user_error
 
 TREES = ((), (1,), (1, 1, 1), (2, 2), (2, 2, 2), (4, 3, 2), (8, 4, 2))
+RUNNERS = ("exact", "compiled")
+
+
+def make_runner(name: str, made: list):
+    """The steps `probe_step_seconds` times for runner ``name``; each one made is kept in ``made``."""
+    def make(model, spec: TreeSpec):
+        steps = DynamicTreeSteps(model, spec) if name == "exact" else \
+            FixedShapeDecoder(model, spec, cuda_graphs=False, compile=True)
+        made.append(steps)
+        return steps
+    return make
 
 
 def parse_trees(text: str) -> tuple:
     """``"(),(1,),(2,2)"`` -> ((), (1,), (2, 2))."""
     try:
         trees = ast.literal_eval(f"[{text}]")
-        return tuple(tuple(int(k) for k in tree) for tree in trees)
+        return tuple(TreeSpec(tuple(tree)).widths for tree in trees)
     except (ValueError, SyntaxError, TypeError):
         raise UserError(f"--trees {text!r}: give tuples of widths like \"(),(1,),(2,2),(4,3,2)\"") from None
 
@@ -86,11 +102,20 @@ def measure(name: str, trees, args, probe) -> dict:
     prompt = torch.randint(1, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     shape = ModelShape.of(model.config)
     row = {"model": name, "upstream_naive": spread(upstream_ms_per_token(model, prompt, args.steps, args.repeats)),
-           "upstream_roofline": roofline_ms(shape, (), args.prompt, probe), "trees": {}}
-    runs = [probe_step_seconds(model, args.prompt, args.steps, trees) for _ in range(args.repeats)]
-    for widths in trees:
-        row["trees"][str(widths)] = {**spread([1e3 * run[widths] for run in runs]),
-                                     "roofline": roofline_ms(shape, widths, args.prompt, probe)}
+           "upstream_roofline": roofline_ms(shape, (), args.prompt, probe),
+           "roofline": {str(w): roofline_ms(shape, w, args.prompt, probe) for w in trees}, "runners": {}}
+    for runner in args.runners:
+        made = []
+        runs = [probe_step_seconds(model, args.prompt, args.steps, trees, runner=make_runner(runner, made))
+                for _ in range(args.repeats)]
+        cells = {str(w): spread([1e3 * run[w] for run in runs]) for w in trees}
+        for widths in trees:
+            one_token = cells.get("()")
+            cells[str(widths)]["ratio"] = cells[str(widths)]["median"] / one_token["median"] if one_token else None
+        for steps in made:  # a compiled step's compile time: its first probe's first call
+            if getattr(steps, "compile_seconds", None):
+                cells[str(steps.spec.widths)].setdefault("compile_seconds", sum(steps.compile_seconds.values()))
+        row["runners"][runner] = cells
     return row
 
 
@@ -99,15 +124,22 @@ def spread(values: list[float]) -> dict:
 
 
 def print_table(rows: list[dict], trees) -> None:
-    header = ["model", "upstream"] + [str(t) for t in trees]
-    print(" | ".join(header))
+    print(" | ".join(["model", "runner", "upstream"] + [str(t) for t in trees]))
     for row in rows:
-        cells = [row["model"], f"{row['upstream_naive']['median']:.2f} ({row['upstream_roofline']:.2f})"]
-        for widths in trees:
-            cell = row["trees"].get(str(widths))
-            cells.append("-" if cell is None else f"{cell['median']:.2f} ({cell['roofline']:.2f})")
-        print(" | ".join(cells))
-    print("ms per token (upstream) or per step (trees), median; roofline bound in brackets")
+        upstream = f"{row['upstream_naive']['median']:.2f} ({row['upstream_roofline']:.2f})"
+        print(" | ".join([row["model"], "roofline", upstream] + [
+            f"{row['roofline'][str(w)]:.2f}" if str(w) in row["roofline"] else "-" for w in trees]))
+        for runner, cells in row["runners"].items():
+            def cell(widths):
+                c = cells.get(str(widths))
+                if c is None:
+                    return "-"
+                ratio = f" x{c['ratio']:.2f}" if c["ratio"] is not None else ""
+                compiled = f" [{c['compile_seconds']:.0f} s]" if c.get("compile_seconds") else ""
+                return f"{c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f}){ratio}{compiled}"
+            print(" | ".join([row["model"], runner, ""] + [cell(w) for w in trees]))
+    print("ms per token (upstream) or per step (trees): median (min-max); x: that runner's step over its one-token "
+          "step (); [s]: compile time; the roofline row: each step's bound (upstream's in brackets)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,6 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", action="append", help="checkpoint folder or built-in size (repeatable); "
                         "default: tiny, small, 125M")
     parser.add_argument("--trees", default=",".join(str(t) for t in TREES), help="trees to time")
+    parser.add_argument("--runners", default=",".join(RUNNERS), help="ways to run the step: exact, compiled")
     parser.add_argument("--streams", type=int, default=3, help="streams of a built-in size")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens before the timed steps")
     parser.add_argument("--steps", type=int, default=16, help="steps per measurement")
@@ -126,6 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     args.trees = parse_trees(args.trees)
+    args.runners = tuple(args.runners.split(","))
+    if not args.runners or set(args.runners) - set(RUNNERS):
+        raise UserError(f"--runners {','.join(args.runners)}: choose from {', '.join(RUNNERS)}")
     args.model = args.model or ["tiny", "small", "125M"]
     for name in args.model:
         load_config(name)  # every model checked before any timing

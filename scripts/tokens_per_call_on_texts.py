@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from huggingface.transformers.generation.speculative_tree import AUTO, TreeSpec, parse_tree
 from huggingface.transformers.generation.tree_search import greedy_texts, replayed_accepted_lengths
 from spec_stream.checkpoints import load_for_inference
 from spec_stream.data import default_split, load_examples, resolve_tasks
@@ -33,27 +34,36 @@ def parse_args(argv):
     parser.add_argument("--data-dir", default=None, help="local JSON-lines copies (default: the hub)")
     parser.add_argument("--num-samples", type=int, default=200, help="test prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--tree-widths", default="4,3,2", help="top-k per stream, e.g. 4,3,2")
+    parser.add_argument("--tree-widths", default=str(TreeSpec()), help="top-k per stream, e.g. 4,3,2")
     return parser.parse_args(argv)
+
+
+def tree_argument(text: str) -> TreeSpec:
+    """--tree-widths as a tree (the replay needs concrete widths: no "auto")."""
+    try:
+        tree = parse_tree(text)
+    except ValueError as error:
+        raise UserError(f"--tree-widths: {error}") from None
+    if tree == AUTO:
+        raise UserError("--tree-widths auto: the replay needs concrete widths, e.g. 4,3,2")
+    return tree
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        widths = tuple(int(w) for w in args.tree_widths.split(","))
-    except ValueError:
-        raise UserError(f"--tree-widths {args.tree_widths!r}: comma-separated integers, e.g. 4,3,2") from None
-    if args.num_samples < 1 or args.max_new_tokens < 1 or min(widths) < 1:
-        raise UserError("--num-samples, --max-new-tokens and every tree width must be at least 1")
+    tree = tree_argument(args.tree_widths)
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise UserError("--num-samples and --max-new-tokens must be at least 1")
     if resolve_tasks(args.dataset) != [args.dataset]:
         raise UserError(f"--dataset {args.dataset!r}: name one preset (spider, dialogsum or e2e_nlg)")
     original, tokenizer = load_for_inference(args.original, require_streams=True)
     models = [(path, load_for_inference(path, require_streams=True)[0]) for path in args.checkpoints]
     for path, model in [(args.original, original)] + models:
-        if len(widths) > model.config.num_spec_streams:
-            raise UserError(f"--tree-widths {args.tree_widths} has {len(widths)} levels; {path} has "
-                            f"{model.config.num_spec_streams} streams")
+        try:
+            tree.check_streams(model.config.num_spec_streams, path)
+        except ValueError as error:
+            raise UserError(f"--tree-widths: {error}") from None
     room = original.config.max_position_embeddings - args.max_new_tokens
     examples = load_examples(args.dataset, default_split(args.dataset, "test"), data_dir=args.data_dir,
                              limit=args.num_samples)
@@ -64,7 +74,7 @@ def main(argv=None) -> int:
         print(f"{len(prompts)} prompts of {args.dataset}, {tokens} tokens of {args.original}'s greedy output, "
               f"tree {args.tree_widths}")
         for path, model in [(args.original, original)] + models:
-            calls = sum(1 + len(replayed_accepted_lengths(model.eval(), text, ids.shape[1], widths))
+            calls = sum(1 + len(replayed_accepted_lengths(model.eval(), text, ids.shape[1], tree.widths))
                         for ids, text in zip(prompts, texts))
             print(f"{path}: {tokens / calls:.3f} tokens per call ({calls} calls)")
     return 0

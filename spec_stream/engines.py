@@ -14,12 +14,37 @@ differ in how they build the model and which `generate` they call:
 | no_cache          | upstream GPT-Neo, fp32              | upstream greedy, `use_cache=False`: every step recomputes the sequence |
 | half              | upstream GPT-Neo, fp16 (or bf16)    | upstream greedy `generate`                 |
 | int8              | upstream GPT-Neo, int8 linear layers (CPU) | upstream greedy `generate`          |
+| compiled          | upstream GPT-Neo, static KV cache   | upstream greedy `generate`, decoding steps compiled |
 | flash_attention2  | upstream + flash-attn, else ours SDPA, fp16 | upstream greedy `generate`         |
 | prompt_lookup     | upstream GPT-Neo                    | `generate(prompt_lookup_num_tokens=...)`   |
 | assisted          | upstream GPT-Neo + draft GPT-Neo    | `generate(assistant_model=...)`            |
 | static            | ours, static KV cache               | our loop with an empty tree (1 token/call) |
 | spec_stream       | ours, static KV cache               | tree drafts, `speculative_streaming=True`  |
 | spec_stream_int8  | ours, int8 linear layers (CPU)      | tree drafts: exact w.r.t. the int8 model's own greedy decoding |
+
+`compiled` is transformers' own fast path, what a user would pick instead of us:
+`generate(cache_implementation="static", compile_config=CompileConfig(...))`. How
+transformers 5.24 does it: `generate` sizes a `StaticCache` to the call's prompt plus new
+tokens, never smaller than the last one it made (`_prepare_static_cache`, "to avoid
+recompilation"); `_valid_auto_compile_criteria` (generation/utils.py) compiles the decoding
+step when that cache is compileable and the device is a GPU (or XPU, TPU, Neuron), or on any
+device when the `CompileConfig` has ``_compile_all_devices`` set, its switch for the CPU,
+which ours sets; decoding steps then call `get_compiled_call` (modeling_utils.py):
+``torch.compile(model.__call__, **compile_config.to_dict())``, made once and kept on the
+model. The prefill stays eager. Ours is the config of transformers' own example
+(``dynamic=True``) with ``fullgraph=True`` (inductor, mode ``reduce-overhead``: CUDA graphs
+on a GPU, plain inductor on a CPU): cache length and batch size are symbols of the graph, so
+no prompt length compiles again; batch 1 (which torch specializes) and batches of 2 or more
+compile once each, untimed, before their first call (`warm_up`; the description names the
+seconds per batch size). Static shapes (``dynamic=False``) compile again for every longer
+cache unless ``max_cache_len`` fixes its length at the model's context, and then every step
+attends over all 2,048 slots: 0.54x naive's tokens/s on 5 DialogSum prompts with the `small`
+checkpoint (busy development CPU, best of 5 passes), where dynamic shapes ran at 1.00x.
+Upstream GPT-Neo's local attention is wrong with a static cache longer than ``window_size``
+(`StaticCacheLocalAttention` says why); the engine fixes that, and only that, in the model it
+loads. If this torch cannot compile (no C++ compiler for inductor on a CPU, no triton on a
+GPU), `unavailable` says so in one line and `build_engine`, and `dataset_tps.py` before any
+work, refuse; a compile that fails anyway makes the engine `Unsupported` (its row says why).
 
 On a GPU `static` and `spec_stream` replay each decode step as a CUDA graph
 (`FixedShapeDecoder`) unless ``cuda_graphs=False``. Settings an engine takes (tree widths,
@@ -47,16 +72,21 @@ row-exact `Int8DynamicActivationInt8WeightConfig` ran its 768 x 50257 LM head at
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import transformers
+from transformers import CompileConfig
+from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
+from huggingface.transformers.generation.tree_search import resolve_tree
 from spec_stream import FixedShapeDecoder, GPTNeoForCausalLM
 from spec_stream.arithmetic import ModelShape, dtype_name, step_weight_bytes
-from spec_stream.defaults import DEFAULT_TREE_WIDTHS, PROMPT_LOOKUP_TOKENS
+from spec_stream.defaults import BENCHMARK_TREE_WIDTHS, PROMPT_LOOKUP_TOKENS
 from spec_stream.errors import UserError
 from spec_stream.timing import StepTimer, synchronize
 
@@ -146,6 +176,24 @@ class ForwardCounter:
         return [later - earlier for earlier, later in zip(times, times[1:])]
 
 
+class GenerateStepCounter(ForwardCounter):
+    """A `ForwardCounter` for a model whose decoding step is `torch.compile`d: a hook inside
+    the compiled call would be traced into it (dynamo guards on the list of start times and
+    compiles again every call), so this counts, outside it, the calls of the model's
+    ``prepare_inputs_for_generation``, which upstream's greedy and sampling loops make once
+    before each forward call, prefill included."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.starts: list[float] = []
+        prepare = model.prepare_inputs_for_generation
+
+        @functools.wraps(prepare)  # generate reads its signature
+        def counted(*args, **kwargs):
+            self._note(model, args)
+            return prepare(*args, **kwargs)
+        model.prepare_inputs_for_generation = counted
+
+
 class Int8Linear(torch.nn.Module):
     """A linear layer in int8 (see the module docstring): weight (out, in) int8 with a scale
     per output channel, each input row quantized with its own scale, int32 products."""
@@ -197,7 +245,16 @@ class Engine:
     def __init__(self, checkpoint: str, device: torch.device, dtype: torch.dtype, sampling: Sampling | None = None):
         self.device, self.dtype, self.checkpoint, self.sampling = device, dtype, checkpoint, sampling
         self.model = self._load(checkpoint).to(device=device, dtype=dtype).eval()
-        self.counter = ForwardCounter(self.model.transformer)
+        self.counter = self._forward_counter()
+
+    def _forward_counter(self) -> ForwardCounter:
+        return ForwardCounter(self.model.transformer)
+
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        """Why this engine cannot run on ``device`` with this installation (one line), or
+        None. Checked before any model is loaded."""
+        return None
 
     @classmethod
     def dtype_for(cls, device: torch.device, half_dtype: torch.dtype) -> torch.dtype:
@@ -391,6 +448,151 @@ class AssistedEngine(Engine):
         return {"assistant_model": self.assistant}
 
 
+class StaticCacheLocalAttention(GPTNeoSelfAttention):
+    """Upstream GPT-Neo's eager attention with a local layer's window ending at the query's
+    own slot. Upstream's `_attn` cuts its causal buffer as if the keys ended at the query
+    (``bias[:, :, key_length - query_length:key_length, :key_length]``): true of a dynamic
+    cache, not of a static one, whose ``max_cache_len`` slots run past the sequence, so a
+    local layer's window lands at the end of the cache. Global layers are unharmed (the 4D
+    mask `generate` builds for a static cache carries causality), but local layers go wrong
+    once the cache is longer than ``window_size``: on DialogSum's first 8 test prompts (64 new
+    tokens, `small` checkpoint, window 256) upstream's static cache changed 3 outputs at its
+    default size and 4 at 2,048 slots (transformers 5.24; GPT-Neo says
+    ``_can_compile_fullgraph = False  # TODO: needs a hybrid cache``). Here the query's slot
+    is the last key its 4D mask lets it see (always itself; a left-padding query sees none
+    and is attended by none), and scores, mask values and softmax are upstream's. Without a
+    mask (no cache, or a dynamic cache without padding) upstream's slice is right and runs."""
+
+    def _attn(self, query, key, value, attention_mask=None):
+        if attention_mask is None:
+            return super()._attn(query, key, value, attention_mask)
+        query, key = query.to(torch.float32), key.to(torch.float32)  # as upstream: scores in fp32
+        attn_weights = torch.matmul(query, key.transpose(-1, -2))
+        slots = torch.arange(key.size(-2), device=key.device)
+        own = torch.where(attention_mask == 0, slots, 0).amax(-1, keepdim=True)  # the query's slot
+        window = (slots <= own) & (slots > own - self.config.window_size)
+        mask_value = torch.tensor(torch.finfo(attn_weights.dtype).min, dtype=attn_weights.dtype,
+                                  device=attn_weights.device)
+        attn_weights = torch.where(window, attn_weights, mask_value) + attention_mask
+        attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1).to(value.dtype)
+        attn_weights = self.attn_dropout(attn_weights)
+        return torch.matmul(attn_weights, value), attn_weights
+
+
+def place_local_windows(model):
+    """``model`` (upstream GPT-Neo, eager) with every local layer's attention a
+    `StaticCacheLocalAttention`, in place; a UserError if upstream's layout moved."""
+    layers = [block.attn.attention for block in getattr(getattr(model, "transformer", None), "h", [])]
+    local = [a for a in layers if type(a) is GPTNeoSelfAttention and a.attention_type == "local"]
+    if len(local) != list(model.config.attention_layers).count("local"):
+        raise UserError(f"the compiled engine expects upstream GPT-Neo's eager attention at transformer.h[i].attn."
+                        f"attention (transformers {transformers.__version__} moved it); spec-stream is tested with "
+                        f"the versions in requirements.txt")
+    for attention in local:
+        attention.__class__ = StaticCacheLocalAttention
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def compile_unavailable(device_type: str) -> str | None:
+    """Why torch.compile's inductor cannot compile for ``device_type`` here, or None (what it
+    would fail on at the first call: dynamo itself, inductor's C++ compiler on a CPU, triton
+    on a GPU)."""
+    if not torch._dynamo.is_dynamo_supported():
+        python = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return f"torch.compile does not support Python {python} in torch {torch.__version__}"
+    if device_type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()  # inductor's own search: $CXX, else g++
+        except ImportError:
+            return None  # moved in this torch: the first compile will tell
+        except Exception:
+            return "torch.compile's inductor needs a C++ compiler on a CPU and found none (install g++ or set CXX)"
+    elif device_type == "cuda":
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            return "torch.compile's inductor needs triton on a GPU and it is not installed (pip install triton)"
+    return None
+
+
+class CompiledEngine(Engine):
+    """transformers' own fast path: upstream GPT-Neo (local layers fixed for a static cache),
+    `generate` with a static KV cache and the decoding step compiled by transformers'
+    auto-compile, dynamic shapes (see the module docstring). Each batch size is warmed up
+    once, untimed, before its first call (`warm_up`); ``compile_seconds`` keeps the seconds
+    it took (also in the description; near 0 for a batch size whose graph was already made).
+    fp32 on the CPU like `naive` (exact: it must reproduce naive), half precision on a GPU."""
+
+    name = "compiled"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compile_config = CompileConfig(fullgraph=True, dynamic=True)
+        self.compile_config._compile_all_devices = True  # transformers' switch for compiling on a CPU
+        self.compile_seconds: dict[int, float] = {}  # batch size -> seconds of its untimed compile
+        self.failure: str | None = None
+        self._describe()
+
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        reason = compile_unavailable(device.type)
+        return f"the compiled engine cannot run: {reason}" if reason else None
+
+    def _load(self, checkpoint):
+        return place_local_windows(load_upstream(checkpoint, "eager"))
+
+    def _forward_counter(self) -> ForwardCounter:
+        return GenerateStepCounter(self.model)
+
+    def _describe(self) -> None:
+        compiled = ", ".join(f"batch {size} {seconds:.1f} s" for size, seconds in sorted(self.compile_seconds.items()))
+        self.backend = (f"upstream eager, static cache, torch.compile inductor (fullgraph, dynamic shapes); "
+                        f"compile: {compiled or 'not yet'}")
+
+    def generate_kwargs(self) -> dict:
+        return {"cache_implementation": "static", "compile_config": self.compile_config}
+
+    def use_batch_size(self, batch_size: int) -> None:
+        self.warm_up(batch_size)
+
+    @torch.no_grad()
+    def warm_up(self, batch_size: int) -> None:
+        """Compile the decoding step for batches of ``batch_size``, once: a 2-token
+        `generate` of a dummy prompt (the prefill stays eager, so its length does not
+        matter), timed into ``compile_seconds``. A failure makes the engine `Unsupported`
+        (one line, no traceback), and stays: nothing falls back to eager under this name."""
+        if batch_size in self.compile_seconds:
+            return
+        if self.failure:
+            raise Unsupported(self.failure)
+        ids = torch.ones((batch_size, 8), dtype=torch.long, device=self.device)
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # never eager in disguise
+                self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
+                                    do_sample=False, pad_token_id=0, **self.generate_kwargs())
+            synchronize(self.device)
+        except Exception as error:  # whatever inductor or dynamo raised: its root cause in one line
+            while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+                error = inner  # dynamo wraps a backend's error (BackendCompilerFailed)
+            first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+            self.failure = (f"{self.name}: torch.compile failed at batch {batch_size} ({type(error).__name__}: "
+                            f"{first_line[:200]})")
+            raise Unsupported(self.failure) from None
+        self.compile_seconds[batch_size] = time.perf_counter() - start
+        self._describe()
+
+    def run(self, prompt_ids, max_new_tokens, eos_token_id, index=0):
+        self.warm_up(1)  # before the timed region
+        return super().run(prompt_ids, max_new_tokens, eos_token_id, index)
+
+    def run_batch(self, prompts, max_new_tokens, eos_token_id, index=0):
+        self.warm_up(len(prompts))  # a batch size of its own (a last, shorter batch too): compiled untimed
+        return super().run_batch(prompts, max_new_tokens, eos_token_id, index)
+
+
 class SpecStreamEngine(Engine):
     """Our model and loop. ``tree_widths=()`` makes it the `static` engine: the same
     preallocated cache and loop, one token per forward call. With ``cuda_graphs`` (the
@@ -403,12 +605,12 @@ class SpecStreamEngine(Engine):
     settings = ("tree_widths", "cuda_graphs", "lookup_branch")
     weights_note = ""  # what the backend adds about the weights (the int8 engine's)
 
-    def __init__(self, *args, tree_widths=DEFAULT_TREE_WIDTHS, cuda_graphs: bool = True, lookup_branch: int = 0,
+    def __init__(self, *args, tree_widths=BENCHMARK_TREE_WIDTHS, cuda_graphs: bool = True, lookup_branch: int = 0,
                  **kwargs):
         super().__init__(*args, **kwargs)
         # "auto": the tree the checkpoint's measured acceptance and this device's probed step
         # latencies favour at the batch size in use, chosen before any timed call
-        self.tree_request = tree_widths if tree_widths == "auto" else tuple(tree_widths)
+        self.tree_request = tree_widths  # a TreeSpec, widths or "auto" (resolved per batch size by `_tree_for`)
         self.lookup_branch = lookup_branch  # prompt-lookup nodes beside the streams' (0: none)
         self.tree_widths = self._tree_for(1)
         self.decoder = None
@@ -419,9 +621,7 @@ class SpecStreamEngine(Engine):
         self._describe()
 
     def _tree_for(self, batch_size: int) -> tuple:
-        if self.tree_request != "auto":
-            return self.tree_request
-        return self.model.auto_tree_widths(self.lookup_branch, batch_size=batch_size)
+        return resolve_tree(self.model, self.tree_request, self.lookup_branch, batch_size).widths
 
     def use_batch_size(self, batch_size: int) -> None:
         """The tree for batches of ``batch_size`` (with "auto": probed at that size; a batch
@@ -524,7 +724,7 @@ class SpecStreamInt8Engine(Int8Mixin, SpecStreamEngine):
 
 
 ENGINES = {cls.name: cls for cls in (
-    NaiveEngine, NoCacheEngine, HalfEngine, Int8Engine, FlashAttention2Engine, PromptLookupEngine,
+    NaiveEngine, NoCacheEngine, HalfEngine, Int8Engine, CompiledEngine, FlashAttention2Engine, PromptLookupEngine,
     AssistedEngine, StaticEngine, SpecStreamEngine, SpecStreamInt8Engine)}
 ENGINE_NAMES = tuple(ENGINES)
 ENGINE_SETTINGS = frozenset(setting for cls in ENGINES.values() for setting in cls.settings)
@@ -545,6 +745,8 @@ def build_engine(name: str, checkpoint: str, device: torch.device, half_dtype: t
     if device.type not in engine_class.devices:
         raise UserError(f"the {name} engine runs on {' or '.join(engine_class.devices)} only, not {device.type}; "
                         f"drop it from --model_type or pass --device cpu")
+    if (reason := engine_class.unavailable(device)) is not None:
+        raise UserError(f"{reason}; drop {name} from --model_type")
     own = {key: value for key, value in settings.items() if key in engine_class.settings and value is not None}
     return engine_class(checkpoint, device=device, dtype=engine_class.dtype_for(device, half_dtype),
                         sampling=sampling, **own)

@@ -45,9 +45,9 @@ def flat_step_costs(monkeypatch):
     """The saved ``tree_widths="auto"`` with every tree size costing one root step: the
     choice then rests on the acceptance stored with the checkpoint alone and drafts a tree,
     whatever this machine's latencies (on a 2-core CPU a tiny model's best tree is none)."""
-    import huggingface.transformers.generation.utils as generation_utils
+    import huggingface.transformers.generation.tree_search as tree_search_module
 
-    monkeypatch.setattr(generation_utils, "probe_step_seconds", lambda model, **kwargs: {(): 1.0, (8, 4, 2): 1.0})
+    monkeypatch.setattr(tree_search_module, "probe_step_seconds", lambda model, **kwargs: {(): 1.0, (8, 4, 2): 1.0})
 
 
 class ForwardCalls:

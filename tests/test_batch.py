@@ -167,14 +167,14 @@ def test_auto_tree_is_chosen_for_the_batch_size(trained_model, monkeypatch):
     that ignore the rows at batch 1 (drafts cost nothing: a tree) and grow with them at batch
     4 (every draft costs a row: none) give a tree alone and no drafts in the batch; each
     row still decodes as it would alone."""
-    import huggingface.transformers.generation.utils as generation_utils
+    import huggingface.transformers.generation.tree_search as tree_search_module
     from huggingface.transformers.generation.tree_search import stream_share, tree_rows
 
     share = stream_share(trained_model.config)
     def probe(model, batch_size=1, **kwargs):
         slope = 0.0 if batch_size == 1 else 1.0
         return {w: 1.0 + slope * (tree_rows(w, share) - 1) for w in [(), (1,), (2, 2), (8, 4, 2)]}
-    monkeypatch.setattr(generation_utils, "probe_step_seconds", probe)
+    monkeypatch.setattr(tree_search_module, "probe_step_seconds", probe)
     monkeypatch.setitem(trained_model.__dict__, "_step_seconds_by_device", {})
     monkeypatch.setattr(trained_model.generation_config, "stream_acceptance",
                         [[0.5, 0.2] + [0.0] * 6] * 3, raising=False)
@@ -196,7 +196,7 @@ def test_one_fixed_shape_decoder_serves_several_batch_sizes(trained_model):
         ids, mask = left_padded(rows)
         out = decoder.generate(ids, NEW, attention_mask=mask)
         assert torch.equal(out.sequences, expected(ids, [alone(trained_model, row) for row in rows]))
-    assert sorted(decoder.states) == [1, 2, 3]
+    assert [batch for batch, _ in sorted(decoder.states)] == [1, 2, 3]  # one state per batch size (one cache bucket)
 
 
 def test_fixed_shape_batch_step_never_syncs_the_host(trained_model):

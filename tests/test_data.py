@@ -209,7 +209,7 @@ def test_spider_from_the_hub_without_tables_json_falls_back_to_schema_free_promp
     """The hub's Spider rows come without schemas: prompts hold the question alone, one
     warning says how to get schema prompts, and the benchmark scores no SQL validity."""
     import spec_stream.data as data_module
-    from spec_stream.benchmark import spider_databases
+    from spec_stream.benchmark.inputs import spider_databases
 
     monkeypatch.delenv("SPEC_STREAM_DATA_DIR", raising=False)
     monkeypatch.delenv("SPEC_STREAM_SPIDER_TABLES", raising=False)

@@ -10,7 +10,8 @@ import transformers
 
 import dataset_tps
 from spec_stream.engines import ENGINES, NaiveEngine
-from spec_stream.finetune import FinetuneConfig, finetune
+from spec_stream.finetune import finetune
+from spec_stream.training.config import FinetuneConfig
 from tests.test_dataset_tps import check_documented, refused
 
 TEMPERATURE = 0.7
@@ -117,7 +118,7 @@ def test_each_batch_size_is_settled_before_its_warm_up():
     from types import SimpleNamespace
 
     import torch
-    from spec_stream.benchmark import measure
+    from spec_stream.benchmark.measure import measure
 
     class Recorder:
         device = torch.device("cpu")

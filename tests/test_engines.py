@@ -1,15 +1,17 @@
 """Engines on a briefly trained tiny checkpoint: no_cache and naive in batches reproduce
-naive, int8 and spec_stream on int8 reproduce the int8 model's greedy decoding, engines
-that cannot batch say so, sampling is reproducible per seed, and the registry hands each
-engine its own settings."""
+naive, int8 and spec_stream on int8 reproduce the int8 model's greedy decoding, compiled
+(transformers' static cache and torch.compile) reproduces naive with one compile, engines
+that cannot batch or compile say so, sampling is reproducible per seed, and the registry
+hands each engine its own settings."""
 import re
 
 import pytest
 import torch
 
 import spec_stream.engines
-from spec_stream.engines import (ENGINE_NAMES, ENGINES, Int8Linear, Sampling, Unsupported, build_engine,
-                                 load_upstream, quantize_int8, until_eos)
+from spec_stream.engines import (ENGINE_NAMES, ENGINES, Int8Linear, Sampling, StaticCacheLocalAttention, Unsupported,
+                                 build_engine, compile_unavailable, left_padded, load_upstream, place_local_windows,
+                                 quantize_int8, until_eos)
 from spec_stream.errors import UserError
 from tests.helpers import phrase_text
 
@@ -88,7 +90,7 @@ def test_auto_spec_stream_takes_each_batch_sizes_own_tree(checkpoint, prompts, n
     """With "auto" the engine settles its tree per batch size before timing it (here a stub
     probe makes drafts free at batch 1 and cost a row each at batch 3), says which in its
     description, and stays exact at both."""
-    import huggingface.transformers.generation.utils as generation_utils
+    import huggingface.transformers.generation.tree_search as tree_search_module
     from huggingface.transformers.generation.tree_search import tree_size
 
     def probe(model, batch_size=1, **kwargs):  # seconds per step by tree
@@ -96,7 +98,7 @@ def test_auto_spec_stream_takes_each_batch_sizes_own_tree(checkpoint, prompts, n
         if batch_size == 1:
             return {widths: 1.0 for widths in trees}  # drafts free: the deepest tree
         return {widths: float(tree_size(widths)) for widths in trees}  # a second per node: no drafts
-    monkeypatch.setattr(generation_utils, "probe_step_seconds", probe)
+    monkeypatch.setattr(tree_search_module, "probe_step_seconds", probe)
     engine = build_engine("spec_stream", checkpoint, CPU, tree_widths="auto")
     engine.model.generation_config.stream_acceptance = [[0.5, 0.2] + [0.0] * 6] * 3  # as fine-tuning stores it
     engine.use_batch_size(1)
@@ -171,6 +173,90 @@ def test_int8_engines_equal_int8_greedy(checkpoint, prompts, naive_outputs):
     assert not any(isinstance(m, torch.nn.Linear) for m in int8_engine.model.modules())
     fp32_bytes = build_engine("naive", checkpoint, CPU).weight_bytes
     assert int8_engine.weight_bytes < fp32_bytes
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(checkpoint):
+    """One compiled engine for every check of it: the compile is the cost (on the 2-core
+    development CPU about 35 s cold, 7 s with inductor's on-disk cache warm)."""
+    return build_engine("compiled", checkpoint, CPU)
+
+
+def test_compiled_equals_naive_and_compiles_once_untimed(compiled_engine, prompts, naive_outputs):
+    """transformers' fast path (static cache, compiled decoding step) reproduces naive on
+    prompts of 5 to 31 tokens plus 24 new ones, far past the tiny model's local window of 5:
+    one compile, before the first timed call, and none for any other prompt length."""
+    engine = compiled_engine
+    engine.use_batch_size(1)  # what the benchmark does before its warm-up
+    assert list(engine.compile_seconds) == [1] and engine.compile_seconds[1] > 0
+    assert f"compile: batch 1 {engine.compile_seconds[1]:.1f} s" in engine.description
+    with torch._dynamo.config.patch(error_on_recompile=True):  # any recompile raises
+        results = engine.run_many(prompts, NEW_TOKENS, EOS)
+    assert [r.new_tokens for r in results] == naive_outputs
+    assert [r.forward_calls for r in results] == [len(r.new_tokens) for r in results]  # prefill, then 1 per token
+    assert all(len(r.call_seconds) == r.forward_calls for r in results)
+    assert max(r.seconds for r in results) < engine.compile_seconds[1]  # the compile was not timed
+
+
+def test_local_window_fix_makes_upstreams_static_cache_exact(checkpoint, prompts, naive_outputs):
+    """Why the compiled engine replaces upstream GPT-Neo's local attention: upstream's own
+    static cache (eager, nothing compiled) puts a local layer's window at the end of the
+    cache and changes naive's outputs; with `place_local_windows` the same static cache
+    reproduces naive, one prompt at a time and in a left-padded batch. (Should the first
+    assertion fail, transformers fixed it: drop `StaticCacheLocalAttention`.)"""
+
+    @torch.no_grad()
+    def static_cache_outputs(model, batch_size):
+        rows = []
+        for start in range(0, len(prompts), batch_size):
+            ids, mask, pad = left_padded(prompts[start:start + batch_size], EOS, CPU)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=EOS,
+                                 pad_token_id=pad, do_sample=False, cache_implementation="static")
+            rows += [until_eos(row, EOS) for row in out[:, ids.shape[1]:].tolist()]
+        return rows
+
+    assert static_cache_outputs(load_upstream(checkpoint, "eager").eval(), 1) != naive_outputs
+    fixed = place_local_windows(load_upstream(checkpoint, "eager").eval())
+    assert any(isinstance(block.attn.attention, StaticCacheLocalAttention) for block in fixed.transformer.h)
+    assert static_cache_outputs(fixed, 1) == naive_outputs
+    assert static_cache_outputs(fixed, 4) == naive_outputs  # a batch of 4 (left-padded), then one of 2
+
+
+def test_compiled_says_in_one_line_why_it_cannot_compile(monkeypatch, tmp_path):
+    """Without a C++ compiler for inductor the engine is refused before any model is loaded,
+    by build_engine and by dataset_tps (`all` leaves it out)."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    import dataset_tps
+
+    def no_compiler():
+        raise RuntimeError("no g++ here")
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    compile_unavailable.cache_clear()
+    try:
+        assert "needs a C++ compiler" in ENGINES["compiled"].unavailable(CPU)
+        with pytest.raises(UserError, match=r"needs a C\+\+ compiler.*; drop compiled from --model_type$"):
+            build_engine("compiled", str(tmp_path / "nothing"), CPU)  # loading would fail: the check comes first
+        with pytest.raises(UserError, match=r"needs a C\+\+ compiler"):
+            dataset_tps.resolve_engines("naive,compiled", None, CPU)
+        assert "compiled" not in dataset_tps.resolve_engines("all", None, CPU)
+    finally:
+        compile_unavailable.cache_clear()  # the next call asks the real compiler search again
+
+
+def test_a_failing_compile_makes_the_compiled_engine_unsupported(checkpoint, prompts):
+    """A compile that fails anyway: `Unsupported` with the root cause in one line (the
+    benchmark's row says it), and again on the next call: nothing runs eagerly under its name."""
+
+    def failing_backend(graph, example_inputs, **options):
+        raise RuntimeError("inductor could not build its kernels\nand more lines")
+    engine = build_engine("compiled", checkpoint, CPU)
+    engine.compile_config.backend = failing_backend
+    for _ in range(2):
+        with pytest.raises(Unsupported) as refusal:
+            engine.run_many(prompts[:2], NEW_TOKENS, EOS)
+        assert str(refusal.value) == ("compiled: torch.compile failed at batch 1 "
+                                      "(RuntimeError: inductor could not build its kernels)")
 
 
 def test_every_engine_is_in_the_table_and_the_names():

@@ -14,12 +14,14 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
-import spec_stream.finetune as finetune_module
+import spec_stream.training.evaluation as evaluation_module
+import spec_stream.training.loop as loop_module
 from spec_stream import GPTNeoForCausalLM, defaults
 from spec_stream.checkpoints import latest_checkpoint
 from spec_stream.data import load_examples
 from spec_stream.errors import UserError, exit_on_user_error
-from spec_stream.finetune import FinetuneConfig, build_parser, finetune, main, parse_config
+from spec_stream.finetune import build_parser, finetune, main, parse_config
+from spec_stream.training.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +123,7 @@ class Reference:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("reference")
-    publish = finetune_module.save_checkpoint
+    publish = loop_module.save_checkpoint
 
     def publish_and_copy(output, step, write):
         folder = publish(output, step, write)
@@ -129,7 +131,7 @@ def reference(tmp_path_factory, data_dir):
         return folder
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(finetune_module, "save_checkpoint", publish_and_copy)
+        patch.setattr(loop_module, "save_checkpoint", publish_and_copy)
         summary = finetune(resumable(root / "straight", data_dir))
     assert sorted(p.name for p in (root / "copies").iterdir()) == ["at-2", "at-3", "at-4", "at-6"]
     return Reference(root / "straight", summary, root / "copies")
@@ -390,12 +392,13 @@ class KillSwitch:
 
     CHANGES = [(os, "replace"), (os, "rename"), (os, "unlink"), (os, "rmdir"), (os, "mkdir"), (shutil, "rmtree"),
                (torch, "save")]
+    CALLERS = {"save_checkpoint": loop_module, "publish_model": evaluation_module}  # the module that calls each save
 
     def __init__(self, patch: pytest.MonkeyPatch, save: str, point: int):
         self.point, self.count, self.armed, self.dead, self.done = point, 0, False, False, []
         for module, name in self.CHANGES:
             patch.setattr(module, name, self._guarded(getattr(module, name), name))
-        original, calls = getattr(finetune_module, save), []
+        original, calls = getattr(self.CALLERS[save], save), []
 
         def save_once(*args, **kwargs):
             calls.append(args)
@@ -405,7 +408,7 @@ class KillSwitch:
             finally:
                 self.armed = False
 
-        patch.setattr(finetune_module, save, save_once)
+        patch.setattr(self.CALLERS[save], save, save_once)
 
     def _guarded(self, function, name):
         def change(*args, **kwargs):
@@ -515,7 +518,7 @@ def test_signal_saves_the_finished_step_and_exits(reference, tmp_path, data_dir,
 def test_bucketed_padded_batches_give_the_loss_of_unpadded_examples():
     """Length bucketing only changes how much padding a batch carries; the loss of a padded
     batch is the loss of its examples run one by one (sum over targets / their count)."""
-    from spec_stream.finetune import length_bucketed, make_batches
+    from spec_stream.training.batches import length_bucketed, make_batches
     from tests.helpers import tiny_model
 
     model = tiny_model(num_spec_streams=1, num_stream_layers=2).train()

@@ -155,3 +155,33 @@ def test_tree_larger_than_64_nodes():
     for prompt_length, max_new in [(20, 30), (90, 6)]:
         ids = torch.randint(1, TINY["vocab_size"], (1, prompt_length), generator=torch.Generator().manual_seed(7))
         assert torch.equal(decoder.generate(ids, max_new).sequences, greedy(model, ids, max_new_tokens=max_new))
+
+
+def test_compiled_step_decodes_like_greedy_with_one_compile_per_shape(trained_model):
+    """`compile=True` hands the same step to torch.compile: same tokens as greedy, one
+    compile for every prompt length that shares the cache bucket (no recompiles), and a
+    second batch size or cache bucket its own."""
+    decoder = FixedShapeDecoder(trained_model, (2, 2), cuda_graphs=False, compile=True, prefill_buckets=(16, 32),
+                                cache_buckets=(48, 96))
+    generator = torch.Generator().manual_seed(11)
+    for length in (3, 9, 14):
+        ids = phrase_text(1, length, generator)
+        assert torch.equal(decoder.generate(ids, 20).sequences, greedy(trained_model, ids, max_new_tokens=20))
+    assert list(decoder.compile_seconds) == [("step", 1, 48 + 7)]  # cache bucket 48 + the tree's 7 nodes
+    ids = phrase_text(1, 40, generator)  # 40 + 20 tokens: the next bucket
+    assert torch.equal(decoder.generate(ids, 20).sequences, greedy(trained_model, ids, max_new_tokens=20))
+    assert len(decoder.compile_seconds) == 2 and all(seconds > 0 for seconds in decoder.compile_seconds.values())
+
+
+def test_a_step_that_fails_to_compile_runs_eagerly(trained_model, caplog):
+    decoder = FixedShapeDecoder(trained_model, (2, 2), cuda_graphs=False, compile=True)
+
+    def no_compiler():
+        raise RuntimeError("InductorError: no working C++ compiler found")
+
+    decoder.compiled_step = no_compiler
+    ids = phrase_text(1, 8, torch.Generator().manual_seed(12))
+    with caplog.at_level("WARNING"):
+        out = decoder.generate(ids, 12)
+    assert torch.equal(out.sequences, greedy(trained_model, ids, max_new_tokens=12))
+    assert decoder.compiled_step is None and "running it eagerly" in caplog.text

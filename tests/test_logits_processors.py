@@ -207,7 +207,7 @@ def test_fast_path_builds_no_processors(trained_model, monkeypatch):
 
     def spy(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        built.append(self.scorer)
+        built.append(self.one_step.scorer)
 
     monkeypatch.setattr(utils.DynamicTreeSteps, "__init__", spy)
     ids = phrase_text(1, 8, torch.Generator().manual_seed(33))

@@ -6,6 +6,7 @@ import transformers
 from huggingface.transformers.cache_utils import VariableLengthKVCache
 from huggingface.transformers.internals import CACHE_FIELD
 from huggingface.transformers.generation.speculative_tree import build_tree_buffers
+from huggingface.transformers.models.gpt_neo import modeling_gpt_neo as modeling
 from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS, linear_rows
 from spec_stream import GPTNeoForCausalLM, shifted_cross_entropy
 from tests.helpers import TINY, tiny_config, tiny_model, upstream_twin
@@ -77,9 +78,11 @@ def test_running_fewer_streams_leaves_the_first_ones_unchanged():
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 4), (1, 8), (3, 3), (2, 9)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_few_row_linear_is_the_linear_layer(shape, bias):
-    """`linear_rows` ((W @ x^T)^T up to FEW_ROWS rows, one row entered twice) computes
-    nn.Linear to fp32 rounding, keeps the shape, and leaves gradients to nn.Linear."""
+def test_few_row_linear_is_the_linear_layer(shape, bias, monkeypatch):
+    """`linear_rows` ((W @ x^T)^T up to FEW_ROWS rows, one row entered twice, where timed
+    faster: forced here) computes nn.Linear to fp32 rounding, keeps the shape, and leaves
+    gradients to nn.Linear."""
+    monkeypatch.setattr(modeling, "few_rows_faster", lambda linear, x: True)
     linear = torch.nn.Linear(256, 320, bias=bias)  # 81,920 weights: above FEW_ROWS_MIN_WEIGHT
     x = torch.randn(*shape, 256)
     with torch.no_grad():
@@ -90,6 +93,28 @@ def test_few_row_linear_is_the_linear_layer(shape, bias):
     assert ours.is_contiguous() == (rows > FEW_ROWS)  # (W @ x^T)^T comes out transposed: the kernel ran
     x.requires_grad_(True)
     assert linear_rows(linear, x).grad_fn is not None and torch.equal(linear_rows(linear, x), linear(x))
+
+
+@pytest.mark.parametrize("kernel_seconds, chosen", [(0.5, True), (0.9, False), (2.0, False)])
+def test_the_few_row_kernel_runs_only_where_it_was_timed_faster(kernel_seconds, chosen, monkeypatch):
+    """Timed once per shape, row count and thread count: the kernel runs where it took at most
+    1 / FEW_ROWS_MIN_GAIN of the usual product's time, and the choice is kept."""
+    timings = []
+
+    def fake_best_seconds(function):
+        timings.append(function)
+        return 1.0 if len(timings) % 2 else kernel_seconds  # the usual product is timed first
+
+    monkeypatch.setattr(modeling, "best_seconds", fake_best_seconds)
+    monkeypatch.setattr(modeling, "_few_rows_choices", {})
+    linear, x = torch.nn.Linear(256, 320), torch.randn(1, 2, 256)
+    with torch.no_grad():
+        for _ in range(3):
+            assert (not linear_rows(linear, x).is_contiguous()) == chosen  # transposed: the kernel ran
+    assert len(timings) == 2  # one probe, then the kept choice
+    with torch.no_grad():
+        linear_rows(linear, torch.randn(1, 3, 256))
+    assert len(timings) == 4  # another row count: its own probe
 
 
 def test_streams_at_chosen_positions_equal_all_positions():

@@ -14,7 +14,8 @@ import torch
 import spec_stream.finetune as finetune_module
 from spec_stream.checkpoints import list_checkpoints
 from spec_stream.errors import UserError
-from spec_stream.finetune import FinetuneConfig, finetune
+from spec_stream.finetune import finetune
+from spec_stream.training.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # 17 examples in global batches of 8: steps of 8, 8 and 1 rows per epoch, 6 steps in all;

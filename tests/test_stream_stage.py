@@ -11,12 +11,15 @@ import transformers
 from transformers import AutoTokenizer
 
 import dataset_tps
-import spec_stream.benchmark as benchmark_module
+import spec_stream.benchmark.recipe as recipe_module
 import spec_stream.finetune as finetune_module
 from spec_stream import GPTNeoForCausalLM, defaults
 from spec_stream.data import load_examples
 from spec_stream.errors import UserError
-from spec_stream.finetune import FinetuneConfig, check_config, finetune, greedy_features, make_batches
+from spec_stream.finetune import finetune
+from spec_stream.training.batches import make_batches
+from spec_stream.training.config import FinetuneConfig, check_config
+from spec_stream.training.run import greedy_features
 from tests.helpers import tiny_model
 
 
@@ -126,7 +129,7 @@ def test_a_distilled_stream_stage_beats_the_unigram_and_says_so(finetuned_checkp
 def recorded_recipe(monkeypatch, device, tmp_path):
     calls = []
     monkeypatch.setattr(finetune_module, "finetune", calls.append)
-    output = benchmark_module.default_checkpoint("spider", torch.device(device), tmp_path, "DATA")
+    output = recipe_module.default_checkpoint("spider", torch.device(device), tmp_path, "DATA")
     return output, calls
 
 
@@ -166,16 +169,16 @@ def test_on_a_gpu_with_the_hub_the_base_is_the_pretrained_model(monkeypatch, tmp
     exactly as upstream's greedy decoding of the stage-1 model."""
     pretrained = upstream_folder(finetuned_checkpoint, tmp_path / "gpt-neo-local")
     monkeypatch.setattr(defaults, "PRETRAINED_BASE", str(pretrained))
-    benchmark_module.pretrained_base.cache_clear()
+    recipe_module.pretrained_base.cache_clear()
     output, calls = recorded_recipe(monkeypatch, "cuda", tmp_path / "checkpoints")
     assert output.name == "spider-gpt-neo-local-streams"
     assert calls[0].base == str(pretrained) and calls[0].from_scratch is None and not calls[0].freeze_base
     assert calls[1].base == str(tmp_path / "checkpoints" / "spider-gpt-neo-local-base") and calls[1].freeze_base
     monkeypatch.setattr(defaults, "PRETRAINED_BASE", str(tmp_path / "not-there"))  # offline: from scratch
-    benchmark_module.pretrained_base.cache_clear()
+    recipe_module.pretrained_base.cache_clear()
     output, calls = recorded_recipe(monkeypatch, "cuda", tmp_path / "offline")
     assert calls[0].base is None and calls[0].from_scratch == defaults.DEFAULT_RECIPES["cuda"]["size"]
-    benchmark_module.pretrained_base.cache_clear()
+    recipe_module.pretrained_base.cache_clear()
     monkeypatch.undo()
     stage = dict(dataset="e2e_nlg", data_dir=str(data_dir), max_train_samples=40, max_eval_samples=8,
                  batch_size=8, max_length=96)

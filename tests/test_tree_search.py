@@ -12,6 +12,7 @@ from huggingface.transformers.generation.tree_search import (
     measure_lookup_acceptance,
     probe_step_seconds,
     replayed_accepted_lengths,
+    resolve_tree,
     stream_share,
     tree_rows,
 )
@@ -142,7 +143,7 @@ def test_auto_tree_decodes_like_greedy(trained_model):
     prompts = [phrase_text(1, 10 + i, generator) for i in range(4)]
     trained_model.generation_config.stream_acceptance = measure_acceptance(trained_model, prompts, 24)
     try:
-        chosen = trained_model.auto_tree_widths()
+        chosen = resolve_tree(trained_model, "auto").widths
         assert chosen in candidate_trees(3)
         for ids in prompts:
             auto = trained_model.generate(ids, speculative_streaming=True, max_new_tokens=20, eos_token_id=None)
@@ -160,7 +161,7 @@ def test_probe_measures_every_probe_size(trained_model):
 
 def test_fine_tuning_stores_the_acceptance_auto_trees_read(finetuned_checkpoint, monkeypatch):
     from spec_stream import GPTNeoForCausalLM
-    import huggingface.transformers.generation.utils as generation_utils
+    import huggingface.transformers.generation.tree_search as tree_search_module
 
     output, summary = finetuned_checkpoint
     model = GPTNeoForCausalLM.from_pretrained(output)
@@ -172,9 +173,9 @@ def test_fine_tuning_stores_the_acceptance_auto_trees_read(finetuned_checkpoint,
     assert all(0 <= rate <= 1 for row in stored for rate in row) and stored[0][0] > 0
     # generate's "auto" reads the stored rates (the probe stubbed with flat latencies)
     flat = {widths: 1.0 for widths in [(), (1,), (8, 4, 2)]}
-    monkeypatch.setattr(generation_utils, "probe_step_seconds", lambda model, **kwargs: flat)
+    monkeypatch.setattr(tree_search_module, "probe_step_seconds", lambda model, **kwargs: flat)
     share = stream_share(model.config)
-    assert model.auto_tree_widths() == choose_tree(stored, by_rows(flat, share), model.config.num_spec_streams, share)
+    assert resolve_tree(model, "auto").widths == choose_tree(stored, by_rows(flat, share), model.config.num_spec_streams, share)
 
 
 def test_replayed_steps_on_a_models_own_text_are_its_decoding_steps(trained_model):

@@ -1,123 +1,127 @@
-"""The fast path: Speculative Streaming with every decode step of one fixed shape.
+"""`TreeStep` on padded shapes: every step of a batch of one shape, replayed or compiled.
 
 At small batches a small model's decode step is bound by kernel launches and Python, not
-by the GPU. So, gpt-fast style, the whole step (drafting the tree from the streams' top-k,
-the forward pass over the flattened tree, greedy verification, compaction of the
-accepted path's KV entries and the next root) runs on device tensors of fixed shape,
-against a `FixedShapeKVCache` whose per-row lengths never leave the device. On a GPU the
-step is captured once per batch size as a CUDA graph and replayed; the host reads one
-small tensor per step (per row: accepted count, path tokens, predictions). Prefill is
-captured per batch size and prompt-length bucket (each row's prompt from slot 0, padded
-at the end; causal masking keeps the padding invisible, and it becomes stale slots).
+by the hardware. So, gpt-fast style, the whole step (`tree_step.TreeStep`: drafting,
+the forward over the tree, verification, compaction, the next root) runs on device
+tensors of one shape per batch size and cache size, against a `FixedShapeKVCache` whose
+per-row lengths never leave the device; the host reads one small tensor per step. On a GPU
+the step is captured once per shape as a CUDA graph and replayed; on the CPU, with
+``compile=True``, `torch.compile` turns it into one compiled function per shape (no
+recompiles: the shapes never change), its compile time reported in ``compile_seconds``.
+Prefill runs per batch size and prompt-length bucket (each row's prompt from slot 0,
+padded at the end; causal masking keeps the padding invisible; it becomes stale slots).
 
-Batches: every row drafts, verifies and compacts its own path (its own length and
-positions); the shapes stay fixed, so a finished row keeps running until the batch ends
-(its length held at the context's end so that it never writes past its slots) and the
-host ignores its tokens.
+The cache holds ``prompt + max_new_tokens`` rounded up to a bucket (`DEFAULT_CACHE_BUCKETS`;
+every forward attends to all of its slots, so a cache sized for the request costs less
+than one sized for the context); with CUDA graphs, one bucket: the context.
 
-The host loop is `utils.decode`, shared with the dynamic path: this class supplies only
-`prefill` and `step`. Without CUDA graphs (the CPU, or ``cuda_graphs=False``) the same
-functions run eagerly, which is how the tests check that the fixed-shape step decodes
-exactly like the dynamic path. Differences from that loop, all for fixed shapes:
+Differences from the exact-shape path (`tree_step.DynamicTreeSteps`), all for fixed shapes:
 - the tree is always the full tree; near ``max_new_tokens`` or the end of the context the
-  surplus drafts are computed and then ignored (positions past the context are clamped:
-  such nodes only feed tokens beyond what is emitted);
-- no tree pruning (it changes the number of nodes);
-- finished rows stay in the batch (the dynamic path drops them).
+  surplus drafts are computed and then ignored (positions past the context are clamped);
+- no tree pruning (it changes the number of nodes), and only the settings that choose a
+  token from its node's logits alone (`request.FIXED_SHAPE_FIELDS`);
+- finished rows stay in the batch (their length held at the cache's limit) and the host
+  ignores their tokens.
 ``tree_widths=()`` gives plain one-token-per-call decoding (the `static` engine).
-
-Sampling (``do_sample=True`` with temperature, top-k, top-p, ...: the settings that choose a
-token from its node's logits alone, `request.FIXED_SHAPE_FIELDS`) runs inside the same
-fixed-shape step (`speculative_tree.sample_path`); the host draws the step's uniforms and
-copies them in, exactly as the dynamic path draws them, so one seed gives one output on
-both paths (batch 1). Processors that read the text (repetition penalty, ...) need the
-dynamic path.
+Sampling (batch 1) draws its uniforms on the host, exactly as the exact-shape path draws
+them, so one seed gives one output on both.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging
 
-from ..cache_utils import FixedShapeKVCache, select_per_row
+from ..cache_utils import FixedShapeKVCache
 from .request import DecodeOptions, check_batch_features, fixed_shape_scorer
-from .speculative_tree import (
-    DEFAULT_TREE_WIDTHS,
-    build_tree_buffers,
-    draft_tree,
-    evaluate_paths,
-    sample_path,
-    uniforms_shape,
-    valid_drafts,
-)
-from .utils import SpeculativeStreamingOutput, chosen_after, decode, first_tokens, lookup_tensor, step_summary
+from .tree_search import resolve_tree
+from .tree_step import DecodeState, TreeStep, lookup_tensor, no_timer
+from .speculative_tree import uniforms_shape
+from .utils import SpeculativeStreamingOutput, decode
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+DEFAULT_CACHE_BUCKETS = (256, 512, 1024, 2048)
+COMPILED_SHAPES = 64  # compiled variants of the step kept at once (see `FixedShapeDecoder`)
 
 
 @dataclass
-class BatchState:
-    """The static inputs and state of one batch size (graphs read and write these
-    addresses on every replay)."""
+class BatchState(DecodeState):
+    """A `DecodeState` with the static inputs of one batch size and cache size (graphs and
+    compiled steps read these addresses on every call)."""
 
-    cache: FixedShapeKVCache
-    prompt: torch.Tensor  # (B, context): each row's prompt from slot 0
-    prompt_length: torch.Tensor  # (B,)
-    root: torch.Tensor  # (B,): each row's last emitted token
-    root_streams: torch.Tensor  # (B, streams, hidden): stream states at each row's last accepted node
+    prompt: torch.Tensor | None = None  # (B, context): each row's prompt from slot 0
+    prompt_length: torch.Tensor | None = None  # (B,)
 
     @classmethod
-    def create(cls, model, batch: int, slots: int, streams: int) -> "BatchState":
+    def create(cls, model, batch: int, slots: int, streams: int, tree_size: int) -> "BatchState":
         config, device = model.config, model.device
         return cls(
             cache=FixedShapeKVCache(config, batch, slots, device, model.dtype),
+            root=torch.zeros(batch, dtype=torch.long, device=device),
+            root_streams=torch.zeros(batch, streams, config.hidden_size, dtype=model.dtype, device=device)
+            if streams else None,
+            length_limit=min(config.max_position_embeddings, slots - tree_size),
             prompt=torch.zeros(batch, config.max_position_embeddings, dtype=torch.long, device=device),
             prompt_length=torch.ones(batch, dtype=torch.long, device=device),
-            root=torch.zeros(batch, dtype=torch.long, device=device),
-            root_streams=torch.zeros(batch, streams, config.hidden_size, dtype=model.dtype,
-                                     device=device),
         )
 
 
 class FixedShapeDecoder:
-    """Reusable decoder for one model and one tree: buffers, cache and (on a GPU) CUDA
-    graphs are made once per batch size, then `generate` serves any batch of prompts of
-    that size that fits the context. Greedy unless ``generation_config`` or keyword
-    settings (``do_sample=True, temperature=0.7, top_k=20, ...``) are given; these combine
-    with the model's generation config exactly as in ``generate(speculative_streaming=True,
-    ...)``. Sampling and the lookup branch: batch 1."""
+    """Reusable decoder for one model and one tree (``tree_widths``: widths, a `TreeSpec`
+    or "auto", resolved now): buffers, caches and (on a GPU) CUDA graphs or (``compile``)
+    compiled steps are made once per shape, then `generate` serves any batch of prompts of
+    that size that fits the context. Greedy unless ``generation_config`` or keyword settings
+    (``do_sample=True, temperature=0.7, top_k=20, ...``) are given; these combine with the
+    model's generation config exactly as in ``generate(speculative_streaming=True, ...)``.
+    Sampling and the lookup branch: batch 1."""
 
-    def __init__(self, model, tree_widths=DEFAULT_TREE_WIDTHS, cuda_graphs: bool | None = None,
+    def __init__(self, model, tree_widths, cuda_graphs: bool | None = None,
                  prefill_buckets=DEFAULT_PREFILL_BUCKETS, lookup_length: int = 0, generation_config=None,
-                 **sampling):
+                 compile: bool = False, cache_buckets=DEFAULT_CACHE_BUCKETS, **sampling):
         config = model.config
         self.model, self.device = model, model.device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device; pass cuda_graphs=False on the CPU.")
-        self.tree = build_tree_buffers(tree_widths, self.device, config.num_spec_streams, lookup_length)
+        if compile and self.cuda_graphs:
+            raise ValueError("compile=True and CUDA graphs are two ways to run the step; pass cuda_graphs=False.")
+        self.spec = resolve_tree(model, tree_widths, lookup_length)
+        self.tree = self.spec.buffers(self.device)
         self.lookup_length = lookup_length
         given = generation_config is not None or sampling
-        self.scorer = fixed_shape_scorer(model, generation_config, **sampling) if given else None
-        self.draw_shape = uniforms_shape(self.tree) if self.scorer is not None and self.scorer.do_sample else None
+        scorer = fixed_shape_scorer(model, generation_config, **sampling) if given else None
+        self.one_step = TreeStep(model, len(self.spec.widths), scorer)
+        self.draw_shape = uniforms_shape(self.tree) if scorer is not None and scorer.do_sample else None
         self.needs_text, self.recorded = False, None  # token choice from the logits alone; no output_scores
-        self.num_streams = len(self.tree.widths)  # the tree drafts from streams 1..depth (checked: the model has them)
         self.context = config.max_position_embeddings
         self.buckets = sorted({min(b, self.context) for b in prefill_buckets} | {self.context})
-        self.states: dict[int, BatchState] = {}  # by batch size
-        self.state = self._state(1)  # the batch being decoded
+        self.cache_buckets = [self.context] if self.cuda_graphs else \
+            sorted({min(b, self.context) for b in cache_buckets} | {self.context})
+        self.states: dict[tuple, BatchState] = {}  # by (batch size, cache bucket)
+        self.state: BatchState | None = None  # the batch being decoded (set by each prefill)
         # static inputs of batch-1 features: graphs read these addresses on every replay
-        self.tree_size = torch.tensor(self.tree.size, device=self.device)
         self.lookup = torch.zeros(lookup_length, dtype=torch.long, device=self.device)  # lookup branch drafts
         self.lookup_count = torch.zeros((), dtype=torch.long, device=self.device)  # of which real (not filler)
         self.uniforms = torch.zeros(self.draw_shape or (1, 1), device=self.device)  # sampling's draws for a step
         self.first_uniform = torch.zeros((), device=self.device)  # and for the prefill's token
         self.graphs: dict = {}
+        self.compiled_step = None
+        if compile:
+            # one compiled variant per tree, batch size and cache bucket of every decoder in
+            # the process: raise torch's default limit of 8, past which it would run eagerly
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
+            self.compiled_step = torch.compile(self._step, dynamic=False)
+        self.compile_seconds: dict[tuple, float] = {}  # first call per (batch, cache bucket): compile + one step
 
-    def _state(self, batch: int) -> BatchState:
-        if batch not in self.states:
-            self.states[batch] = BatchState.create(self.model, batch, self.context + self.tree.size, self.num_streams)
-        return self.states[batch]
+    def _state(self, batch: int, slots: int) -> BatchState:
+        if (batch, slots) not in self.states:
+            self.states[batch, slots] = BatchState.create(self.model, batch, slots + self.tree.size,
+                                                          self.one_step.num_streams, self.tree.size)
+        return self.states[batch, slots]
 
     # -- the two fixed-shape functions ---------------------------------------------------
     def _prefill(self, bucket: int) -> torch.Tensor:
@@ -125,51 +129,13 @@ class FixedShapeDecoder:
         token (B,)."""
         state = self.state
         state.cache.length.zero_()
-        positions = torch.arange(bucket, device=self.device)[None]
-        out = self.model.run_tree(state.prompt[:, :bucket], state.cache, positions, num_streams=self.num_streams,
-                                  logit_positions=(state.prompt_length - 1)[:, None])
-        state.cache.set_length(state.prompt_length)  # the padding's entries become stale slots
         uniform = self.first_uniform if self.draw_shape else None
-        state.root.copy_(first_tokens(self.scorer, out.logits[:, 0], uniform=uniform)[0])
-        if self.num_streams:
-            state.root_streams.copy_(out.stream_states[:, :, 0])
-        return state.root.clone()
+        return self.one_step.prefill(state, state.prompt[:, :bucket], state.prompt_length, uniform=uniform)
 
     def _step(self) -> torch.Tensor:
-        """One draft-verify step for every row; returns its summary (`utils.TreeDecodingSteps`).
-        A finished row keeps running (fixed shapes) with its length held at the context's
-        end, so it never writes past its slots; the host ignores its tokens."""
-        model, tree, state = self.model, self.tree, self.state
-        start = state.cache.length.clone()  # (B,)
-        stream_logits = model.draft_logits(state.root_streams) if self.num_streams else None  # (B, streams, V)
-        tokens = draft_tree(state.root, stream_logits, tree, self.lookup)  # (B, n)
-        positions = (start[:, None] + tree.depths).clamp(max=self.context - 1)
-        out = model.run_tree(tokens, state.cache, positions, tree.tree_mask, num_streams=self.num_streams)
-        path, accepted, choices = self._verify(tokens, out.logits)  # (B, D + 1), (B,), (B, D + 1)
-        # each row's whole path moves; only its accepted part counts
-        state.cache.compact(start, start[:, None] + path, torch.minimum(accepted + 1, self.context - start))
-        last = path.gather(1, accepted[:, None])  # (B, 1): each row's last accepted node
-        state.root.copy_(choices.gather(1, accepted[:, None])[:, 0])
-        if self.num_streams:
-            state.root_streams.copy_(select_per_row(out.stream_states, last, 2)[:, :, 0])
-        from_lookup = tree.is_lookup.index_select(0, path[:, min(1, tree.max_depth)])
-        return step_summary(accepted, self.tree_size.expand(len(start)), from_lookup, tokens.gather(1, path), choices)
-
-    def _verify(self, tokens: torch.Tensor, logits: torch.Tensor):
-        """Per row (path (B, D + 1), accepted drafts (B,), the token chosen after each path
-        node (B, D + 1)): greedy's longest matching path, or (batch 1) sampling's walk
-        (`sample_path`)."""
-        tree = self.tree
-        scores = logits if self.scorer is None else self.scorer(logits.flatten(0, 1)).view(logits.shape)
-        if self.draw_shape is None:
-            predictions = scores.argmax(dim=-1)  # (B, n)
-            best, accepted = evaluate_paths(tokens, predictions, tree)
-            # index with index_select/gather, never tensor[0-d tensor]: that reads the value on the host
-            path = tree.paths.index_select(0, best)
-            return path, accepted, predictions.gather(1, path)
-        valid = valid_drafts(tree, self.lookup_count)
-        path, accepted, token = sample_path(tokens[0], scores[0].softmax(dim=-1), valid, tree, self.uniforms)
-        return path[None], accepted[None], chosen_after(tokens[0], path, accepted, token)[None]
+        """One step for every row; returns its summary (`utils.TreeDecodingSteps`)."""
+        uniforms = self.uniforms if self.draw_shape else None
+        return self.one_step.step(self.state, self.tree, self.lookup, self.lookup_count, uniforms=uniforms)
 
     # -- what `utils.decode` calls ---------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, max_new_tokens: int, text=None, uniforms=None,
@@ -177,10 +143,11 @@ class FixedShapeDecoder:
         batch, width = input_ids.shape
         if uniforms is not None:
             self.first_uniform.copy_(uniforms)
-        self.state = self._state(batch)
-        if self.cuda_graphs and ("step", batch) not in self.graphs:
-            self.graphs["step", batch] = self._capture(self._step)  # before the prefill that resets its warm-up
-        bucket = self._bucket(width)
+        bucket = self._bucket(width)  # the prompt's padded width, which the cache must hold too
+        self.state = self._state(batch, self._cache_bucket(max(width + max_new_tokens, bucket)))
+        key = ("step", batch, self.state.cache.max_length)
+        if self.cuda_graphs and key not in self.graphs:
+            self.graphs[key] = self._capture(self._step)  # before the prefill that resets its warm-up
         self.state.prompt[:, :width].copy_(input_ids)
         if prompt_lengths is None:
             self.state.prompt_length.fill_(width)
@@ -196,11 +163,32 @@ class FixedShapeDecoder:
                 self.lookup_count.fill_(len(lookup))
             if uniforms is not None:
                 self.uniforms.copy_(uniforms)
-            return self._run(("step", len(self.state.root)), self._step)
+            key = ("step", len(self.state.root), self.state.cache.max_length)
+            if self.compiled_step is None:
+                return self._run(key, self._step)
+            return self._compiled(key)
 
     def keep_rows(self, indices: list[int]) -> bool:
         """Fixed shapes: every row keeps running (`_step`); the host ignores finished ones."""
         return False
+
+    def _compiled(self, key) -> torch.Tensor:
+        """The compiled step; the first call per shape compiles it (timed in ``compile_seconds``).
+        If compiling fails (no C++ compiler for inductor, an unsupported op), the step runs
+        eagerly from then on, with one warning: same tokens, the eager step's speed."""
+        if key in self.compile_seconds:
+            return self.compiled_step()
+        start = time.perf_counter()
+        try:
+            summary = self.compiled_step()
+        except Exception as error:  # compilation happens before the step touches any state
+            logger.warning(f"torch.compile of the decoding step failed ({type(error).__name__}: "
+                           f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+                           "running it eagerly instead.")
+            self.compiled_step = None
+            return self._step()
+        self.compile_seconds[key] = time.perf_counter() - start
+        return summary
 
     # -- CUDA graphs ----------------------------------------------------------------------
     def _capture(self, function):
@@ -234,14 +222,31 @@ class FixedShapeDecoder:
         without CUDA graphs."""
         if not self.cuda_graphs:
             return
-        self.state = self._state(batch_size)
-        self._run(("step", batch_size), self._step)
+        self.state = self._state(batch_size, self.cache_buckets[-1])
+        self._run(("step", batch_size, self.state.cache.max_length), self._step)
         largest = self.buckets.index(self._bucket(max_prompt_length or self.context))
         for bucket in self.buckets[: largest + 1]:
             self._run(("prefill", batch_size, bucket), lambda: self._prefill(bucket))
 
+    @torch.inference_mode()
+    def prepare(self, prompt_lengths, max_new_tokens: int, batch_size: int = 1) -> None:
+        """Compile (``compile=True``) the step for every cache bucket that prompts of
+        ``prompt_lengths`` tokens and ``max_new_tokens`` new ones will use, now, so that
+        no compile happens inside a timed `generate` (one prefill and one step of filler
+        tokens per bucket; every `generate` starts with a prefill, which resets the cache).
+        No-op for eager steps; CUDA graphs: `capture`."""
+        if self.compiled_step is None:
+            return
+        one_per_bucket = {self._cache_bucket(max(n + max_new_tokens, self._bucket(n))): n for n in prompt_lengths}
+        for length in one_per_bucket.values():
+            self.prefill(torch.ones(batch_size, length, dtype=torch.long, device=self.device), max_new_tokens)
+            self.step(max_new_tokens, no_timer)
+
     def _bucket(self, prompt_length: int) -> int:
         return next(b for b in self.buckets if b >= prompt_length)
+
+    def _cache_bucket(self, tokens: int) -> int:
+        return next((b for b in self.cache_buckets if b >= tokens), self.cache_buckets[-1])
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(), streamer=None,
@@ -257,3 +262,9 @@ class FixedShapeDecoder:
         return decode(self, self.model.config, input_ids, max_new_tokens, eos_token_ids, streamer, timer,
                       options=DecodeOptions(generator=generator, pad_token_id=pad_token_id),
                       attention_mask=attention_mask)
+
+
+def compiled_steps(model, tree) -> FixedShapeDecoder:
+    """The compiled fixed-shape steps of ``tree`` (greedy, CPU): what `tree_search.resolve_tree`
+    probes (``runner=compiled_steps``) to size an "auto" tree for this way of running the step."""
+    return FixedShapeDecoder(model, tree, cuda_graphs=False, compile=True)

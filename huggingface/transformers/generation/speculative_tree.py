@@ -15,13 +15,92 @@ so every emitted token is one sample from it (docs/method.md, section 6).
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 
 import torch
 
-DEFAULT_TREE_WIDTHS = (4, 3, 2)
+DEFAULT_TREE_WIDTHS = (4, 3, 2)  # the paper's tree: the one default (spec_stream.defaults points here)
 DEFAULT_MAX_NGRAM = 2  # prompt lookup matches the last 2 tokens, then 1 (transformers' default)
 LOOKUP = -1  # the "rank" naming a lookup-chain node
+AUTO = "auto"  # a tree request resolved per model, device and batch size (`tree_search.resolve_tree`)
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """A concrete draft tree, checked when made: ``widths`` (k_1, ..., k_D), the top-k of
+    streams 1..D (``()``: the root alone, one token per call), and a prompt-lookup chain of
+    ``lookup_length`` nodes beside them. Requests (``"auto"``, ``"4,3,2"``, a tuple) become
+    one at the edge (`parse_tree`); below it only specs travel, and `buffers` turns one into
+    the tensors a step runs (Medusa's ``generate_medusa_buffers``)."""
+
+    widths: tuple = DEFAULT_TREE_WIDTHS
+    lookup_length: int = 0
+
+    def __post_init__(self):
+        try:
+            widths = tuple(_integer(k) for k in self.widths)
+            lookup_length = _integer(self.lookup_length)
+        except TypeError:
+            raise ValueError(f"tree widths {self.widths!r}, lookup {self.lookup_length!r}: integers, please") from None
+        if any(k < 1 for k in widths):
+            raise ValueError(f"tree widths {widths}: every width must be at least 1 (top-k per stream).")
+        if lookup_length < 0:
+            raise ValueError(f"prompt lookup length {lookup_length} is negative; use 0 for no lookup branch.")
+        object.__setattr__(self, "widths", widths)
+        object.__setattr__(self, "lookup_length", lookup_length)
+
+    @property
+    def depth(self) -> int:
+        return max(len(self.widths), self.lookup_length)
+
+    @property
+    def size(self) -> int:
+        return tree_size(self.widths, self.lookup_length)
+
+    def check_streams(self, num_streams: int, model: str = "the model") -> "TreeSpec":
+        """Itself, or a ValueError if it drafts from more streams than ``model`` has."""
+        if len(self.widths) > num_streams:
+            raise ValueError(
+                f"tree widths {','.join(map(str, self.widths))} have {len(self.widths)} levels but {model} has "
+                f"{num_streams} speculative streams; pass at most that many widths, e.g. "
+                f"{','.join(map(str, self.widths[:num_streams])) or '() (one token per call)'}."
+            )
+        return self
+
+    def buffers(self, device=None) -> "TreeBuffers":
+        return build_tree_buffers(self.widths, device, lookup_length=self.lookup_length)
+
+    def __str__(self) -> str:
+        lookup = f" + lookup {self.lookup_length}" if self.lookup_length else ""
+        return (",".join(map(str, self.widths)) or "()") + lookup
+
+
+def _integer(value) -> int:
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a width")
+    return operator.index(value)
+
+
+def parse_tree(request, lookup_length: int = 0) -> "TreeSpec | str":
+    """A tree request as a `TreeSpec` (its lookup chain ``lookup_length``), or `AUTO`:
+    ``"auto"`` or None, a `TreeSpec`, widths as a sequence of integers, or as text
+    (``"4,3,2"``, ``"(4, 3, 2)"``; ``""`` or ``"()"``: the root alone). ValueError otherwise."""
+    if request is None or request == AUTO:
+        return AUTO
+    if isinstance(request, TreeSpec):
+        return request if not lookup_length else TreeSpec(request.widths, lookup_length)
+    if isinstance(request, str):
+        text = request.strip().strip("()[]").replace(" ", "")
+        try:
+            request = tuple(int(k) for k in text.split(",") if k) if text else ()
+        except ValueError:
+            raise ValueError(f"tree widths {request!r}: give comma-separated integers like 4,3,2, or auto") from None
+    try:
+        widths = tuple(request)
+    except TypeError:
+        raise ValueError(f"tree widths {request!r}: give widths like (4, 3, 2), or 'auto'") from None
+    return TreeSpec(widths, lookup_length)
 
 
 @dataclass(frozen=True)
@@ -82,26 +161,16 @@ def tree_size(tree_widths, lookup_length: int = 0) -> int:
     return size + lookup_length
 
 
-def build_tree_buffers(tree_widths, device=None, num_streams: int | None = None,
-                       lookup_length: int = 0) -> TreeBuffers:
+def build_tree_buffers(tree_widths, device=None, lookup_length: int = 0) -> TreeBuffers:
     """The tree of widths ``(k_1, ..., k_D)`` plus a lookup chain of ``lookup_length``
-    nodes; with ``num_streams``, checks that the model has a stream for every level. Built
-    once per shape and device (every generate call asks again): treat its tensors as read-only."""
-    return _build_tree_buffers(tuple(int(k) for k in tree_widths), None if device is None else torch.device(device),
-                               num_streams, lookup_length)
+    nodes (checked as a `TreeSpec`). Built once per shape and device (every generate call
+    asks again): treat its tensors as read-only."""
+    spec = TreeSpec(tuple(tree_widths), lookup_length)
+    return _build_tree_buffers(spec.widths, None if device is None else torch.device(device), spec.lookup_length)
 
 
 @functools.lru_cache(maxsize=256)
-def _build_tree_buffers(tree_widths: tuple, device, num_streams, lookup_length: int) -> TreeBuffers:
-    if any(int(k) < 1 for k in tree_widths):
-        raise ValueError(f"tree_widths={tuple(tree_widths)}: every width must be >= 1.")
-    if num_streams is not None and len(tree_widths) > num_streams:
-        raise ValueError(
-            f"tree_widths={tuple(tree_widths)} has {len(tree_widths)} levels but the model has "
-            f"{num_streams} speculative streams; pass at most that many widths."
-        )
-    if lookup_length < 0:
-        raise ValueError(f"prompt lookup length {lookup_length} is negative; use 0 for no lookup branch.")
+def _build_tree_buffers(tree_widths: tuple, device, lookup_length: int) -> TreeBuffers:
     levels = [[()]]  # each node named by its top-k ranks from the root down (LOOKUP for the chain)
     for depth in range(1, max(len(tree_widths), lookup_length) + 1):
         level = []

@@ -28,7 +28,9 @@ import time
 
 import torch
 
-from .speculative_tree import DEFAULT_MAX_NGRAM, propose_lookup, tree_size
+from .speculative_tree import (AUTO, DEFAULT_MAX_NGRAM, DEFAULT_TREE_WIDTHS, TreeSpec, parse_tree, propose_lookup,
+                               tree_size)
+from .tree_step import DynamicTreeSteps, no_timer
 
 MAX_WIDTH = 8  # candidates' widths; acceptance is measured for ranks below it
 MAX_LOOKUP = 8  # lookup-chain depths whose acceptance is measured (the benchmark's chains are shorter)
@@ -98,27 +100,57 @@ def choose_tree(acceptance, step_seconds: dict[float, float], num_streams: int, 
 
 @torch.inference_mode()  # as `utils.decode` runs its steps
 def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PROBE_TREES,
-                       batch_size: int = 1) -> dict[tuple, float]:
+                       batch_size: int = 1, runner=None) -> dict[tuple, float]:
     """Median seconds per decoding step of each probe tree the model can draft, after
     ``batch_size`` random prompts (the cost of a step hardly depends on the tokens; it
-    does on the rows: a batch of B runs B trees per step), by tree widths."""
-    from .utils import DynamicTreeSteps, _no_timer  # the loop's own step: what "auto" trees will run
-
+    does on the rows: a batch of B runs B trees per step), by tree widths. ``runner(model,
+    spec)`` makes the steps to time (`utils.TreeDecodingSteps`; default: the exact-shape
+    `DynamicTreeSteps` that ``generate`` runs); every probe step is warmed up first."""
+    runner = runner or DynamicTreeSteps
     config = model.config
     prompt_length = max(1, min(prompt_length, config.max_position_embeddings // 2))
     ids = torch.randint(0, config.vocab_size, (batch_size, prompt_length), generator=torch.Generator().manual_seed(0))
     result = {}
     for widths in (w for w in trees if len(w) <= config.num_spec_streams):
-        decoder = DynamicTreeSteps(model, widths)
-        decoder.prefill(ids.to(model.device), max_new_tokens=steps * (len(widths) + 1))
+        decoder = runner(model, TreeSpec(widths))
+        decoder.prefill(ids.to(model.device), max_new_tokens=(steps + 1) * (len(widths) + 1))
+        decoder.step(remaining=len(widths) + 1, timer=no_timer).tolist()  # warm-up (a compiled step compiles)
         times = []
         for _ in range(steps):
             _synchronize(model.device)
             start = time.perf_counter()
-            decoder.step(remaining=len(widths) + 1, timer=_no_timer).tolist()  # .tolist(): the step's host read
+            decoder.step(remaining=len(widths) + 1, timer=no_timer).tolist()  # .tolist(): the step's host read
             times.append(time.perf_counter() - start)
         result[tuple(widths)] = sorted(times)[len(times) // 2]
     return result
+
+
+def resolve_tree(model, request, lookup_length: int = 0, batch_size: int = 1, runner=None,
+                 probe_trees=PROBE_TREES) -> TreeSpec:
+    """A tree request (`parse_tree`: "auto", widths, a `TreeSpec`) as the concrete tree to
+    decode with, its lookup chain ``lookup_length`` nodes, checked against the model's
+    streams. "auto": the candidate with the most expected tokens per second from the
+    acceptance rates stored with the checkpoint (``generation_config.stream_acceptance``,
+    and ``lookup_acceptance`` for the chain) and the latencies of ``runner``'s steps
+    (default: the exact-shape steps ``generate`` runs) for ``probe_trees`` on this device at
+    ``batch_size`` prompts, probed once per model, device, batch size and runner; without
+    stored stream rates, the default tree cut to the model's streams."""
+    spec = parse_tree(request, lookup_length)
+    num_streams = model.config.num_spec_streams
+    if spec != AUTO:
+        return spec.check_streams(num_streams)
+    acceptance = getattr(model.generation_config, "stream_acceptance", None)
+    if not acceptance or not num_streams:
+        return TreeSpec(DEFAULT_TREE_WIDTHS[:num_streams], lookup_length)
+    probes = model.__dict__.setdefault("_step_seconds_by_device", {})
+    share = stream_share(model.config)
+    key = (str(model.device), batch_size) if runner is None else (str(model.device), batch_size, runner.__name__)
+    if key not in probes:
+        seconds = probe_step_seconds(model, batch_size=batch_size, trees=probe_trees, runner=runner)
+        probes[key] = by_rows(seconds, share)
+    lookup_acceptance = getattr(model.generation_config, "lookup_acceptance", None) or ()
+    widths = choose_tree(acceptance, probes[key], num_streams, share, lookup_length, lookup_acceptance)
+    return TreeSpec(widths, lookup_length)
 
 
 def by_rows(step_seconds: dict[tuple, float], stream_share: float) -> dict[float, float]:
@@ -184,9 +216,7 @@ def replayed_accepted_lengths(model, text: torch.Tensor, prompt_length: int, tre
     decoding gains; on another model's text, tokens per call on the same text."""
     if not 1 <= prompt_length <= text.shape[1]:
         raise ValueError(f"prompt_length {prompt_length} must be within the text's 1..{text.shape[1]} tokens")
-    if len(tree_widths) > model.config.num_spec_streams:
-        raise ValueError(f"a tree of {len(tree_widths)} levels needs as many streams; the model has "
-                         f"{model.config.num_spec_streams}")
+    tree_widths = TreeSpec(tuple(tree_widths)).check_streams(model.config.num_spec_streams).widths
     ranks = _stream_ranks(model, text, prompt_length, len(tree_widths))  # row i: the node at prompt_length - 1 + i
     length = text.shape[1]
     gained, node = [], prompt_length - 1  # the prefill emits the token at prompt_length

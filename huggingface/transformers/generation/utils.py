@@ -1,24 +1,15 @@
-"""Speculative Streaming decoding: draft a tree with the streams, verify it in the same
-forward pass, keep the longest path that greedy decoding would have produced.
+"""Speculative Streaming decoding: the host loop and ``generate(speculative_streaming=True)``.
 
-Medusa-style pure functions (tree buffers, drafting, path evaluation), one host loop
-(`decode`: request checks, streaming, EOS and length limits, the output) and two ways of
-running its steps on the device, both talking to the model through `run_tree` and
-`draft_logits` only: `DynamicTreeSteps` here (shapes follow the request; tree pruning) and
-`FixedShapeDecoder` in `fixed_shape.py` (one shape, CUDA graphs). Reachable as
+`decode` is the one host loop (request checks, prompt lookup, sampling's draws, streaming,
+EOS and length limits, the output); the step it runs is `tree_step.TreeStep` (draft,
+forward, verify, compact), on exact shapes (`tree_step.DynamicTreeSteps`, what `generate`
+uses) or padded ones (`fixed_shape.FixedShapeDecoder`). `generate` turns its arguments into
+a checked request (`request.prepare_request`) and its ``tree_widths`` into one concrete
+tree (`tree_search.resolve_tree`) before any decoding. Reachable as
 ``model.generate(input_ids, speculative_streaming=True, tree_widths=(4, 3, 2))``;
-everything else goes to upstream `GenerationMixin.generate`.
-
-One step, with ``L`` tokens cached and ``root`` the last token emitted (not yet cached):
-1. draft: tree = root + top-k_j tokens of stream j at the last accepted node, stream j+1's
-   tokens children of stream j's; node position = L + depth;
-2. forward: one call over the flattened tree (tree attention mask); the main stream at
-   each node predicts that node's successor, the streams at each node draft the next tree;
-3. verify: accept the longest root-to-leaf path whose every token equals the main-stream
-   argmax at its parent; the argmax at the last accepted node is the correction token
-   (the next root); compact the accepted nodes' KV entries to slots ``L, L+1, ...``.
-A step emits the accepted drafts plus the correction: at least one token, so output is
-greedy decoding's, token for token, whatever the streams draft.
+everything else goes to upstream `GenerationMixin.generate`. Every step emits the accepted
+drafts plus one token chosen as plain decoding chooses it, so output is plain decoding's,
+token for token, whatever the streams draft.
 
 A batch (B, P) of left-padded prompts decodes as B independent sequences in one forward
 per step: each row's prompt sits in the cache from slot 0 (positions from 0 at its first
@@ -35,7 +26,6 @@ tokens (docs/method.md, sections 5 and 6).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,28 +34,12 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
-from ..cache_utils import VariableLengthKVCache, select_per_row
-from .request import DecodeOptions, NodeScorer, pack_prompts, prepare_request
-from .tree_search import by_rows, choose_tree, probe_step_seconds, stream_share
-from .speculative_tree import (
-    DEFAULT_MAX_NGRAM,
-    DEFAULT_TREE_WIDTHS,
-    build_tree_buffers,
-    draft_tree,
-    evaluate_paths,
-    prune_mask,
-    propose_lookup,
-    sample_from,
-    sample_path,
-    uniforms_shape,
-    valid_drafts,
-)
+from .request import DecodeOptions, pack_prompts, prepare_request
+from .speculative_tree import AUTO, DEFAULT_MAX_NGRAM, propose_lookup
+from .tree_search import resolve_tree
+from .tree_step import DynamicTreeSteps, no_timer
 
 logger = logging.get_logger(__name__)
-
-
-def _no_timer(name: str):
-    return contextlib.nullcontext()
 
 
 @dataclass
@@ -134,13 +108,6 @@ class TreeDecodingSteps(Protocol):
     def step(self, remaining: int, timer, lookup: list[int] = (), text=None, uniforms=None) -> torch.Tensor: ...
 
     def keep_rows(self, indices: list[int]) -> bool: ...
-
-
-def step_summary(accepted, nodes, from_lookup, path_tokens, path_predictions) -> torch.Tensor:
-    """Pack a step's result per row, (B, S), in the layout `read_step_summary` reads (see
-    `TreeDecodingSteps`): accepted, nodes, from_lookup (B,); path tokens and predictions (B, D + 1)."""
-    head = torch.stack([accepted, nodes.to(accepted.dtype), from_lookup.to(accepted.dtype)], dim=-1)
-    return torch.cat([head, path_tokens, path_predictions], dim=-1)
 
 
 def read_step_summary(summary: list[int]) -> tuple[list[int], int, int]:
@@ -287,7 +254,7 @@ def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_to
     rows leave the batch where the path can drop them (`TreeDecodingSteps.keep_rows`). The
     host proposes the lookup branch (``max_ngram``: longest n-gram matched) from the text so
     far, and draws sampling's uniforms (``options.generator``): both batch 1 only."""
-    options, timer = options or DecodeOptions(), timer or _no_timer
+    options, timer = options or DecodeOptions(), timer or no_timer
     prompts, lengths = pack_prompts(input_ids, attention_mask)  # (B, P'): each row's tokens from slot 0
     check_generation_request(config, len(prompts), prompts.shape[1], max_new_tokens, eos_token_ids, options)
     outputs = RowOutputs(input_ids, max_new_tokens, eos_token_ids, options)
@@ -317,162 +284,6 @@ def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_to
     if streamer is not None:
         streamer.end()
     return outputs.result(input_ids, options.pad_token_id)
-
-
-def lookup_tensor(lookup: list[int], length: int, filler: int, device) -> torch.Tensor:
-    """The lookup branch's drafts as a (length,) tensor, padded with ``filler`` (wrong
-    drafts cost nothing but a node: greedy verification rejects them, sampling verification
-    never tries them, see `valid_drafts`)."""
-    return torch.tensor((lookup + [filler] * length)[:length], device=device)
-
-
-def first_tokens(scorer: NodeScorer | None, logits: torch.Tensor, text=None, uniform=None):
-    """Each row's first new token from its prompt's last logits (B, V): the argmax, or
-    through ``scorer`` the processed scores' argmax, or (batch 1) a sample when ``uniform``
-    is given. Returns (tokens (B,), recorded (scores, logits) or None)."""
-    if scorer is None:
-        return logits.argmax(dim=-1), None
-    scores = scorer(logits, text)
-    tokens = scores.argmax(dim=-1) if uniform is None else sample_from(scores[0].softmax(dim=-1), uniform)[None]
-    return tokens, (scores, logits.float()) if scorer.record else None
-
-
-def chosen_after(tree_tokens: torch.Tensor, path: torch.Tensor, accepted: torch.Tensor, token: torch.Tensor):
-    """The token chosen after each node of a sampled path (D + 1,): the next accepted
-    draft, then ``token`` after the last accepted node (beyond it: unused)."""
-    following = tree_tokens[path].roll(-1)
-    return torch.where(torch.arange(len(path), device=path.device) == accepted, token, following)
-
-
-class DynamicTreeSteps:
-    """The dynamic path: a `VariableLengthKVCache` sized for the request, and a tree cut
-    short near the end of the context and, when greedy, near ``max_new_tokens`` (sampling
-    keeps the depth there, so that a seed decides the same tokens as on the fixed-shape
-    path), without its lookup branch when the text offers no match. With
-    ``prune_threshold`` the early-exit adapter drops unlikely nodes mid-forward
-    (`prune_mask`): fewer nodes run, the output (or its distribution) is unchanged.
-    ``scorer``: processors, warpers, sampling (`request.NodeScorer`); None: greedy on the
-    raw logits, the fast path. A batch's rows share one tree shape per step (cut for the
-    row nearest the context's end, or to the most tokens a row still wants) and each
-    accepts its own path; finished rows leave the batch (`keep_rows`). Pruning, sampling,
-    processors that read the text and lookup: batch 1."""
-
-    def __init__(self, model, tree_widths=DEFAULT_TREE_WIDTHS, prune_threshold: float = 0.0,
-                 lookup_length: int = 0, scorer: NodeScorer | None = None):
-        config = model.config
-        if prune_threshold and (config.num_spec_streams == 0 or not config.pruner_rank):
-            raise ValueError("prune_threshold needs a model with streams and a pruning adapter (pruner_rank > 0).")
-        self.model, self.prune_threshold, self.context = model, prune_threshold, config.max_position_embeddings
-        self.lookup_length = lookup_length
-        self.tree = build_tree_buffers(tree_widths, model.device, config.num_spec_streams, lookup_length)
-        without_lookup = build_tree_buffers(tree_widths, model.device, config.num_spec_streams)
-        self.trees = {(depth, lookup): (self.tree if lookup else without_lookup).truncated(depth)
-                      for depth in range(self.tree.max_depth + 1) for lookup in (False, True)}
-        self.num_streams = len(self.tree.widths)  # the tree drafts from streams 1..depth (checked: the model has them)
-        self.scorer = scorer
-        self.needs_text = scorer is not None and scorer.needs_text
-        self.draw_shape = uniforms_shape(self.tree) if scorer is not None and scorer.do_sample else None
-        self.cache = self.root = self.root_streams = self.recorded = None
-
-    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int, text=None, uniforms=None,
-                prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        batch, width = input_ids.shape
-        device = input_ids.device
-        lengths = torch.full((batch,), width, device=device) if prompt_lengths is None else prompt_lengths
-        self.cache = VariableLengthKVCache(self.model.config, batch, width + max_new_tokens + self.tree.size, device,
-                                           self.model.dtype)
-        out = self.model.run_tree(input_ids, self.cache, torch.arange(width, device=device)[None],
-                                  num_streams=self.num_streams, logit_positions=(lengths - 1)[:, None])
-        self.cache.set_length(lengths)  # a shorter row's filler slots become stale
-        self.root, self.recorded = first_tokens(self.scorer, out.logits[:, 0], text, uniforms)  # (B,)
-        self.root_streams = out.stream_states[:, :, 0] if self.num_streams else None  # (B, streams, H)
-        return self.root
-
-    def step(self, remaining: int, timer, lookup: list[int] = (), text=None, uniforms=None) -> torch.Tensor:
-        start = self.cache.length.clone()  # (B,)
-        room = self.context - 1 - self.cache.span  # the row nearest the context's end decides
-        cut = room if uniforms is not None else min(remaining - 1, room)
-        tree = self.trees[min(self.tree.max_depth, cut), bool(lookup)]
-        with timer("draft"):
-            stream_logits = self.model.draft_logits(self.root_streams) if tree.widths else None  # (B, streams, V)
-            chain = lookup_tensor(list(lookup), tree.lookup_length, 0, self.root.device)
-            tokens = draft_tree(self.root, stream_logits, tree, chain)  # (B, n)
-        with timer("forward"):
-            out = self.model.run_tree(tokens, self.cache, start[:, None] + tree.depths, tree.tree_mask,
-                                      num_streams=self.num_streams, early_exit_filter=self._pruner(tokens, tree))
-        with timer("verify"):
-            path, accepted, choices, rows = self._verify(tokens, out, tree, len(lookup), text, uniforms)
-            # each row's whole path moves next to its prefix; its accepted nodes count
-            self.cache.compact(start, start[:, None] + rows.clamp(min=0), accepted + 1)
-            self.root = choices.gather(1, accepted[:, None])[:, 0]
-            if self.num_streams:  # the stream states at each row's last accepted node
-                self.root_streams = select_per_row(out.stream_states, rows.gather(1, accepted[:, None]), 2)[:, :, 0]
-        nodes = torch.full_like(accepted, tree.size if out.kept is None else out.kept.numel())
-        from_lookup = tree.is_lookup[path[:, min(1, tree.max_depth)]]
-        return step_summary(accepted, nodes, from_lookup, tokens.gather(1, path), choices)
-
-    def keep_rows(self, indices: list[int]) -> bool:
-        index = torch.tensor(indices, device=self.root.device)
-        self.cache.keep_rows(index)
-        self.root = self.root.index_select(0, index)
-        if self.root_streams is not None:
-            self.root_streams = self.root_streams.index_select(0, index)
-        return True
-
-    def _scores(self, logits, text, tokens, tree, kept):
-        """What each node's token is chosen from (B, n, V): the logits, or the scorer's
-        scores (processors that read the text: batch 1, each node seeing its prefix)."""
-        if self.scorer is None:
-            return logits
-        if not self.scorer.needs_text:
-            return self.scorer(logits.flatten(0, 1)).view(logits.shape)
-        return self.scorer(logits[0], text, tokens[0], tree, kept)[None]
-
-    def _verify(self, tokens, out, tree, lookup_count: int, text, uniforms):
-        """Greedy (each row's longest matching path) or sampling (`sample_path`, batch 1)
-        verification on the full tree (pruned nodes can be neither accepted nor chosen).
-        Returns, per row, (the chosen path (B, D + 1), accepted drafts on it (B,), the
-        token chosen after each path node (B, D + 1), each path node's row in the forward
-        (B, D + 1); -1 for a pruned node past the accepted ones)."""
-        logits, kept = out.logits, out.kept  # (B, n', V); kept (n',) when pruning (batch 1)
-        rows_of_node = None if kept is None else forward_rows(kept, tree.size)
-        scores = self._scores(logits, text, tokens, tree, kept)
-        if uniforms is None:
-            predictions = on_full_tree(scores.argmax(dim=-1), rows_of_node, -1)  # (B, n)
-            seen = tokens if kept is None else torch.where(rows_of_node >= 0, tokens, -2)
-            best, accepted = evaluate_paths(seen, predictions, tree)
-            path = tree.paths[best]
-            choices = predictions.gather(1, path)
-        else:
-            probabilities = on_full_tree(scores.softmax(dim=-1), rows_of_node, 0.0)[0]
-            valid = valid_drafts(tree, lookup_count) & (True if kept is None else rows_of_node >= 0)
-            path, accepted, token = sample_path(tokens[0], probabilities, valid, tree, uniforms)
-            path, accepted, choices = path[None], accepted[None], chosen_after(tokens[0], path, accepted, token)[None]
-        rows = path if kept is None else rows_of_node[path]
-        if self.scorer is not None and self.scorer.record:
-            self.recorded = (scores[0, rows[0]].float(), logits[0, rows[0]].float())
-        return path, accepted, choices, rows
-
-    def _pruner(self, tokens, tree):
-        """The early-exit filter of a pruned step (batch 1), or None."""
-        if not self.prune_threshold or tree.size == 1:
-            return None
-        return lambda logits: prune_mask(tokens[0], logits[0], tree, self.prune_threshold).nonzero().flatten()
-
-
-def forward_rows(kept: torch.Tensor, size: int) -> torch.Tensor:
-    """Each tree node's row in a pruned forward (``kept``: the nodes that ran), -1 if pruned."""
-    rows = torch.arange(kept.numel(), device=kept.device)
-    return torch.full((size,), -1, device=kept.device).index_put_((kept,), rows)
-
-
-def on_full_tree(values: torch.Tensor, rows_of_node: torch.Tensor | None, fill) -> torch.Tensor:
-    """Per-node ``values`` (B, n', ...) of a (possibly pruned) forward, one per tree node
-    (B, n, ...); pruned nodes get ``fill``."""
-    if rows_of_node is None:
-        return values
-    present = (rows_of_node >= 0).reshape(1, -1, *[1] * (values.dim() - 2))
-    return torch.where(present, values[:, rows_of_node.clamp(min=0)], torch.tensor(fill, dtype=values.dtype))
 
 
 def streams_by_default(model, inputs, generation_config, kwargs) -> bool:
@@ -515,37 +326,16 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
             return super().generate(inputs, generation_config, **kwargs)
         request = prepare_request(self, inputs, generation_config, kwargs)
         config, extra = request.config, request.extra
-        # () is a tree of the root alone: one token per call; a generation config may hold the tree
-        tree_widths = extra.get("tree_widths", getattr(config, "tree_widths", "auto"))
         # prompt lookup (transformers' own two settings): one more branch of the same tree
         lookup_length = int(config.prompt_lookup_num_tokens or 0)
-        if tree_widths is None or tree_widths == "auto":
-            tree_widths = self.auto_tree_widths(lookup_length, batch_size=request.input_ids.shape[0])
-        max_ngram = int(config.max_matching_ngram_size or DEFAULT_MAX_NGRAM)
-        steps = DynamicTreeSteps(self, tuple(tree_widths), float(extra.get("prune_threshold") or 0.0), lookup_length,
-                                 request.scorer)
+        # () is a tree of the root alone: one token per call; a generation config may hold the tree
+        requested = extra.get("tree_widths", getattr(config, "tree_widths", AUTO))
+        tree = resolve_tree(self, requested, lookup_length, batch_size=request.input_ids.shape[0])
+        steps = DynamicTreeSteps(self, tree, float(extra.get("prune_threshold") or 0.0), request.scorer)
         output = decode(steps, self.config, request.input_ids, request.max_new_tokens, request.eos_token_ids,
-                        streamer=extra.get("streamer"), timer=extra.get("step_timer"), max_ngram=max_ngram,
+                        streamer=extra.get("streamer"), timer=extra.get("step_timer"),
+                        max_ngram=int(config.max_matching_ngram_size or DEFAULT_MAX_NGRAM),
                         options=request.options, attention_mask=request.attention_mask)
         output.scores = output.scores if config.output_scores else None
         output.logits = output.logits if config.output_logits else None
         return output if config.return_dict_in_generate else output.sequences
-
-    def auto_tree_widths(self, lookup_length: int = 0, batch_size: int = 1) -> tuple:
-        """``tree_widths="auto"``: the tree with the most expected tokens per second from the
-        acceptance rates stored with the checkpoint (``generation_config.stream_acceptance``)
-        and this device's step latencies at ``batch_size`` prompts (probed once per model,
-        device and batch size), beside a lookup chain of ``lookup_length`` nodes (its rates:
-        ``generation_config.lookup_acceptance``, when stored). Without stored stream rates:
-        the default tree."""
-        acceptance = getattr(self.generation_config, "stream_acceptance", None)
-        if not acceptance or not self.config.num_spec_streams:
-            return DEFAULT_TREE_WIDTHS[: self.config.num_spec_streams]
-        probes = self.__dict__.setdefault("_step_seconds_by_device", {})
-        share = stream_share(self.config)
-        key = (str(self.device), batch_size)
-        if key not in probes:
-            probes[key] = by_rows(probe_step_seconds(self, batch_size=batch_size), share)
-        lookup_acceptance = getattr(self.generation_config, "lookup_acceptance", None) or ()
-        return choose_tree(acceptance, probes[key], self.config.num_spec_streams, share, lookup_length,
-                           lookup_acceptance)

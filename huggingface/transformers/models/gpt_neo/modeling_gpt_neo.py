@@ -13,6 +13,7 @@ or tree mask), and, in local layers, ``p - k < window_size``.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -222,30 +223,66 @@ def flash_attention(q, k, v, window, dropout_p=0.0):
     return out.transpose(1, 2)
 
 
-# Up to this many rows, a CPU linear layer runs as (W @ x^T)^T: BLAS then streams the weight
-# once for all rows on every core, while its small-row GEMM and its one-row GEMV do not (2
-# cores, every weight of the model in turn: GPT-Neo-125M shape 28.5 ms for 1 row, 49 for 2,
-# 57 for 7 the usual way; 14.3, 16.8, 30.9 this way; from 14 rows the usual way wins).
+# Up to this many rows, a CPU linear layer may run as (W @ x^T)^T: on some CPUs BLAS then
+# streams the weight once for all rows on every core, while its small-row GEMM and its one-row
+# GEMV do not (2-core AMD EPYC, every weight of the GPT-Neo-125M shape in turn: 28.5 ms for 1
+# row, 49 for 2, 57 for 7 the usual way; 14.3, 16.8, 30.9 this way). On others the usual way
+# wins (2-core Intel Xeon, MKL with AVX512: a 768x768 weight, 1 row, 31 us against 182 us),
+# so which way runs is timed once per weight shape and row count (`few_rows_faster`).
 # Weights under 64K entries (256 KiB in fp32, cache-resident) gain nothing and pay the
 # extra calls: the 0.3M-parameter `tiny` shape's one-token step went from 0.9 to 1.3 ms.
 FEW_ROWS = 8
 FEW_ROWS_MIN_WEIGHT = 65536
+FEW_ROWS_MIN_GAIN = 1.2  # the kernel must time this much faster: a near tie could flip from run to run
+FEW_ROWS_PROBE_CALLS = 5  # timed calls per way (the fastest counts: steady on a noisy machine)
+_few_rows_choices: dict[tuple, bool] = {}  # (out, in, rows, bias, threads) -> the kernel is faster here
 
 
 def linear_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)``; for a plain `nn.Linear` of at least `FEW_ROWS_MIN_WEIGHT` weights on
-    the CPU and at most `FEW_ROWS` rows, computed as (W @ x^T)^T (one row goes in twice: a one-column product falls back to
-    the slow GEMV). Same function, a different order of additions: fp32 results agree to
-    rounding."""
+    the CPU, at most `FEW_ROWS` rows and no gradient, computed as (W @ x^T)^T
+    (`few_rows_product`) where that was timed faster on this machine; under torch.compile,
+    always ``linear(x)`` (inductor picks its own kernel). Same function, a different order of
+    additions: fp32 results agree to rounding."""
     rows = x.numel() // x.shape[-1]
-    if type(linear) is not nn.Linear or x.device.type != "cpu" or rows > FEW_ROWS or x.requires_grad \
-            or linear.weight.numel() < FEW_ROWS_MIN_WEIGHT:
+    if torch.compiler.is_compiling() or type(linear) is not nn.Linear or x.device.type != "cpu" or rows > FEW_ROWS \
+            or x.requires_grad or linear.weight.numel() < FEW_ROWS_MIN_WEIGHT or not few_rows_faster(linear, x):
         return linear(x)
+    return few_rows_product(linear, x)
+
+
+def few_rows_product(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` as (W @ x^T)^T (one row goes in twice: a one-column product falls back
+    to the slow GEMV)."""
+    rows = x.numel() // x.shape[-1]
     columns = x.reshape(rows, -1)
     columns = columns.repeat(2, 1) if rows == 1 else columns.contiguous()  # BLAS wants real rows
     weight = linear.weight
     out = weight @ columns.t() if linear.bias is None else torch.addmm(linear.bias[:, None], weight, columns.t())
     return out[:, :rows].t().reshape(*x.shape[:-1], weight.shape[0])
+
+
+def few_rows_faster(linear: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether `few_rows_product` beats ``linear(x)`` by `FEW_ROWS_MIN_GAIN` on this CPU for
+    this weight's shape, ``x``'s row count and the thread count: timed on first use, kept
+    for the process."""
+    key = (*linear.weight.shape, x.numel() // x.shape[-1], linear.bias is not None, torch.get_num_threads())
+    if key not in _few_rows_choices:
+        with torch.no_grad():
+            usual, kernel = best_seconds(lambda: linear(x)), best_seconds(lambda: few_rows_product(linear, x))
+        _few_rows_choices[key] = kernel * FEW_ROWS_MIN_GAIN < usual
+    return _few_rows_choices[key]
+
+
+def best_seconds(function) -> float:
+    """The fastest of `FEW_ROWS_PROBE_CALLS` timed calls of ``function``, after one untimed."""
+    function()
+    times = []
+    for _ in range(FEW_ROWS_PROBE_CALLS):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def project(linear: nn.Linear, x: torch.Tensor, low_rank: nn.Module | None, num_main: int) -> torch.Tensor:
