@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from huggingface.transformers.generation.fixed_shape import DEFAULT_PREFILL_BUCKETS  # prompt-length graphs
 from huggingface.transformers.generation.speculative_tree import DEFAULT_TREE_WIDTHS  # (4, 3, 2): the paper's tree
-from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS  # (W @ x^T)^T up to 8 rows on a CPU
+from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS  # (W @ x^T)^T up to 8 rows on a CPU, where timed faster
+from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS_MIN_GAIN  # by 1.2x at least: no flip-flop
 from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS_MIN_WEIGHT  # for weights of 64K+
 from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoConfig
 
@@ -85,6 +86,10 @@ LOOKUP_BRANCH = dict(spider=4, dialogsum=0, e2e_nlg=0, custom=0)  # spec_stream'
 # SQL repeats the schema's names and itself (15 Spider prompts: 2.88 tokens per call with 4 nodes against 1.85
 # without, +40% tokens/s); on DialogSum and E2E-NLG the chain is rarely accepted and cost 4.5-7% of tokens/s
 BENCHMARK_TREE_WIDTHS = "auto"  # spec_stream's tree: the fastest for the checkpoint on this device, as generate's
+COMPILE_STEP_ON_CPU = True  # spec_stream and static at batch 1 on a CPU: torch.compile of the one step ran
+# the E2E-NLG small checkpoint's steps 1.2-1.5x faster than eager up to (1,1,1) (README, step costs)
+COMPILED_PROBE_TREES = ((), (1,), (2,), (2, 2), (4, 2), (4, 3, 2))  # "auto" on compiled steps: each probe compiles
+# (15-37 s cold, a few s from inductor's cache), so six trees span sizes 1 .. 41 instead of the eager probe's nine
 BENCHMARK_BATCH_SIZES = (1,)  # --batch-size: one prompt at a time unless asked, the latency setting of the paper
 SAMPLE_TEMPERATURE = 0.7  # --do-sample: issue 14's temperature, between greedy and the raw distribution
 SAMPLE_TOP_K = 50  # transformers' own default top_k when sampling (0 turns it off)

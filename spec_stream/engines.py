@@ -47,7 +47,10 @@ GPU), `unavailable` says so in one line and `build_engine`, and `dataset_tps.py`
 work, refuse; a compile that fails anyway makes the engine `Unsupported` (its row says why).
 
 On a GPU `static` and `spec_stream` replay each decode step as a CUDA graph
-(`FixedShapeDecoder`) unless ``cuda_graphs=False``. Settings an engine takes (tree widths,
+(`FixedShapeDecoder`) unless ``cuda_graphs=False``; on a CPU they run it compiled
+(`FixedShapeDecoder(compile=True)`, `defaults.COMPILE_STEP_ON_CPU`) at batch 1, each cache
+bucket compiled before the timed call that needs it, and their "auto" tree is probed on those
+compiled steps (`defaults.COMPILED_PROBE_TREES`). Settings an engine takes (tree widths,
 draft model, ...) are named in its ``settings``; `build_engine` passes each engine its own.
 
 Batches (``batch_size`` > 1): prompts left-padded with an attention mask; upstream engines
@@ -83,9 +86,11 @@ import transformers
 from transformers import CompileConfig
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
+from huggingface.transformers.generation.fixed_shape import compiled_steps
 from huggingface.transformers.generation.tree_search import resolve_tree
 from spec_stream import FixedShapeDecoder, GPTNeoForCausalLM
 from spec_stream.arithmetic import ModelShape, dtype_name, step_weight_bytes
+from spec_stream import defaults
 from spec_stream.defaults import BENCHMARK_TREE_WIDTHS, PROMPT_LOOKUP_TOKENS
 from spec_stream.errors import UserError
 from spec_stream.timing import StepTimer, synchronize
@@ -159,7 +164,11 @@ class ForwardCounter:
 
     def __init__(self, module: torch.nn.Module):
         self.starts: list[float] = []
-        module.register_forward_pre_hook(self._note)
+        self.hook = module.register_forward_pre_hook(self._note)
+
+    def remove(self) -> None:
+        """Unhook it (a hook inside a compiled call would be traced into it, see below)."""
+        self.hook.remove()
 
     @property
     def calls(self) -> int:
@@ -192,6 +201,21 @@ class GenerateStepCounter(ForwardCounter):
             self._note(model, args)
             return prepare(*args, **kwargs)
         model.prepare_inputs_for_generation = counted
+
+
+class DecoderCallCounter(ForwardCounter):
+    """A `ForwardCounter` for our compiled steps (`FixedShapeDecoder(compile=True)`): counts,
+    outside the compiled call, the decoder's ``prefill`` and ``step`` calls, one forward each."""
+
+    def __init__(self, decoder):
+        self.starts: list[float] = []
+        for name in ("prefill", "step"):
+            call = getattr(decoder, name)
+            setattr(decoder, name, functools.partial(self._counted, call))
+
+    def _counted(self, call, *args, **kwargs):
+        self._note(None, args)
+        return call(*args, **kwargs)
 
 
 class Int8Linear(torch.nn.Module):
@@ -595,33 +619,46 @@ class CompiledEngine(Engine):
 
 class SpecStreamEngine(Engine):
     """Our model and loop. ``tree_widths=()`` makes it the `static` engine: the same
-    preallocated cache and loop, one token per forward call. With ``cuda_graphs`` (the
-    default on a GPU) each step is one replayed CUDA graph (`FixedShapeDecoder`);
-    otherwise the dynamic loop of ``generate(speculative_streaming=True)`` runs, which also
-    serves left-padded batches (greedy); sampling it serves one prompt at a time, so a
+    preallocated cache and loop, one token per forward call. One prompt at a time, the
+    step runs on fixed shapes (`FixedShapeDecoder`): replayed as a CUDA graph on a GPU
+    (``cuda_graphs``), compiled on a CPU (``compile_step``; None: `defaults.COMPILE_STEP_ON_CPU`),
+    otherwise the exact-shape loop of ``generate(speculative_streaming=True)`` runs, which
+    also serves left-padded batches (greedy); sampling it serves one prompt at a time, so a
     sampled batch is `Unsupported`."""
 
     name = "spec_stream"
-    settings = ("tree_widths", "cuda_graphs", "lookup_branch")
+    settings = ("tree_widths", "cuda_graphs", "lookup_branch", "compile_step")
     weights_note = ""  # what the backend adds about the weights (the int8 engine's)
 
     def __init__(self, *args, tree_widths=BENCHMARK_TREE_WIDTHS, cuda_graphs: bool = True, lookup_branch: int = 0,
-                 **kwargs):
+                 compile_step: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        compile_step = defaults.COMPILE_STEP_ON_CPU if compile_step is None else compile_step
+        self.graphs = cuda_graphs and self.device.type == "cuda"
+        self.compiled = compile_step and self.device.type == "cpu" and compile_unavailable("cpu") is None
+        if self.compiled:
+            self.counter.remove()  # before any probe compiles a step: the hook would be traced into it
         # "auto": the tree the checkpoint's measured acceptance and this device's probed step
         # latencies favour at the batch size in use, chosen before any timed call
         self.tree_request = tree_widths  # a TreeSpec, widths or "auto" (resolved per batch size by `_tree_for`)
         self.lookup_branch = lookup_branch  # prompt-lookup nodes beside the streams' (0: none)
         self.tree_widths = self._tree_for(1)
         self.decoder = None
-        if cuda_graphs and self.device.type == "cuda":
-            self.decoder = FixedShapeDecoder(self.model, self.tree_widths, cuda_graphs=True,
-                                             lookup_length=lookup_branch, **self.sampling_kwargs())
-            self.decoder.capture()  # every graph now, none inside a timed call
+        if self.graphs or self.compiled:
+            self.decoder = FixedShapeDecoder(self.model, self.tree_widths, cuda_graphs=self.graphs,
+                                             compile=self.compiled, lookup_length=lookup_branch,
+                                             **self.sampling_kwargs())
+            self.decoder.capture()  # every graph now, none inside a timed call (compiled: per bucket, `run`)
+            if self.compiled:
+                self.counter = DecoderCallCounter(self.decoder)
         self._describe()
 
     def _tree_for(self, batch_size: int) -> tuple:
-        return resolve_tree(self.model, self.tree_request, self.lookup_branch, batch_size).widths
+        """Batch 1 on a CPU probes "auto" on the compiled steps it will run, batches on the
+        exact-shape loop."""
+        compiled = dict(runner=compiled_steps, probe_trees=defaults.COMPILED_PROBE_TREES) \
+            if self.compiled and batch_size == 1 else {}
+        return resolve_tree(self.model, self.tree_request, self.lookup_branch, batch_size, **compiled).widths
 
     def use_batch_size(self, batch_size: int) -> None:
         """The tree for batches of ``batch_size`` (with "auto": probed at that size; a batch
@@ -641,10 +678,27 @@ class SpecStreamEngine(Engine):
         return None
 
     def _describe(self, batch_size: int = 1) -> None:
-        steps = "CUDA graphs" if self.decoder and batch_size == 1 else "eager steps"  # batches: the dynamic loop
         tree = f", tree {','.join(map(str, self.tree_widths))}" if self.tree_widths else ", no speculation"
         lookup = f" + lookup {self.lookup_branch}" if self.lookup_branch else ""
-        self.backend = f"spec-stream sdpa, static cache, {steps}{tree}{lookup}{self.weights_note}"
+        self.backend = f"spec-stream sdpa, static cache, {self._steps(batch_size)}{tree}{lookup}{self.weights_note}"
+
+    def _steps(self, batch_size: int) -> str:
+        """How a step runs at ``batch_size`` (batches: the exact-shape loop)."""
+        if self.decoder is None or batch_size > 1:
+            return "eager steps"
+        if self.graphs:
+            return "CUDA graphs"
+        if self.decoder.compiled_step is None:
+            return "eager fixed-shape steps (torch.compile failed)"
+        seconds = sum(self.decoder.compile_seconds.values())
+        return f"compiled steps (compile: {f'{seconds:.1f} s' if seconds else 'not yet'})"
+
+    @torch.no_grad()
+    def run(self, prompt_ids, max_new_tokens, eos_token_id, index=0):
+        if self.decoder is not None:  # a cache bucket not compiled yet: compiled now, untimed
+            self.decoder.prepare([prompt_ids.shape[1]], max_new_tokens)
+            self._describe()
+        return super().run(prompt_ids, max_new_tokens, eos_token_id, index)
 
     def _load(self, checkpoint):
         return GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa")
@@ -720,7 +774,7 @@ class SpecStreamInt8Engine(Int8Mixin, SpecStreamEngine):
     weights_note = ", int8 linear layers (per-token activations)"
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, cuda_graphs=False, **kwargs)
+        super().__init__(*args, cuda_graphs=False, compile_step=False, **kwargs)
 
 
 ENGINES = {cls.name: cls for cls in (

@@ -10,8 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from spec_stream import shifted_cross_entropy
+from spec_stream import defaults, shifted_cross_entropy
 from tests.helpers import phrase_text, tiny_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eager_steps_in_engines():
+    """The engines the tests build run their CPU steps eagerly: compiling a tree's step costs
+    seconds to tens of seconds per tree and cache bucket, and the benchmark tests build many
+    engines. tests/test_engines.py checks the compiled `spec_stream` itself (compile_step=True)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(defaults, "COMPILE_STEP_ON_CPU", False)
+        yield
 
 
 @pytest.fixture(scope="session")

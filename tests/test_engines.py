@@ -3,7 +3,9 @@ naive, int8 and spec_stream on int8 reproduce the int8 model's greedy decoding, 
 (transformers' static cache and torch.compile) reproduces naive with one compile, engines
 that cannot batch or compile say so, sampling is reproducible per seed, and the registry
 hands each engine its own settings."""
+import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -196,6 +198,37 @@ def test_compiled_equals_naive_and_compiles_once_untimed(compiled_engine, prompt
     assert [r.forward_calls for r in results] == [len(r.new_tokens) for r in results]  # prefill, then 1 per token
     assert all(len(r.call_seconds) == r.forward_calls for r in results)
     assert max(r.seconds for r in results) < engine.compile_seconds[1]  # the compile was not timed
+
+
+def test_spec_stream_on_compiled_steps_equals_naive_and_compiles_untimed(checkpoint, prompts, naive_outputs,
+                                                                        monkeypatch, tmp_path):
+    """On a CPU, batch 1, spec_stream runs `TreeStep` compiled (`FixedShapeDecoder(compile=True)`):
+    its "auto" tree probed on compiled steps, every cache bucket compiled before the timed call
+    that needs it, never again, and the tokens naive's."""
+    shutil.copytree(checkpoint, tmp_path / "tiny")
+    config = json.loads((tmp_path / "tiny" / "generation_config.json").read_text())
+    config["stream_acceptance"] = [[0.6, 0.2] + [0.0] * 6] * 3  # what fine-tuning stores: "auto" then probes
+    config.pop("_from_model_config", None)  # else loading rebuilds the generation config from the model's
+    (tmp_path / "tiny" / "generation_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(spec_stream.engines.defaults, "COMPILED_PROBE_TREES", ((), (2,)))  # two probe compiles
+    probed = []
+    original = spec_stream.engines.compiled_steps
+    monkeypatch.setattr(spec_stream.engines, "compiled_steps",
+                        lambda model, tree: probed.append(tree.widths) or original(model, tree))
+    engine = build_engine("spec_stream", str(tmp_path / "tiny"), CPU, compile_step=True)
+    assert probed == [(), (2,)] and engine.decoder.compiled_step is not None
+    assert "compiled steps (compile: not yet)" in engine.description
+    results = engine.run_many(prompts, NEW_TOKENS, EOS)  # the first run compiles its cache bucket, untimed
+    assert [r.new_tokens for r in results] == naive_outputs
+    compiled = engine.decoder.compile_seconds
+    assert len(compiled) == 1  # prompts of 5 to 31 tokens + 24 new: one cache bucket, compiled before timing
+    # (here in no time: the probe of the same tree had compiled the same shapes)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # from then on, any recompile raises
+        assert [r.new_tokens for r in engine.run_many(prompts, NEW_TOKENS, EOS)] == naive_outputs
+    assert engine.decoder.compiled_step is not None and len(compiled) == 1
+    assert f"compiled steps (compile: {sum(compiled.values()):.1f} s)" in engine.description
+    if engine.tree_widths:
+        assert sum(r.forward_calls for r in results) < sum(len(r.new_tokens) for r in results)
 
 
 def test_local_window_fix_makes_upstreams_static_cache_exact(checkpoint, prompts, naive_outputs):

@@ -231,16 +231,17 @@ class FixedShapeDecoder:
     @torch.inference_mode()
     def prepare(self, prompt_lengths, max_new_tokens: int, batch_size: int = 1) -> None:
         """Compile (``compile=True``) the step for every cache bucket that prompts of
-        ``prompt_lengths`` tokens and ``max_new_tokens`` new ones will use, now, so that
-        no compile happens inside a timed `generate` (one prefill and one step of filler
-        tokens per bucket; every `generate` starts with a prefill, which resets the cache).
-        No-op for eager steps; CUDA graphs: `capture`."""
+        ``prompt_lengths`` tokens and ``max_new_tokens`` new ones will use and that is not
+        compiled yet, now, so that no compile happens inside a timed `generate` (one prefill
+        and one step of filler tokens per bucket; every `generate` starts with a prefill,
+        which resets the cache). No-op for eager steps; CUDA graphs: `capture`."""
         if self.compiled_step is None:
             return
         one_per_bucket = {self._cache_bucket(max(n + max_new_tokens, self._bucket(n))): n for n in prompt_lengths}
-        for length in one_per_bucket.values():
-            self.prefill(torch.ones(batch_size, length, dtype=torch.long, device=self.device), max_new_tokens)
-            self.step(max_new_tokens, no_timer)
+        for bucket, length in one_per_bucket.items():
+            if ("step", batch_size, bucket + self.tree.size) not in self.compile_seconds:
+                self.prefill(torch.ones(batch_size, length, dtype=torch.long, device=self.device), max_new_tokens)
+                self.step(max_new_tokens, no_timer)
 
     def _bucket(self, prompt_length: int) -> int:
         return next(b for b in self.buckets if b >= prompt_length)

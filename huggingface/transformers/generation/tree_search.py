@@ -36,7 +36,7 @@ MAX_WIDTH = 8  # candidates' widths; acceptance is measured for ranks below it
 MAX_LOOKUP = 8  # lookup-chain depths whose acceptance is measured (the benchmark's chains are shorter)
 MAX_TREE_NODES = 128  # beyond this a step costs more than any measured acceptance repays on our devices
 PROBE_TREES = ((), (1,), (2,), (3,), (2, 2), (4, 2), (4, 3, 2), (6, 4, 2), (8, 4, 2))  # sizes 1 .. 105; on a
-# CPU, trees of up to 8 rows a layer take the few-row kernel (`linear_rows`): (3,) probes that edge
+# CPU, trees of up to 8 rows a layer may take the few-row kernel (`linear_rows`): (3,) probes that edge
 
 
 def expected_tokens_per_step(tree_widths, acceptance, lookup_acceptance=(), lookup_length: int = 0) -> float:
