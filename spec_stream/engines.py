@@ -350,7 +350,7 @@ class Engine:
     def run_batch(self, prompts: list[torch.Tensor], max_new_tokens: int, eos_token_id: int | None,
                   index: int = 0) -> list[GenerationResult]:
         """One left-padded batch. A row's result carries its share of the batch's seconds and
-        forward calls, so a pass's sums are the batches' totals (tokens over seconds is the
+        forward calls (the engine's count, or the batch's ``forward_calls`` in its extras), so a pass's sums are the batches' totals (tokens over seconds is the
         throughput), and as ``latency`` the batch's whole time, what each prompt waited. A row
         ends at its first end-of-sequence token, as it would alone."""
         if not self.batches:
@@ -359,8 +359,8 @@ class Engine:
         (sequences, extras), start, end = self._timed(
             index, lambda: self._generate_batch(ids, mask, pad, max_new_tokens, eos_token_id))
         share = len(prompts)
-        return [GenerationResult(until_eos(row, eos_token_id), (end - start) / share, self.counter.calls / share,
-                                 latency=end - start, **extra)
+        return [GenerationResult(until_eos(row, eos_token_id), (end - start) / share,
+                                 extra.pop("forward_calls", self.counter.calls) / share, latency=end - start, **extra)
                 for row, extra in zip(sequences[:, ids.shape[1]:].tolist(), extras)]
 
     def _generate(self, prompt_ids, max_new_tokens, eos_token_id):
@@ -722,7 +722,8 @@ class SpecStreamEngine(Engine):
         if (refusal := self._batch_refusal(ids.shape[0])) is not None:
             raise Unsupported(refusal)
         out = self._speculative_generate(ids, max_new_tokens, eos_token_id, attention_mask=mask, pad_token_id=pad)
-        return out.sequences, [self.draft_figures(steps) for steps in accepted_lengths_per_row(out, ids.shape[0])]
+        return out.sequences, [dict(self.draft_figures(steps), forward_calls=out.num_forward_calls)  # the batch's
+                               for steps in accepted_lengths_per_row(out, ids.shape[0])]
 
     def _speculative_generate(self, ids, max_new_tokens, eos_token_id, **kwargs):
         lookup = {"prompt_lookup_num_tokens": self.lookup_branch} if self.lookup_branch else {}

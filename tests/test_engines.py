@@ -226,9 +226,13 @@ def test_spec_stream_on_compiled_steps_equals_naive_and_compiles_untimed(checkpo
     with torch._dynamo.config.patch(error_on_recompile=True):  # from then on, any recompile raises
         assert [r.new_tokens for r in engine.run_many(prompts, NEW_TOKENS, EOS)] == naive_outputs
     assert engine.decoder.compiled_step is not None and len(compiled) == 1
+    assert [r.forward_calls for r in results] == [len(r.call_seconds) for r in results]  # counted outside it
     assert f"compiled steps (compile: {sum(compiled.values()):.1f} s)" in engine.description
     if engine.tree_widths:
         assert sum(r.forward_calls for r in results) < sum(len(r.new_tokens) for r in results)
+    engine.use_batch_size(2)  # batches run the exact-shape loop, its calls counted by the loop itself
+    batched = engine.run_many(prompts, NEW_TOKENS, EOS, batch_size=2)
+    assert [r.new_tokens for r in batched] == naive_outputs and all(r.forward_calls > 0 for r in batched)
 
 
 def test_local_window_fix_makes_upstreams_static_cache_exact(checkpoint, prompts, naive_outputs):
