@@ -313,6 +313,19 @@ def test_fixed_shape_decoder_refuses_what_needs_the_text():
         FixedShapeDecoder(model, (2, 2), cuda_graphs=False, do_sample=True, max_new_tokens=8)
 
 
+def test_fixed_shape_decoder_samples_for_a_checkpoint_that_names_its_pad_token(monkeypatch):
+    """A fine-tuned checkpoint's generation config names its pad token (padding output rows
+    chooses no token): the fixed-shape decoder takes it and samples what generate samples."""
+    model = tiny_model(num_spec_streams=2, num_stream_layers=2)
+    monkeypatch.setattr(model.generation_config, "pad_token_id", 0)
+    decoder = FixedShapeDecoder(model, (2, 2), cuda_graphs=False, do_sample=True, temperature=0.7)
+    ids = phrase_text(1, 6, torch.Generator().manual_seed(45))
+    fixed = decoder.generate(ids, 12, generator=torch.Generator().manual_seed(7)).sequences
+    dynamic = model.generate(ids, speculative_streaming=True, tree_widths=(2, 2), do_sample=True, temperature=0.7,
+                             max_new_tokens=12, eos_token_id=None, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(fixed, dynamic)
+
+
 def test_sampling_acceptance_close_to_greedy(trained_model):
     """Drafts of a trained model are still accepted often when sampling at T=0.7 (a draft
     passes with probability p(x) instead of whenever it is the argmax, so somewhat less

@@ -67,11 +67,11 @@ REJECTED_FIELDS = {
     **dict.fromkeys(("cache_implementation", "cache_config", "max_cache_len", "prefill_chunk_size", "compile_config",
                      "continuous_batching_config"), _CACHE),
 }
-# FixedShapeDecoder: the settings that choose a token from its logits alone (lengths and EOS
-# are its generate's arguments)
+# FixedShapeDecoder: the settings that choose a token from its logits alone (lengths, EOS and
+# the padding of a batch's shorter rows are its generate's arguments)
 FIXED_SHAPE_FIELDS = NO_EFFECT_FIELDS | {
     "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
-    "suppress_tokens", "eos_token_id", "max_length", "max_new_tokens",
+    "suppress_tokens", "eos_token_id", "max_length", "max_new_tokens", "pad_token_id",
 }
 # a field holding one of these values is not in effect (upstream's defaults, and a neutral guidance scale)
 _INERT = {**default_generation_params(), "guidance_scale": 1.0}
