@@ -239,7 +239,7 @@ class FixedShapeDecoder:
             return
         one_per_bucket = {self._cache_bucket(max(n + max_new_tokens, self._bucket(n))): n for n in prompt_lengths}
         for bucket, length in one_per_bucket.items():
-            if ("step", batch_size, bucket + self.tree.size) not in self.compile_seconds:
+            if ("step", batch_size, self._state(batch_size, bucket).cache.max_length) not in self.compile_seconds:
                 self.prefill(torch.ones(batch_size, length, dtype=torch.long, device=self.device), max_new_tokens)
                 self.step(max_new_tokens, no_timer)
 
