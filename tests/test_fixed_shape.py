@@ -28,7 +28,8 @@ def test_fixed_shape_cache_forward_equals_dynamic_cache():
     tree_mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
     chunk, chunk_positions = ids[:, :3], torch.tensor([[20, 21, 21]])
     dynamic, fixed = VariableLengthKVCache(config, 1, 40), FixedShapeKVCache(config, 1, 40)
-    fixed.keys.normal_()  # stale slots must be masked, whatever they hold
+    for buffer in fixed.keys + fixed.values:
+        buffer.normal_()  # stale slots must be masked, whatever they hold
     outputs = []
     for cache in (dynamic, fixed):
         model.run_tree(ids, cache, torch.arange(20)[None])

@@ -24,8 +24,10 @@ Three implementations:
 - `UpstreamCache`: transformers' own `Cache` (what upstream `generate` passes) or no cache,
   with upstream's semantics: keys are numbered by index.
 
-Buffer layout (gpt-fast style): one tensor per kind, ``(layers, batch, heads, slots,
-head_dim)``, written in place. Rows of a batch are independent sequences: each has its
+Buffer layout (gpt-fast style): per layer, one keys and one values tensor ``(batch, heads,
+slots, head_dim)``, written in place. One tensor per layer, not one for all layers: a
+compiled step then writes each layer's buffer where it lies (a write into a slice of one
+stacked input made `torch.compile` copy the whole stack, several times per step). Rows of a batch are independent sequences: each has its
 own length, positions and accepted paths (`TreeKVCache`).
 """
 from __future__ import annotations
@@ -103,11 +105,12 @@ class TreeKVCache:
 
     def __init__(self, config, batch_size: int, max_length: int, device=None, dtype=torch.float32):
         head_dim = config.hidden_size // config.num_heads
-        shape = (config.num_layers, batch_size, config.num_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.num_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.positions = torch.zeros(batch_size, max_length, device=device, dtype=torch.long)
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1): indexes each row's own slots
         self.max_length = max_length
         self.context = config.max_position_embeddings
         self.new_positions = self.new_slots = None  # (B, T): the forward in progress
@@ -118,14 +121,15 @@ class TreeKVCache:
         position_ids = position_ids.expand(self.length.shape[0], -1)
         self.new_slots = self.length[:, None] + torch.arange(position_ids.shape[1], device=self.length.device)
         self.new_positions = position_ids
-        self.positions.scatter_(1, self.new_slots, position_ids)
+        self.positions[self.rows, self.new_slots] = position_ids
         return position_ids
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
-        """The new entries (B, heads, T, head_dim) into each row's new slots."""
-        index = self.new_slots[:, None, :, None].expand_as(key_states)
-        self.keys[layer_idx].scatter_(2, index, key_states)
-        self.values[layer_idx].scatter_(2, index, value_states)
+        """The new entries (B, heads, T, head_dim) into each row's new slots. Written by
+        indexing (`index_put_`), which `torch.compile` performs in place; a `scatter_` into
+        a buffer it copies whole first."""
+        self.keys[layer_idx][self.rows, :, self.new_slots] = key_states.transpose(1, 2)  # (B, T, heads, head_dim)
+        self.values[layer_idx][self.rows, :, self.new_slots] = value_states.transpose(1, 2)
 
     def set_length(self, length: torch.Tensor) -> None:
         """Each row's filled slots (B,): after a prefill of prompts of different lengths
@@ -138,15 +142,13 @@ class TreeKVCache:
         length becomes ``start[b] + kept[b]`` (``kept`` (B,): how many of the moved entries
         count; None: all m). Moving the same number of slots in every row keeps the shapes
         fixed whatever each row keeps."""
-        layers, batch, heads, _, head_dim = self.keys.shape
+        batch = self.length.shape[0]
         slots = slots.expand(batch, -1)  # (B, m)
         start = torch.as_tensor(start, device=slots.device).expand(batch)
         target = start[:, None] + torch.arange(slots.shape[1], device=slots.device)  # (B, m)
-        size = (layers, batch, heads, slots.shape[1], head_dim)
-        for buffer in (self.keys, self.values):
-            moved = buffer.gather(3, slots[None, :, None, :, None].expand(size))
-            buffer.scatter_(3, target[None, :, None, :, None].expand(size), moved)
-        self.positions.scatter_(1, target, self.positions.gather(1, slots))
+        for buffer in self.keys + self.values:
+            buffer[self.rows, :, target] = buffer[self.rows, :, slots]  # (B, m, heads, head_dim)
+        self.positions[self.rows, target] = self.positions[self.rows, slots]
         self.length.copy_(start + (slots.shape[1] if kept is None else kept))  # in place: graphs hold its address
 
 
@@ -186,7 +188,7 @@ class VariableLengthKVCache(TreeKVCache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
         self._write(key_states, value_states, layer_idx)
         end = self.span + key_states.shape[-2]
-        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
     def commit(self) -> None:
         new = self.new_positions.shape[1]
@@ -199,8 +201,8 @@ class VariableLengthKVCache(TreeKVCache):
         ascending) to the front of the new block; the model then calls `begin` again for
         those rows."""
         slots = self.span + rows
-        for buffer in (self.keys, self.values):
-            buffer[:layers, :, :, self.span : self.span + rows.numel()] = buffer[:layers].index_select(3, slots)
+        for buffer in self.keys[:layers] + self.values[:layers]:
+            buffer[:, :, self.span : self.span + rows.numel()] = buffer.index_select(2, slots)
 
     def set_length(self, length: torch.Tensor) -> None:
         super().set_length(length)
@@ -213,8 +215,10 @@ class VariableLengthKVCache(TreeKVCache):
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` (1-D indices), in that order: finished rows
         leave the batch and stop costing work."""
-        self.keys, self.values = self.keys.index_select(1, rows), self.values.index_select(1, rows)
+        self.keys = [buffer.index_select(0, rows) for buffer in self.keys]
+        self.values = [buffer.index_select(0, rows) for buffer in self.values]
         self.positions, self.length = self.positions.index_select(0, rows), self.length.index_select(0, rows)
+        self.rows = self.rows[: len(rows)]
         self._read_lengths()
 
 
