@@ -5,6 +5,11 @@ import os
 # 4.5 s spinning, 0.06 s sleeping); set before torch starts its thread pool, inherited by
 # the subprocesses the tests start.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The suite runs on one worker per core (pyproject: pytest-xdist's -n auto): one thread each,
+# and the same in the subprocesses they start, so that a run and its resumed copy in a
+# subprocess add floats in the same order.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,9 @@ import torch
 
 from spec_stream import defaults, shifted_cross_entropy
 from tests.helpers import phrase_text, tiny_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # in case torch started its thread pool before this file ran
 
 
 @pytest.fixture(scope="session", autouse=True)
