@@ -25,10 +25,11 @@ Three implementations:
   with upstream's semantics: keys are numbered by index.
 
 Buffer layout (gpt-fast style): per layer, one keys and one values tensor ``(batch, heads,
-slots, head_dim)``, written in place. One tensor per layer, not one for all layers: a
-compiled step then writes each layer's buffer where it lies (a write into a slice of one
-stacked input made `torch.compile` copy the whole stack, several times per step). Rows of a batch are independent sequences: each has its
-own length, positions and accepted paths (`TreeKVCache`).
+slots, head_dim)``, written in place by indexing. One tensor per layer, not one for all
+layers: a compiled step then writes each layer's buffer where it lies (a write into a slice
+of one stacked input made `torch.compile` copy the whole stack, several times per step).
+Rows of a batch are independent sequences: each has its own length, positions and accepted
+paths (`TreeKVCache`).
 """
 from __future__ import annotations
 
