@@ -220,7 +220,7 @@ def test_same_distribution_as_plain_sampling(trained_model, name):
     p_values, calls, outcomes = p_values_over_prompts(trained_model, SETTINGS[name], 1500)
     print(f"{name}: smallest p-value {min(p_values.values()):.3g}, {2 * 1500 * NEW / calls:.2f} tokens per call")
     assert min(p_values.values()) > ALPHA, p_values
-    assert len(outcomes) >= 5  # a real distribution, not one sequence (10-40 seen, by machine and thread count)
+    assert len(outcomes) >= 5  # a real distribution, not one sequence (the model trained on one thread gave 10)
     assert calls < 2 * 1500 * NEW * 0.8  # drafts were accepted: fewer calls than tokens
 
 
