@@ -18,9 +18,6 @@ import torch
 from spec_stream import defaults, shifted_cross_entropy
 from tests.helpers import phrase_text, tiny_model
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)  # in case torch started its thread pool before this file ran
-
 
 @pytest.fixture(scope="session", autouse=True)
 def eager_steps_in_engines():
