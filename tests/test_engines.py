@@ -221,11 +221,11 @@ def test_spec_stream_on_compiled_steps_equals_naive_and_compiles_untimed(checkpo
     results = engine.run_many(prompts, NEW_TOKENS, EOS)  # the first run compiles its cache bucket, untimed
     assert [r.new_tokens for r in results] == naive_outputs
     compiled = engine.decoder.compile_seconds
-    assert len(compiled) == 1  # prompts of 5 to 31 tokens + 24 new: one cache bucket, compiled before timing
-    # (here in no time: the probe of the same tree had compiled the same shapes)
+    # prompts of 5 to 31 tokens + 24 new: one prompt bucket and one cache bucket, compiled before timing
+    assert [key[0] for key in compiled] == ["prefill", "step"]
     with torch._dynamo.config.patch(error_on_recompile=True):  # from then on, any recompile raises
         assert [r.new_tokens for r in engine.run_many(prompts, NEW_TOKENS, EOS)] == naive_outputs
-    assert engine.decoder.compiled_step is not None and len(compiled) == 1
+    assert engine.decoder.compiled_step is not None and len(compiled) == 2
     assert [r.forward_calls for r in results] == [len(r.call_seconds) for r in results]  # counted outside it
     assert f"compiled steps (compile: {sum(compiled.values()):.1f} s)" in engine.description
     if engine.tree_widths:

@@ -159,6 +159,40 @@ def test_probe_measures_every_probe_size(trained_model):
     assert all(s > 0 for s in seconds.values())
 
 
+def test_probe_takes_turns_so_a_slow_spell_slows_every_tree_alike(trained_model, monkeypatch):
+    """The machine runs 3x slower for one turn of the probe: timed one tree after the other,
+    the trees timed then would look 3x dearer and win or lose the choice for it; taking
+    turns, every tree's median is its own cost (a step costs 1 + the tree's depth, plus 5
+    for the first step after another tree's, which `PROBE_SETTLE` leaves untimed)."""
+    import huggingface.transformers.generation.tree_search as tree_search_module
+
+    trees = [(), (1,), (2, 2)]
+    per_turn = len(trees) * (tree_search_module.PROBE_SETTLE + tree_search_module.PROBE_BURST)
+    slow_steps = range(2 * per_turn + 1, 3 * per_turn + 1)  # the second timed turn
+    clock = {"now": 0.0, "steps": 0, "last": None}
+
+    class FakeSteps:
+        def __init__(self, model, spec):
+            self.depth = len(spec.widths)
+
+        def prefill(self, ids, max_new_tokens):
+            pass
+
+        def step(self, remaining, timer):
+            clock["steps"] += 1
+            slow = 3.0 if clock["steps"] in slow_steps else 1.0
+            switch = 5.0 if clock["last"] is not self else 0.0
+            clock["last"] = self
+            clock["now"] += slow * (1 + self.depth) + switch
+            return torch.zeros(1)
+
+    monkeypatch.setattr(tree_search_module.time, "perf_counter", lambda: clock["now"])
+    seconds = probe_step_seconds(trained_model, steps=8, trees=trees, runner=FakeSteps)
+    turns = -(-8 // tree_search_module.PROBE_BURST)
+    assert clock["steps"] == (1 + turns) * per_turn  # a warm-up turn, then 8 timed steps or more
+    assert seconds == {(): 1.0, (1,): 2.0, (2, 2): 3.0}
+
+
 def test_fine_tuning_stores_the_acceptance_auto_trees_read(finetuned_checkpoint, monkeypatch):
     from spec_stream import GPTNeoForCausalLM
     import huggingface.transformers.generation.tree_search as tree_search_module

@@ -24,6 +24,7 @@ speculation no longer pays.
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
 
 import torch
@@ -37,6 +38,10 @@ MAX_LOOKUP = 8  # lookup-chain depths whose acceptance is measured (the benchmar
 MAX_TREE_NODES = 128  # beyond this a step costs more than any measured acceptance repays on our devices
 PROBE_TREES = ((), (1,), (2,), (3,), (2, 2), (4, 2), (4, 3, 2), (6, 4, 2), (8, 4, 2))  # sizes 1 .. 105; on a
 # CPU, trees of up to 8 rows a layer may take the few-row kernel (`linear_rows`): (3,) probes that edge
+PROBE_BURST = 3  # timed steps of one tree per turn of `probe_step_seconds`
+PROBE_SETTLE = 6  # untimed steps before them: after a big tree's step the next small ones run slow for a while
+# (2-core Xeon, compiled: () 2.1, 1.8, then 1.5 ms after a (4,3,2) step, 1.4 in a run of its own). With 2 the
+# probe read () 1.6-2.3 ms against 1.22 inside generate on E2E-NLG, and so (2,) at 1.5-1.6x () against 1.81
 
 
 def expected_tokens_per_step(tree_widths, acceptance, lookup_acceptance=(), lookup_length: int = 0) -> float:
@@ -101,28 +106,36 @@ def choose_tree(acceptance, step_seconds: dict[float, float], num_streams: int, 
 @torch.inference_mode()  # as `utils.decode` runs its steps
 def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PROBE_TREES,
                        batch_size: int = 1, runner=None) -> dict[tuple, float]:
-    """Median seconds per decoding step of each probe tree the model can draft, after
-    ``batch_size`` random prompts (the cost of a step hardly depends on the tokens; it
+    """Median seconds of ``steps`` decoding steps of each probe tree the model can draft,
+    after ``batch_size`` random prompts (the cost of a step hardly depends on the tokens; it
     does on the rows: a batch of B runs B trees per step), by tree widths. ``runner(model,
     spec)`` makes the steps to time (`utils.TreeDecodingSteps`; default: the exact-shape
-    `DynamicTreeSteps` that ``generate`` runs); every probe step is warmed up first."""
+    `DynamicTreeSteps` that ``generate`` runs). The trees take turns, each turn a prefill,
+    `PROBE_SETTLE` untimed steps, then `PROBE_BURST` timed ones: a machine whose speed drifts
+    then slows every tree alike instead of the ones timed during a slow spell, which flipped
+    the choice between trees of near-equal merit from run to run."""
     runner = runner or DynamicTreeSteps
     config = model.config
     prompt_length = max(1, min(prompt_length, config.max_position_embeddings // 2))
     ids = torch.randint(0, config.vocab_size, (batch_size, prompt_length), generator=torch.Generator().manual_seed(0))
-    result = {}
-    for widths in (w for w in trees if len(w) <= config.num_spec_streams):
-        decoder = runner(model, TreeSpec(widths))
-        decoder.prefill(ids.to(model.device), max_new_tokens=(steps + 1) * (len(widths) + 1))
-        decoder.step(remaining=len(widths) + 1, timer=no_timer).tolist()  # warm-up (a compiled step compiles)
-        times = []
-        for _ in range(steps):
-            _synchronize(model.device)
-            start = time.perf_counter()
-            decoder.step(remaining=len(widths) + 1, timer=no_timer).tolist()  # .tolist(): the step's host read
-            times.append(time.perf_counter() - start)
-        result[tuple(widths)] = sorted(times)[len(times) // 2]
-    return result
+    turns, per_turn = -(-steps // PROBE_BURST), PROBE_SETTLE + PROBE_BURST
+    decoders = {widths: runner(model, TreeSpec(widths)) for widths in (tuple(w) for w in trees)
+                if len(widths) <= config.num_spec_streams}
+    times = {widths: [] for widths in decoders}
+    for turn in range(1 + turns):  # turn 0 warms up, untimed (a compiled step compiles then)
+        for widths, decoder in decoders.items():
+            decoder.prefill(ids.to(model.device), max_new_tokens=per_turn * (len(widths) + 1))
+            seconds = [timed_step(decoder, len(widths) + 1, model.device) for _ in range(per_turn)]
+            times[widths] += seconds[PROBE_SETTLE:] if turn else []
+    return {widths: statistics.median(seconds) for widths, seconds in times.items()}
+
+
+def timed_step(decoder, remaining: int, device) -> float:
+    """Seconds of one step of ``decoder``, its host read (``.tolist()``) included."""
+    _synchronize(device)
+    start = time.perf_counter()
+    decoder.step(remaining=remaining, timer=no_timer).tolist()
+    return time.perf_counter() - start
 
 
 def resolve_tree(model, request, lookup_length: int = 0, batch_size: int = 1, runner=None,
