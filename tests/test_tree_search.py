@@ -168,7 +168,7 @@ def test_probe_takes_turns_so_a_slow_spell_slows_every_tree_alike(trained_model,
 
     trees = [(), (1,), (2, 2)]
     per_turn = len(trees) * (tree_search_module.PROBE_SETTLE + tree_search_module.PROBE_BURST)
-    slow_steps = range(2 * per_turn + 1, 3 * per_turn + 1)  # the second timed turn
+    slow_steps = range(len(trees) + per_turn + 1, len(trees) + 2 * per_turn + 1)  # the second turn
     clock = {"now": 0.0, "steps": 0, "last": None}
 
     class FakeSteps:
@@ -189,7 +189,7 @@ def test_probe_takes_turns_so_a_slow_spell_slows_every_tree_alike(trained_model,
     monkeypatch.setattr(tree_search_module.time, "perf_counter", lambda: clock["now"])
     seconds = probe_step_seconds(trained_model, steps=8, trees=trees, runner=FakeSteps)
     turns = -(-8 // tree_search_module.PROBE_BURST)
-    assert clock["steps"] == (1 + turns) * per_turn  # a warm-up turn, then 8 timed steps or more
+    assert clock["steps"] == len(trees) + turns * per_turn  # a warm-up step each, then 8 timed steps or more
     assert seconds == {(): 1.0, (1,): 2.0, (2, 2): 3.0}
 
 

@@ -12,8 +12,8 @@ Two measurements decide it (Sequoia / EAGLE-2 in spirit, for product trees):
   `measure_lookup_acceptance`) is the chance that its depth-``j + 1`` draft is right
   after the ones above it; a step reaches depth ``d`` by either branch, taken as
   independent: ``1 - (1 - prod a_j) (1 - prod l_j)``.
-- *step latency* on the device at hand (`probe_step_seconds`: a few real decoding steps
-  per probed tree, cached per model, device and batch size), as a function of the step's rows
+- *step latency* on the device at hand (`probe_step_seconds`: real decoding steps, the trees
+  taking turns, cached per model, device and batch size), as a function of the step's rows
   (`tree_rows`: every node through every layer, plus its stream rows, one per tree level,
   through the stream layers), linear in between.
 `choose_tree` takes the candidate with the most expected tokens per second. A batch of B
@@ -106,9 +106,9 @@ def choose_tree(acceptance, step_seconds: dict[float, float], num_streams: int, 
 @torch.inference_mode()  # as `utils.decode` runs its steps
 def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PROBE_TREES,
                        batch_size: int = 1, runner=None) -> dict[tuple, float]:
-    """Median seconds of ``steps`` decoding steps of each probe tree the model can draft,
-    after ``batch_size`` random prompts (the cost of a step hardly depends on the tokens; it
-    does on the rows: a batch of B runs B trees per step), by tree widths. ``runner(model,
+    """Median seconds of ``steps`` (or a few more) decoding steps of each probe tree the model
+    can draft, after ``batch_size`` random prompts (the cost of a step hardly depends on the
+    tokens; it does on the rows: a batch of B runs B trees per step), by tree widths. ``runner(model,
     spec)`` makes the steps to time (`utils.TreeDecodingSteps`; default: the exact-shape
     `DynamicTreeSteps` that ``generate`` runs). The trees take turns, each turn a prefill,
     `PROBE_SETTLE` untimed steps, then `PROBE_BURST` timed ones: a machine whose speed drifts
@@ -121,12 +121,15 @@ def probe_step_seconds(model, prompt_length: int = 64, steps: int = 8, trees=PRO
     turns, per_turn = -(-steps // PROBE_BURST), PROBE_SETTLE + PROBE_BURST
     decoders = {widths: runner(model, TreeSpec(widths)) for widths in (tuple(w) for w in trees)
                 if len(widths) <= config.num_spec_streams}
+    for widths, decoder in decoders.items():  # one untimed step each first: a compiled step compiles here
+        decoder.prefill(ids.to(model.device), max_new_tokens=per_turn * (len(widths) + 1))
+        timed_step(decoder, len(widths) + 1, model.device)
     times = {widths: [] for widths in decoders}
-    for turn in range(1 + turns):  # turn 0 warms up, untimed (a compiled step compiles then)
+    for _ in range(turns):
         for widths, decoder in decoders.items():
-            decoder.prefill(ids.to(model.device), max_new_tokens=per_turn * (len(widths) + 1))
+            decoder.prefill(ids.to(model.device), max_new_tokens=per_turn * (len(widths) + 1))  # same shapes
             seconds = [timed_step(decoder, len(widths) + 1, model.device) for _ in range(per_turn)]
-            times[widths] += seconds[PROBE_SETTLE:] if turn else []
+            times[widths] += seconds[PROBE_SETTLE:]
     return {widths: statistics.median(seconds) for widths, seconds in times.items()}
 
 
