@@ -195,7 +195,7 @@ class FixedShapeDecoder:
         try:
             result = compiled()
         except Exception as error:  # compilation happens before the function touches any state
-            logger.warning(f"torch.compile of the decoding step failed ({type(error).__name__}: "
+            logger.warning(f"torch.compile of the decoder's {key[0]} failed ({type(error).__name__}: "
                            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
                            "running it eagerly instead.")
             self.compiled_step = self.compiled_prefill = None
