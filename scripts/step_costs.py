@@ -5,10 +5,9 @@
 
 For each model (a checkpoint folder or a built-in size from `spec_stream.checkpoints`): the
 milliseconds per token of upstream `transformers` greedy decoding on the same weights, and
-the milliseconds per step of our one step (`tree_step.TreeStep`) for each tree, run each
-way named in ``--runners``: ``exact`` (eager, exact shapes: `DynamicTreeSteps`, what
-``generate`` runs) and ``compiled`` (`FixedShapeDecoder(compile=True)`: padded shapes,
-`torch.compile`; its compile time is printed too). Each cell is the median of ``--repeats``
+the milliseconds per step of our one step (`tree_step.TreeStep`) for each tree, on the one
+runner `generate` uses (`FixedShapeDecoder`) in each mode named in ``--runners``: ``eager``
+(a CPU's default) and ``compiled`` (``generate(..., compile_config=CompileConfig())``). Each cell is the median of ``--repeats``
 measurements of ``--steps`` steps after a ``--prompt``-token prompt, with the min-max
 spread, and its ratio to the same runner's one-token step ``()``. Beside each cell, the
 roofline bound of that forward pass (`spec_stream.arithmetic`: FLOPs over the measured fp32
@@ -31,25 +30,14 @@ import transformers
 
 from huggingface.transformers.generation.speculative_tree import TreeSpec, tree_size
 from huggingface.transformers.generation.tree_search import probe_step_seconds
-from huggingface.transformers.generation.tree_step import DynamicTreeSteps
-from spec_stream import FixedShapeDecoder, GPTNeoForCausalLM
+from spec_stream import GPTNeoForCausalLM
 from spec_stream.arithmetic import (ModelShape, forward_bytes, forward_flops, load_config, measure_machine,
                                     roofline_seconds)
 from spec_stream.benchmark.machine import machine_info
 from spec_stream.errors import UserError, exit_on_user_error
 
 TREES = ((), (1,), (1, 1, 1), (2, 2), (2, 2, 2), (4, 3, 2), (8, 4, 2))
-RUNNERS = ("exact", "compiled")
-
-
-def make_runner(name: str, made: list):
-    """The steps `probe_step_seconds` times for runner ``name``; each one made is kept in ``made``."""
-    def make(model, spec: TreeSpec):
-        steps = DynamicTreeSteps(model, spec) if name == "exact" else \
-            FixedShapeDecoder(model, spec, cuda_graphs=False, compile=True)
-        made.append(steps)
-        return steps
-    return make
+RUNNERS = ("eager", "compiled")  # `fixed_shape` modes of a CPU
 
 
 def parse_trees(text: str) -> tuple:
@@ -105,16 +93,11 @@ def measure(name: str, trees, args, probe) -> dict:
            "upstream_roofline": roofline_ms(shape, (), args.prompt, probe),
            "roofline": {str(w): roofline_ms(shape, w, args.prompt, probe) for w in trees}, "runners": {}}
     for runner in args.runners:
-        made = []
-        runs = [probe_step_seconds(model, args.prompt, args.steps, trees, runner=make_runner(runner, made))
-                for _ in range(args.repeats)]
+        runs = [probe_step_seconds(model, args.prompt, args.steps, trees, mode=runner) for _ in range(args.repeats)]
         cells = {str(w): spread([1e3 * run[w] for run in runs]) for w in trees}
         for widths in trees:
             one_token = cells.get("()")
             cells[str(widths)]["ratio"] = cells[str(widths)]["median"] / one_token["median"] if one_token else None
-        for steps in made:  # a compiled step's compile time: its first probe's first call
-            if getattr(steps, "compile_seconds", None):
-                cells[str(steps.spec.widths)].setdefault("compile_seconds", sum(steps.compile_seconds.values()))
         row["runners"][runner] = cells
     return row
 
@@ -135,11 +118,10 @@ def print_table(rows: list[dict], trees) -> None:
                 if c is None:
                     return "-"
                 ratio = f" x{c['ratio']:.2f}" if c["ratio"] is not None else ""
-                compiled = f" [{c['compile_seconds']:.0f} s]" if c.get("compile_seconds") else ""
-                return f"{c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f}){ratio}{compiled}"
+                return f"{c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f}){ratio}"
             print(" | ".join([row["model"], runner, ""] + [cell(w) for w in trees]))
     print("ms per token (upstream) or per step (trees): median (min-max); x: that runner's step over its one-token "
-          "step (); [s]: compile time; the roofline row: each step's bound (upstream's in brackets)")
+          "step (); the roofline row: each step's bound (upstream's in brackets)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -148,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", action="append", help="checkpoint folder or built-in size (repeatable); "
                         "default: tiny, small, 125M")
     parser.add_argument("--trees", default=",".join(str(t) for t in TREES), help="trees to time")
-    parser.add_argument("--runners", default=",".join(RUNNERS), help="ways to run the step: exact, compiled")
+    parser.add_argument("--runners", default=",".join(RUNNERS), help="ways to run the step: eager, compiled")
     parser.add_argument("--streams", type=int, default=3, help="streams of a built-in size")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens before the timed steps")
     parser.add_argument("--steps", type=int, default=16, help="steps per measurement")

@@ -8,7 +8,7 @@ stream, so their tokens per call on their own outputs compare the texts as much 
 streams. This takes the ``--original`` checkpoint's greedy outputs (up to its end of
 sequence) on ``--num-samples`` test prompts and replays a ``--tree-widths`` tree's steps
 on them for every checkpoint named (the original first), each with its own streams
-(`tree_search.replayed_accepted_lengths`): tokens over calls (the prefill's included), as
+(`spec_stream.acceptance.replayed_accepted_lengths`): tokens over calls (the prefill's included), as
 decoding would count them. For a frozen-base copy of the original, it is exactly its own
 decoding's. No timing: any machine load is fine. Prints one line per checkpoint.
 """
@@ -20,7 +20,7 @@ import sys
 import torch
 
 from huggingface.transformers.generation.speculative_tree import AUTO, TreeSpec, parse_tree
-from huggingface.transformers.generation.tree_search import greedy_texts, replayed_accepted_lengths
+from spec_stream.acceptance import greedy_texts, replayed_accepted_lengths
 from spec_stream.checkpoints import load_for_inference
 from spec_stream.data import default_split, load_examples, resolve_tasks
 from spec_stream.errors import UserError, exit_on_user_error

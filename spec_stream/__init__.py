@@ -21,7 +21,6 @@ from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import (
     GPTNeoConfig,
     GPTNeoForCausalLM,
     shifted_cross_entropy,
-    speculative_streaming_loss,
 )
 
 # Upstream's GPT-Neo module builds its docstrings from the config registered for "gpt_neo":
@@ -30,5 +29,4 @@ importlib.import_module("transformers.models.gpt_neo.modeling_gpt_neo")
 AutoConfig.register(GPTNeoConfig.model_type, GPTNeoConfig, exist_ok=True)
 AutoModelForCausalLM.register(GPTNeoConfig, GPTNeoForCausalLM, exist_ok=True)
 
-__all__ = ["FixedShapeDecoder", "GPTNeoConfig", "GPTNeoForCausalLM", "shifted_cross_entropy",
-           "speculative_streaming_loss"]
+__all__ = ["FixedShapeDecoder", "GPTNeoConfig", "GPTNeoForCausalLM", "shifted_cross_entropy"]

@@ -57,7 +57,6 @@ class ModelShape:
     inner: int  # MLP width
     streams: int  # speculative streams (0: plain GPT-Neo)
     stream_layers: int  # top layers the stream rows run through
-    pruner_rank: int  # rank of the pruning adapter (built only with streams)
     tied: bool  # LM head shares the token embedding
 
     @classmethod
@@ -66,7 +65,7 @@ class ModelShape:
             vocab=config.vocab_size, positions=config.max_position_embeddings, hidden=config.hidden_size,
             layers=config.num_layers, inner=config.intermediate_size or 4 * config.hidden_size,
             streams=getattr(config, "num_spec_streams", 0), stream_layers=getattr(config, "num_stream_layers", 0),
-            pruner_rank=getattr(config, "pruner_rank", 0), tied=config.tie_word_embeddings,
+            tied=config.tie_word_embeddings,
         )
 
 
@@ -79,7 +78,7 @@ def parameter_groups(shape: ModelShape) -> dict[str, int]:
         "block_matrices": shape.layers * (4 * h * h + 2 * h * i),  # q, k, v, out; c_fc, c_proj
         "block_vectors": shape.layers * (4 * h + h + i + h),  # ln_1, ln_2; out_proj, c_fc, c_proj biases
         "final_norm": 2 * h,
-        "streams": shape.streams * h + 2 * h * shape.pruner_rank if shape.streams else 0,  # P_j; pruner
+        "streams": shape.streams * h,  # P_j
         "lm_head": 0 if shape.tied else shape.vocab * h,
     }
 

@@ -2,7 +2,8 @@
 
 The model and its `generate` live in the patched `transformers` layer (`huggingface/`),
 which cannot import this package; the defaults that layer needs (the draft tree, the
-prefill buckets of the fixed-shape path, the loss weights, the few-row kernel's limit) are defined there, next to the code that uses them, and re-exported
+prefill buckets of the one runner, the probe trees of "auto", the loss weights) are defined there, next to the code
+that uses them, and re-exported
 here so that this module lists them all. Everything else is defined here and nowhere else:
 command-line parsers, the benchmark and the fine-tuning code read their defaults from it.
 """
@@ -10,15 +11,12 @@ from __future__ import annotations
 
 from huggingface.transformers.generation.fixed_shape import DEFAULT_PREFILL_BUCKETS  # prompt-length graphs
 from huggingface.transformers.generation.speculative_tree import DEFAULT_TREE_WIDTHS  # (4, 3, 2): the paper's tree
-from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS  # (W @ x^T)^T up to 8 rows on a CPU, where timed faster
-from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS_MIN_GAIN  # by 1.2x at least: no flip-flop
-from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS_MIN_WEIGHT  # for weights of 64K+
+from huggingface.transformers.generation.tree_search import COMPILED_PROBE_TREES  # "auto" on compiled steps: 6 trees
 from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoConfig
 
 # -- the method --------------------------------------------------------------------------
 MAIN_LOSS_WEIGHT = GPTNeoConfig.main_loss_weight  # a0 = 1.0: the main stream is the model itself
 STREAM_LOSS_WEIGHT = GPTNeoConfig.stream_loss_weight  # a_j = 0.1 (paper): streams must not hurt the main stream
-PRUNER_LOSS_WEIGHT = 0.1  # early-exit CE beside the main loss: the adapter is a side task, like the streams
 NUM_SPEC_STREAMS = 3  # gamma: the paper's 3-4; a 4th stream rarely survives verification on small models
 STREAM_ADAPTER_RANK = 16  # --freeze-base: the streams' own low-rank capacity (the base's weights cannot move)
 STREAM_TARGETS = "distill"  # --stream-targets: the frozen base's own distribution (docs/method.md, stream stage)
@@ -88,8 +86,6 @@ LOOKUP_BRANCH = dict(spider=4, dialogsum=0, e2e_nlg=0, custom=0)  # spec_stream'
 BENCHMARK_TREE_WIDTHS = "auto"  # spec_stream's tree: the fastest for the checkpoint on this device, as generate's
 COMPILE_STEP_ON_CPU = True  # spec_stream and static at batch 1 on a CPU: torch.compile of the one step ran
 # the E2E-NLG small checkpoint's steps 1.2-1.5x faster than eager up to (1,1,1) (README, step costs)
-COMPILED_PROBE_TREES = ((), (1,), (2,), (2, 2), (4, 2), (4, 3, 2))  # "auto" on compiled steps: each probe compiles
-# (15-37 s cold, a few s from inductor's cache), so six trees span sizes 1 .. 41 instead of the eager probe's nine
 BENCHMARK_BATCH_SIZES = (1,)  # --batch-size: one prompt at a time unless asked, the latency setting of the paper
 SAMPLE_TEMPERATURE = 0.7  # --do-sample: issue 14's temperature, between greedy and the raw distribution
 SAMPLE_TOP_K = 50  # transformers' own default top_k when sampling (0 turns it off)

@@ -46,12 +46,13 @@ loads. If this torch cannot compile (no C++ compiler for inductor on a CPU, no t
 GPU), `unavailable` says so in one line and `build_engine`, and `dataset_tps.py` before any
 work, refuse; a compile that fails anyway makes the engine `Unsupported` (its row says why).
 
-On a GPU `static` and `spec_stream` replay each decode step as a CUDA graph
-(`FixedShapeDecoder`) unless ``cuda_graphs=False``; on a CPU they run it compiled
-(`FixedShapeDecoder(compile=True)`, `defaults.COMPILE_STEP_ON_CPU`) at batch 1, each cache
-bucket compiled before the timed call that needs it, and their "auto" tree is probed on those
-compiled steps (`defaults.COMPILED_PROBE_TREES`). Settings an engine takes (tree widths,
-draft model, ...) are named in its ``settings``; `build_engine` passes each engine its own.
+`static` and `spec_stream` decode through ``model.generate(speculative_streaming=True, ...)``
+with the arguments a user would pass (`SpecStreamEngine.user_call`): on a GPU its runner
+replays each step as a CUDA graph; on a CPU it runs compiled (``compile_config=
+CompileConfig()``, `defaults.COMPILE_STEP_ON_CPU`), each new shape compiled by an untimed
+call before the timed one, and "auto" probes the same compiled steps. Settings an engine
+takes (tree widths, draft model, ...) are named in its ``settings``; `build_engine` passes
+each engine its own.
 
 Batches (``batch_size`` > 1): prompts left-padded with an attention mask; upstream engines
 call plain `generate` on the batch (what upstream batched greedy is), ours
@@ -75,6 +76,7 @@ row-exact `Int8DynamicActivationInt8WeightConfig` ran its 768 x 50257 LM head at
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import sys
@@ -86,9 +88,10 @@ import transformers
 from transformers import CompileConfig
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
-from huggingface.transformers.generation.fixed_shape import compiled_steps
+from huggingface.transformers.generation.fixed_shape import (COMPILED, CUDA_GRAPHS, DEFAULT_CACHE_BUCKETS,
+                                                              DEFAULT_PREFILL_BUCKETS, EAGER)
 from huggingface.transformers.generation.tree_search import resolve_tree
-from spec_stream import FixedShapeDecoder, GPTNeoForCausalLM
+from spec_stream import GPTNeoForCausalLM
 from spec_stream.arithmetic import ModelShape, dtype_name, step_weight_bytes
 from spec_stream import defaults
 from spec_stream.defaults import BENCHMARK_TREE_WIDTHS, PROMPT_LOOKUP_TOKENS
@@ -203,19 +206,27 @@ class GenerateStepCounter(ForwardCounter):
         model.prepare_inputs_for_generation = counted
 
 
-class DecoderCallCounter(ForwardCounter):
-    """A `ForwardCounter` for our compiled steps (`FixedShapeDecoder(compile=True)`): counts,
-    outside the compiled call, the decoder's ``prefill`` and ``step`` calls, one forward each."""
+class LoopCallCounter(ForwardCounter):
+    """A `ForwardCounter` for our decoding loop, passed to it as ``step_timer``: counts,
+    outside any compiled or graphed step, each section that starts a forward call (the
+    prefill; each step, named "step", or "draft" when eager) and times every section
+    (``timer``, a `StepTimer`)."""
 
-    def __init__(self, decoder):
+    FORWARDS = ("prefill", "step", "draft")
+
+    def __init__(self, device):
         self.starts: list[float] = []
-        for name in ("prefill", "step"):
-            call = getattr(decoder, name)
-            setattr(decoder, name, functools.partial(self._counted, call))
+        self.timer = StepTimer(device)
 
-    def _counted(self, call, *args, **kwargs):
-        self._note(None, args)
-        return call(*args, **kwargs)
+    def reset(self) -> None:
+        self.starts, self.timer = [], StepTimer(self.timer.device)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if name in self.FORWARDS:
+            self._note(None, ())
+        with self.timer(name):
+            yield
 
 
 class Int8Linear(torch.nn.Module):
@@ -618,13 +629,14 @@ class CompiledEngine(Engine):
 
 
 class SpecStreamEngine(Engine):
-    """Our model and loop. ``tree_widths=()`` makes it the `static` engine: the same
-    preallocated cache and loop, one token per forward call. One prompt at a time, the
-    step runs on fixed shapes (`FixedShapeDecoder`): replayed as a CUDA graph on a GPU
-    (``cuda_graphs``), compiled on a CPU (``compile_step``; None: `defaults.COMPILE_STEP_ON_CPU`),
-    otherwise the exact-shape loop of ``generate(speculative_streaming=True)`` runs, which
-    also serves left-padded batches (greedy); sampling it serves one prompt at a time, so a
-    sampled batch is `Unsupported`."""
+    """Our model through ``model.generate(speculative_streaming=True, ...)``, with the
+    arguments a user passes (`user_call` names them): on a GPU its step replays as CUDA
+    graphs (``cuda_graphs=False``: ``disable_compile=True``, eager); on a CPU it runs compiled
+    (``compile_config=CompileConfig()``; ``compile_step``, None: `defaults.COMPILE_STEP_ON_CPU`),
+    each new shape compiled by an untimed call before the timed one, else eagerly.
+    ``tree_widths=()`` makes it the `static` engine: the same runner and loop, one token per
+    forward call. Batches decode greedily; sampling and the lookup branch take one prompt at
+    a time, so such a batch is `Unsupported`."""
 
     name = "spec_stream"
     settings = ("tree_widths", "cuda_graphs", "lookup_branch", "compile_step")
@@ -634,31 +646,24 @@ class SpecStreamEngine(Engine):
                  compile_step: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         compile_step = defaults.COMPILE_STEP_ON_CPU if compile_step is None else compile_step
-        self.graphs = cuda_graphs and self.device.type == "cuda"
-        self.compiled = compile_step and self.device.type == "cpu" and compile_unavailable("cpu") is None
-        if self.compiled:
-            self.counter.remove()  # before any probe compiles a step: the hook would be traced into it
+        if self.device.type == "cuda":
+            self.mode = CUDA_GRAPHS if cuda_graphs else EAGER
+        else:
+            self.mode = COMPILED if compile_step and compile_unavailable("cpu") is None else EAGER
         # "auto": the tree the checkpoint's measured acceptance and this device's probed step
         # latencies favour at the batch size in use, chosen before any timed call
         self.tree_request = tree_widths  # a TreeSpec, widths or "auto" (resolved per batch size by `_tree_for`)
         self.lookup_branch = lookup_branch  # prompt-lookup nodes beside the streams' (0: none)
+        self.warmed: set[tuple] = set()  # (batch, prompt bucket, cache bucket) already compiled
         self.tree_widths = self._tree_for(1)
-        self.decoder = None
-        if self.graphs or self.compiled:
-            self.decoder = FixedShapeDecoder(self.model, self.tree_widths, cuda_graphs=self.graphs,
-                                             compile=self.compiled, lookup_length=lookup_branch,
-                                             **self.sampling_kwargs())
-            self.decoder.capture()  # every graph now, none inside a timed call (compiled: per bucket, `run`)
-            if self.compiled:
-                self.counter = DecoderCallCounter(self.decoder)
         self._describe()
 
+    def _forward_counter(self) -> ForwardCounter:
+        return LoopCallCounter(self.device)
+
     def _tree_for(self, batch_size: int) -> tuple:
-        """Batch 1 on a CPU probes "auto" on the compiled steps it will run, batches on the
-        exact-shape loop."""
-        compiled = dict(runner=compiled_steps, probe_trees=defaults.COMPILED_PROBE_TREES) \
-            if self.compiled and batch_size == 1 else {}
-        return resolve_tree(self.model, self.tree_request, self.lookup_branch, batch_size, **compiled).widths
+        """The tree ``generate`` resolves for this request at ``batch_size`` (probed on its runner)."""
+        return resolve_tree(self.model, self.tree_request, self.lookup_branch, batch_size, mode=self.mode).widths
 
     def use_batch_size(self, batch_size: int) -> None:
         """The tree for batches of ``batch_size`` (with "auto": probed at that size; a batch
@@ -680,25 +685,33 @@ class SpecStreamEngine(Engine):
     def _describe(self, batch_size: int = 1) -> None:
         tree = f", tree {','.join(map(str, self.tree_widths))}" if self.tree_widths else ", no speculation"
         lookup = f" + lookup {self.lookup_branch}" if self.lookup_branch else ""
-        self.backend = f"spec-stream sdpa, static cache, {self._steps(batch_size)}{tree}{lookup}{self.weights_note}"
+        self.backend = f"{self.user_call()}: {self.mode} steps{tree}{lookup}{self.weights_note}"
 
-    def _steps(self, batch_size: int) -> str:
-        """How a step runs at ``batch_size`` (batches: the exact-shape loop)."""
-        if self.decoder is None or batch_size > 1:
-            return "eager steps"
-        if self.graphs:
-            return "CUDA graphs"
-        if self.decoder.compiled_step is None:
-            return "eager fixed-shape steps (torch.compile failed)"
-        seconds = sum(self.decoder.compile_seconds.values())
-        return f"compiled steps (compile: {f'{seconds:.1f} s' if seconds else 'not yet'})"
+    def user_call(self) -> str:
+        """The call a user makes to decode as this engine does."""
+        step = {COMPILED: ", compile_config=CompileConfig()", EAGER: ", disable_compile=True"
+                if self.device.type == "cuda" else "", CUDA_GRAPHS: ""}[self.mode]
+        return f"generate(speculative_streaming=True{step})"
 
     @torch.no_grad()
     def run(self, prompt_ids, max_new_tokens, eos_token_id, index=0):
-        if self.decoder is not None:  # a cache bucket not compiled yet: compiled now, untimed
-            self.decoder.prepare([prompt_ids.shape[1]], max_new_tokens)
-            self._describe()
+        self.warm_up(prompt_ids.shape, max_new_tokens, eos_token_id)
         return super().run(prompt_ids, max_new_tokens, eos_token_id, index)
+
+    def warm_up(self, shape, max_new_tokens, eos_token_id) -> None:
+        """Compiled steps: one untimed call for a batch size, prompt bucket and cache bucket not
+        compiled yet, so that no compile happens inside a timed call."""
+        if self.mode != COMPILED:
+            return
+        batch, width = shape
+        bucket = next(b for b in (*DEFAULT_PREFILL_BUCKETS, width) if b >= width)
+        key = (batch, bucket, next((b for b in DEFAULT_CACHE_BUCKETS if b >= max(width + max_new_tokens, bucket)),
+                                   None))
+        if key not in self.warmed:
+            self._speculative_generate(torch.ones(shape, dtype=torch.long, device=self.device), max_new_tokens,
+                                       eos_token_id)
+            self.warmed.add(key)
+            self._describe(batch)
 
     def _load(self, checkpoint):
         return GPTNeoForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa")
@@ -708,28 +721,26 @@ class SpecStreamEngine(Engine):
         return self.sampling.generate_kwargs() if self.sampling else {}
 
     def _generate(self, prompt_ids, max_new_tokens, eos_token_id):
-        timer = StepTimer(self.device)
-        if self.decoder is not None:
-            eos = set() if eos_token_id is None else {eos_token_id}
-            out = self.decoder.generate(prompt_ids, max_new_tokens, eos, timer=timer)
-        else:
-            out = self._speculative_generate(prompt_ids, max_new_tokens, eos_token_id, step_timer=timer)
-        extra = dict(self.draft_figures(out.accepted_lengths), step_seconds=dict(timer.seconds),
+        out = self._speculative_generate(prompt_ids, max_new_tokens, eos_token_id, step_timer=self.counter)
+        extra = dict(self.draft_figures(out.accepted_lengths), step_seconds=dict(self.counter.timer.seconds),
                      forward_calls=out.num_forward_calls, accepted_from_lookup=out.lookup_accepted or 0)
         return out.sequences, extra
 
     def _generate_batch(self, ids, mask, pad, max_new_tokens, eos_token_id):
         if (refusal := self._batch_refusal(ids.shape[0])) is not None:
             raise Unsupported(refusal)
+        self.warm_up(ids.shape, max_new_tokens, eos_token_id)
         out = self._speculative_generate(ids, max_new_tokens, eos_token_id, attention_mask=mask, pad_token_id=pad)
         return out.sequences, [dict(self.draft_figures(steps), forward_calls=out.num_forward_calls)  # the batch's
                                for steps in accepted_lengths_per_row(out, ids.shape[0])]
 
     def _speculative_generate(self, ids, max_new_tokens, eos_token_id, **kwargs):
         lookup = {"prompt_lookup_num_tokens": self.lookup_branch} if self.lookup_branch else {}
+        step = {COMPILED: {"compile_config": CompileConfig()}, EAGER: {"disable_compile": True}, CUDA_GRAPHS: {}}
         return self.model.generate(ids, speculative_streaming=True, tree_widths=self.tree_widths,
                                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                   return_dict_in_generate=True, **lookup, **self.sampling_kwargs(), **kwargs)
+                                   return_dict_in_generate=True, **step[self.mode], **lookup, **self.sampling_kwargs(),
+                                   **kwargs)
 
     def draft_figures(self, accepted_lengths: list[int]) -> dict:
         """Draft positions offered (the tree's depth, streams' or lookup's, per step) and

@@ -16,8 +16,7 @@ the CPU); a launch that started one process where several were asked is refused.
 Loss ``a0 * CE(main) + a_j * sum_j CE(stream_j)`` on target tokens only. Modes: full
 fine-tuning (default), LoRA (`--lora-rank R`, merged before the final save) and
 `--freeze-base` (only `transformer.streams.*` trains: the main stream stays the base model
-bit for bit). `--train-pruner` adds ``PRUNER_LOSS_WEIGHT * CE(early-exit logits, next token)``,
-trained jointly. A checkpoint (`OUTPUT/checkpoint-<step>`) is published every `--save-every` steps,
+bit for bit). A checkpoint (`OUTPUT/checkpoint-<step>`) is published every `--save-every` steps,
 at the end of each epoch and on SIGTERM or Ctrl-C (exit 143 / 130); `--resume` continues
 from the newest one exactly (same batch order, optimizer and scheduler state), whatever
 moment the previous run was killed at. The final model, tokenizer and `training_args.json`
@@ -138,7 +137,6 @@ def _add_stream_flags(add) -> None:
         "base's own distribution at each later position, same forward) or greedy (references replaced by the base's "
         "greedy continuations, generated first); distill and greedy need --freeze-base (default: "
         f"{defaults.STREAM_TARGETS} with --freeze-base, references otherwise)", choices=STREAM_TARGETS)
-    add("train_pruner", "also train the tree-pruning adapter")
 
 
 def _add_run_flags(add) -> None:

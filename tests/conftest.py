@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spec_stream import defaults, shifted_cross_entropy
+from spec_stream import defaults
 from tests.helpers import phrase_text, tiny_model
 
 
@@ -31,15 +31,14 @@ def eager_steps_in_engines():
 
 @pytest.fixture(scope="session")
 def trained_model():
-    """A tiny model briefly fine-tuned with the Speculative Streaming loss (plus the
-    pruning adapter's early-exit loss), so its streams are right often on its domain."""
+    """A tiny model briefly fine-tuned with the Speculative Streaming loss, so its streams
+    are right often on its domain."""
     model = tiny_model(num_spec_streams=3, num_stream_layers=2, hidden_size=64, attn_implementation="sdpa").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(2)
     for _ in range(240):  # 160 left the loss at 1.37 on one machine (stream-1 acceptance 0.29), 240 at 0.74 (0.84)
         ids = phrase_text(16, 48, generator)
-        out = model(ids, labels=ids, early_exit=True)
-        loss = out.loss + 0.1 * shifted_cross_entropy(out.early_exit_logits, ids, 1)
+        loss = model(ids, labels=ids).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -58,8 +57,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def finetuned_checkpoint(tmp_path_factory, data_dir):
-    """One tiny model fine-tuned from scratch on 500 E2E-NLG rows for 5 epochs (with the
-    pruning adapter), shared by every test that needs a trained checkpoint:
+    """One tiny model fine-tuned from scratch on 500 E2E-NLG rows for 5 epochs, shared by every test that needs a trained checkpoint:
     ``(output folder, summary)``."""
     from spec_stream.finetune import finetune
     from spec_stream.training.config import FinetuneConfig
@@ -67,7 +65,7 @@ def finetuned_checkpoint(tmp_path_factory, data_dir):
     output = tmp_path_factory.mktemp("finetuned") / "e2e_nlg-tiny"
     summary = finetune(FinetuneConfig(
         dataset="e2e_nlg", output=str(output), data_dir=str(data_dir), from_scratch="tiny", max_train_samples=500,
-        max_eval_samples=30, epochs=5.0, batch_size=8, max_length=128, lr=2e-3, seed=3, train_pruner=True,
+        max_eval_samples=30, epochs=5.0, batch_size=8, max_length=128, lr=2e-3, seed=3,
     ))
     return output, summary
 

@@ -28,7 +28,7 @@ PROBE = MachineProbe(device="cpu", read_bytes_per_second=20e9, copy_bytes_per_se
 @pytest.mark.parametrize("size", list(MODEL_SIZES))
 def test_parameter_count_of_every_built_in_size(size):
     config = size_config(size)
-    assert config.num_spec_streams and config.pruner_rank  # streams and pruner counted too
+    assert config.num_spec_streams  # streams counted too
     assert parameter_count(ModelShape.of(config)) == model_parameter_count(config)
     plain = size_config(size)
     plain.num_spec_streams, plain.num_stream_layers = 0, 0
@@ -36,7 +36,7 @@ def test_parameter_count_of_every_built_in_size(size):
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, dict(num_spec_streams=2, num_stream_layers=1, pruner_rank=0), dict(num_spec_streams=3, num_stream_layers=4),
+    {}, dict(num_spec_streams=2, num_stream_layers=1), dict(num_spec_streams=3, num_stream_layers=4),
     dict(tie_word_embeddings=False), dict(intermediate_size=40),
 ])
 def test_parameter_count_of_our_variants(overrides):
@@ -118,7 +118,8 @@ def test_cli_writes_every_figure(tmp_path, capsys):
     output = tmp_path / "tiny.json"
     assert main(["--model", "tiny", "--no-probe", "--batch", "4", "--json", str(output)]) == 0
     figures = json.loads(output.read_text())
-    assert figures["parameters"]["formula"] == figures["parameters"]["model"] == 397_120
+    # 2048 * 64 + 1024 * 64 (embeddings) + 4 * (4 * 64 * 64 + 2 * 64 * 256) + 4 * 640 (blocks) + 128 (ln_f) + 3 * 64
+    assert figures["parameters"]["formula"] == figures["parameters"]["model"] == 396_096
     assert set(figures["intensity"]) == {"batch_1", "batch_4"} and figures["machine"] is None
     assert "matches the model" in capsys.readouterr().out
 

@@ -1,7 +1,8 @@
 """A fine-tuned checkpoint the Hugging Face way: after `import spec_stream`, the Auto
 classes and `pipeline` build our model with its streams, its generation config makes
-speculative streaming the default of plain `generate` (same output as greedy), sampling
-falls back to plain sampling, and upstream GPT-Neo still loads the folder."""
+speculative streaming the default of plain `generate` (same output as greedy, in batches
+and when sampling too; beam search falls back to plain generate), and upstream GPT-Neo
+still loads the folder."""
 import json
 import logging
 
@@ -15,7 +16,7 @@ from spec_stream.data import load_examples
 
 NEW_TOKENS = 24
 STREAMS_NOTE = "decoding with the speculative streams"
-FALLBACK_NOTE = "sampling, beam search and batches run as plain generate()"
+FALLBACK_NOTE = "this call runs as plain generate()"
 
 
 @pytest.fixture(scope="module")
@@ -128,27 +129,42 @@ def test_the_pipeline_decodes_with_the_streams_exactly_as_greedy(checkpoint, pro
     assert any(STREAMS_NOTE in m for m in notes())
 
 
-def test_sampling_falls_back_to_plain_sampling_with_one_warning(checkpoint, prompts, notes):
-    generator = pipeline("text-generation", model=str(checkpoint))  # samples by default
-    outputs = [generator(prompts[0], max_new_tokens=8)[0]["generated_text"] for _ in range(2)]
-    assert all(text.startswith(prompts[0]) for text in outputs)
+def test_a_pipeline_batch_decodes_with_the_streams_exactly_as_greedy(checkpoint, prompts, notes, flat_step_costs):
+    generator = pipeline("text-generation", model=str(checkpoint), batch_size=4)
+    generator.tokenizer.padding_side = "left"
     model, tokenizer = generator.model, generator.tokenizer
-    ids = tokenizer(prompts[0], return_tensors="pt").input_ids
-    torch.manual_seed(0)
-    sampled = model.generate(ids, do_sample=True, max_new_tokens=8)
-    torch.manual_seed(0)
-    assert torch.equal(sampled, model.generate(ids, do_sample=True, max_new_tokens=8, speculative_streaming=False))
-    assert sum(FALLBACK_NOTE in m for m in notes()) == 1 and not any(STREAMS_NOTE in m for m in notes())
+    expected = []
+    for prompt in prompts[:4]:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        expected.append(tokenizer.decode(plain_greedy(model, ids)[0, ids.shape[1]:], skip_special_tokens=True))
+    calls = ForwardCalls(model)
+    texts = generator(prompts[:4], do_sample=False, max_new_tokens=NEW_TOKENS, return_full_text=False)
+    assert [text[0]["generated_text"] for text in texts] == expected
+    assert calls.count < NEW_TOKENS  # one batch, the streams drafting for all four rows
+    assert any(STREAMS_NOTE in m for m in notes()) and not any(FALLBACK_NOTE in m for m in notes())
 
 
-def test_a_batch_falls_back_to_plain_generate(checkpoint, prompts, notes):
+def test_sampling_decodes_with_the_streams(checkpoint, prompts, notes, flat_step_costs):
+    """Sampling keeps the streams: fewer calls than tokens, one seed one text (that each
+    token is drawn from plain sampling's distribution: tests/test_sampling.py)."""
+    generator = pipeline("text-generation", model=str(checkpoint))  # samples by default
+    calls = ForwardCalls(generator.model)
+    prompt_length = len(generator.tokenizer(prompts[0]).input_ids)
+    outputs = []
+    for seed in (0, 0, 1, 2, 3):
+        torch.manual_seed(seed)
+        outputs.append(generator(prompts[0], max_new_tokens=NEW_TOKENS, return_tensors=True)[0]["generated_token_ids"])
+    assert calls.count < sum(len(ids) - prompt_length for ids in outputs)  # drafts were accepted
+    assert outputs[0] == outputs[1] and len({tuple(ids) for ids in outputs}) > 1  # reproducible, really sampled
+    assert any(STREAMS_NOTE in m for m in notes()) and not any(FALLBACK_NOTE in m for m in notes())
+
+
+def test_beam_search_falls_back_to_plain_generate_with_one_warning(checkpoint, prompts, notes):
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    ids = tokenizer([prompts[1]] * 2, return_tensors="pt").input_ids
-    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, pad_token_id=tokenizer.eos_token_id)
-    out = model.generate(ids, **settings)
-    assert torch.equal(out, model.generate(ids, **settings, speculative_streaming=False))
-    assert any(FALLBACK_NOTE in m for m in notes())
+    ids = AutoTokenizer.from_pretrained(checkpoint)(prompts[1], return_tensors="pt").input_ids
+    settings = dict(num_beams=2, do_sample=False, max_new_tokens=8)
+    assert torch.equal(model.generate(ids, **settings), model.generate(ids, **settings, speculative_streaming=False))
+    assert sum(FALLBACK_NOTE in m and "num_beams" in m for m in notes()) == 1
 
 
 def test_speculative_streaming_false_turns_the_default_off(checkpoint, prompts, notes):

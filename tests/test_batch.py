@@ -1,7 +1,7 @@
 """Batches (B > 1) of left-padded prompts: every row decodes exactly as it would alone.
 
 Each row of ``generate(input_ids (B, P), attention_mask=..., speculative_streaming=True)``
-and of `FixedShapeDecoder.generate` must equal greedy decoding of that row's prompt alone,
+must equal greedy decoding of that row's prompt alone,
 without padding, token for token, right-padded with ``pad_token_id`` to the longest row,
 as upstream's batched greedy pads it."""
 
@@ -10,6 +10,7 @@ import torch
 
 from huggingface.transformers.generation.request import pack_prompts
 from spec_stream import FixedShapeDecoder
+from transformers import CompileConfig
 from tests.helpers import TINY, phrase_text, tiny_model, upstream_twin
 
 NEW = 24
@@ -72,9 +73,8 @@ def check_statistics(out, new_rows, tree_widths):
 
 
 def check_batches(model, reference, rows_of, tree_widths, seed, batches=(2, 3, 5, 8)):
-    """Both paths, with and without an EOS that ends some rows early, against each row alone."""
+    """With and without an EOS that ends some rows early, against each row alone."""
     generator = torch.Generator().manual_seed(seed)
-    decoder = FixedShapeDecoder(model, tree_widths, cuda_graphs=False, prefill_buckets=(16, 32))
     ended_early = 0
     for batch in batches:
         rows = rows_of(batch, generator)
@@ -87,10 +87,6 @@ def check_batches(model, reference, rows_of, tree_widths, seed, batches=(2, 3, 5
             out = speculative(model, ids, mask, tree_widths, eos=eos_token)
             assert torch.equal(out.sequences, expected(ids, new_rows)), (batch, eos_token)
             check_statistics(out, new_rows, tree_widths)
-            fixed = decoder.generate(ids, NEW, set() if eos_token is None else {eos_token}, attention_mask=mask,
-                                     pad_token_id=PAD)
-            assert torch.equal(fixed.sequences, expected(ids, new_rows)), (batch, eos_token)
-            check_statistics(fixed, new_rows, tree_widths)
     assert ended_early > 0  # EOS really cut some rows short
 
 
@@ -115,51 +111,43 @@ def test_trained_model_batches_still_gain_several_tokens_per_call(trained_model)
     assert tokens / steps > 1.5  # each row accepts its own drafts
 
 
-def test_finished_rows_leave_the_dynamic_batch(trained_model):
-    """Rows that met EOS stop costing work: later forwards run on fewer rows."""
+def test_a_compiled_batch_equals_each_row_alone(trained_model):
+    """``compile_config``: the compiled step of a batch size, finished rows running on."""
     generator = torch.Generator().manual_seed(4)
-    rows = phrase_rows(5, generator)
+    rows = phrase_rows(3, generator)
     eos = early_eos([alone(trained_model, row) for row in rows])
     ids, mask = left_padded(rows)
-    batch_sizes = []
-    handle = trained_model.transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    try:
-        out = speculative(trained_model, ids, mask, (4, 3, 2), eos=eos)
-    finally:
-        handle.remove()
+    out = speculative(trained_model, ids, mask, (2, 2), eos=eos, compile_config=CompileConfig())
     assert torch.equal(out.sequences, expected(ids, [alone(trained_model, row, eos=eos) for row in rows]))
-    assert batch_sizes[0] == 5 and batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < 5
+    assert any(r.mode == "compiled" and ("step", 3, r.state.cache.max_length) in r.compile_seconds
+               for r in trained_model._tree_runners.values())
 
 
 def test_prompts_near_the_context_end_beside_short_ones():
-    """The longest row nears the context's end (the dynamic tree is cut for it, the fixed
-    path clamps its positions); the short rows are unaffected."""
+    """The longest row nears the context's end (its positions are clamped, the drafts past
+    the end ignored); the short rows are unaffected."""
     model = tiny_model(num_spec_streams=3, num_stream_layers=2, attn_implementation="sdpa")
     reference = upstream_twin(model)
     context = TINY["max_position_embeddings"]
     generator = torch.Generator().manual_seed(5)
-    decoder = FixedShapeDecoder(model, (4, 3, 2), cuda_graphs=False)
     for long_length, max_new in [(context - 10, 11), (context - 1, 2)]:
         rows = random_rows(3, generator, 1, 12) + random_rows(1, generator, long_length, long_length + 1)
         ids, mask = left_padded(rows)
         want = expected(ids, [alone(reference, row, max_new) for row in rows])
         assert torch.equal(speculative(model, ids, mask, (4, 3, 2), max_new).sequences, want)
-        assert torch.equal(decoder.generate(ids, max_new, attention_mask=mask).sequences, want)
 
 
 def test_scores_only_processors_apply_row_by_row(trained_model):
-    """Processors that read the scores alone (suppress_tokens) serve batches on both paths."""
+    """Processors that read the scores alone (suppress_tokens) serve batches, eager and compiled."""
     generator = torch.Generator().manual_seed(6)
     rows = phrase_rows(4, generator)
     ids, mask = left_padded(rows)
     suppressed = alone(trained_model, rows[0])[:2]
     new_rows = [trained_model.generate(row[None], do_sample=False, max_new_tokens=NEW, eos_token_id=None,
                                        suppress_tokens=suppressed)[0, len(row):].tolist() for row in rows]
-    out = speculative(trained_model, ids, mask, (4, 3, 2), suppress_tokens=suppressed)
-    assert torch.equal(out.sequences, expected(ids, new_rows))
-    decoder = FixedShapeDecoder(trained_model, (4, 3, 2), cuda_graphs=False, suppress_tokens=suppressed)
-    assert torch.equal(decoder.generate(ids, NEW, attention_mask=mask).sequences, expected(ids, new_rows))
+    for step in ({}, dict(compile_config=CompileConfig())):
+        out = speculative(trained_model, ids, mask, (2, 2), suppress_tokens=suppressed, **step)
+        assert torch.equal(out.sequences, expected(ids, new_rows))
 
 
 def test_auto_tree_is_chosen_for_the_batch_size(trained_model, monkeypatch):
@@ -185,24 +173,25 @@ def test_auto_tree_is_chosen_for_the_batch_size(trained_model, monkeypatch):
     assert torch.equal(batch.sequences, expected(ids, [alone(trained_model, row) for row in rows]))
     single = speculative(trained_model, rows[0][None], torch.ones_like(rows[0][None]), "auto")
     assert max(single.tree_sizes) > 1
-    assert set(trained_model.__dict__["_step_seconds_by_device"]) == {("cpu", 4), ("cpu", 1)}
+    assert set(trained_model.__dict__["_step_seconds_by_device"]) == {("cpu", 4, "eager"), ("cpu", 1, "eager")}
 
 
-def test_one_fixed_shape_decoder_serves_several_batch_sizes(trained_model):
-    decoder = FixedShapeDecoder(trained_model, (4, 3, 2), cuda_graphs=False)
+def test_one_runner_serves_several_batch_sizes(trained_model):
+    trained_model.__dict__.pop("_tree_runners", None)
     generator = torch.Generator().manual_seed(7)
     for batch in (3, 1, 3, 2):
         rows = phrase_rows(batch, generator)
         ids, mask = left_padded(rows)
-        out = decoder.generate(ids, NEW, attention_mask=mask)
+        out = speculative(trained_model, ids, mask, (4, 3, 2), max_new_tokens=NEW)
         assert torch.equal(out.sequences, expected(ids, [alone(trained_model, row) for row in rows]))
-    assert [batch for batch, _ in sorted(decoder.states)] == [1, 2, 3]  # one state per batch size (one cache bucket)
+    (runner,) = trained_model._tree_runners.values()
+    assert sorted({batch for batch, _ in runner.states}) == [1, 2, 3]
 
 
 def test_fixed_shape_batch_step_never_syncs_the_host(trained_model):
     from tests.test_fixed_shape import steps_without_host_sync
 
-    decoder = FixedShapeDecoder(trained_model, (4, 3, 2), cuda_graphs=False, prefill_buckets=(16,))
+    decoder = FixedShapeDecoder(trained_model, (4, 3, 2), prefill_buckets=(16,))
     rows = phrase_rows(3, torch.Generator().manual_seed(8), 4, 14)
     packed, lengths = pack_prompts(*left_padded(rows))  # each row's prompt from slot 0
     steps_without_host_sync(decoder, packed, prompt_lengths=lengths)
@@ -211,19 +200,19 @@ def test_fixed_shape_batch_step_never_syncs_the_host(trained_model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_batches_equal_eager(trained_model):
     model = trained_model.cuda()
-    graphed = FixedShapeDecoder(model, (4, 3, 2), cuda_graphs=True, prefill_buckets=(16, 32))
-    eager = FixedShapeDecoder(model, (4, 3, 2), cuda_graphs=False)
     generator = torch.Generator().manual_seed(9)
     try:
         for batch in (4, 2, 4):
             ids, mask = left_padded(phrase_rows(batch, generator))
             ids, mask = ids.cuda(), mask.cuda()
-            eos = {int(ids[0, -1])}
-            assert torch.equal(graphed.generate(ids, NEW, eos, attention_mask=mask, pad_token_id=PAD).sequences,
-                               eager.generate(ids, NEW, eos, attention_mask=mask, pad_token_id=PAD).sequences)
-        assert ("step", 4) in graphed.graphs and ("step", 2) in graphed.graphs
+            eos = int(ids[0, -1])
+            assert torch.equal(speculative(model, ids, mask, (4, 3, 2), eos=eos).sequences,
+                               speculative(model, ids, mask, (4, 3, 2), eos=eos, disable_compile=True).sequences)
+        (graphed,) = [r for r in model._tree_runners.values() if r.mode == "cuda_graphs"]
+        assert {key[1] for key in graphed.graphs if key[0] == "step"} == {2, 4}
     finally:
         trained_model.cpu()
+        trained_model.__dict__.pop("_tree_runners", None)
 
 
 def test_bad_batches_are_clear_errors():
@@ -238,8 +227,6 @@ def test_bad_batches_are_clear_errors():
                     dict(output_scores=True)):
         with pytest.raises(ValueError, match="one prompt at a time"):
             speculative(model, ids, mask, (2, 2), **setting)
-    decoder = FixedShapeDecoder(model, (2, 2), cuda_graphs=False)
+    from huggingface.transformers.generation.utils import decode
     with pytest.raises(ValueError, match="pad_token_id"):  # rows may end apart: what pads them?
-        decoder.generate(ids, 4, {5}, attention_mask=mask)
-    with pytest.raises(ValueError, match="one prompt at a time"):
-        FixedShapeDecoder(model, (2, 2), cuda_graphs=False, lookup_length=2).generate(ids, 4, attention_mask=mask)
+        decode(FixedShapeDecoder(model, (2, 2)), model.config, ids, 4, {5}, attention_mask=mask)

@@ -10,6 +10,7 @@ from huggingface.transformers.generation.speculative_tree import (
     propose_lookup,
     tree_size,
 )
+from huggingface.transformers.generation.utils import decode
 from spec_stream import FixedShapeDecoder
 from tests.helpers import TINY, phrase_text, tiny_model
 
@@ -96,15 +97,23 @@ def test_hybrid_tree_on_a_trained_model_uses_both_sources(trained_model):
 
 
 @pytest.mark.parametrize("tree_widths", [(2, 2), ()])
-def test_fixed_shape_hybrid_equals_dynamic(trained_model, tree_widths):
-    decoder = FixedShapeDecoder(trained_model, tree_widths, cuda_graphs=False, lookup_length=4)
+def test_one_runner_reused_across_prompts_decodes_like_greedy(trained_model, tree_widths):
+    """One `FixedShapeDecoder` with a lookup branch, driven by `utils.decode` for prompts of
+    many lengths (its cache reused: every request sees the previous one's entries as stale
+    slots), gives greedy's tokens and exactly what ``generate`` reports."""
+    decoder = FixedShapeDecoder(trained_model, tree_widths, lookup_length=4)
     generator = torch.Generator().manual_seed(23)
+    from_lookup = 0
     for i in range(12):
         ids = phrase_text(1, 5 + 2 * i, generator)
-        fixed = decoder.generate(ids, NEW)
-        dynamic = hybrid(trained_model, ids, tree_widths)
-        assert torch.equal(fixed.sequences, dynamic.sequences)
+        with torch.inference_mode():
+            fixed = decode(decoder, trained_model.config, ids, NEW)
+        generated = hybrid(trained_model, ids, tree_widths)
         assert torch.equal(fixed.sequences, greedy(trained_model, ids))
+        assert torch.equal(fixed.sequences, generated.sequences)
+        assert fixed.accepted_lengths == generated.accepted_lengths
+        from_lookup += fixed.lookup_accepted
+    assert from_lookup > 0 and len(decoder.states) <= 2  # the branch was accepted; caches made once per size
 
 
 def test_lookup_alone_on_a_model_without_streams_is_prompt_lookup_decoding():

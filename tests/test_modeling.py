@@ -3,11 +3,9 @@ import pytest
 import torch
 import transformers
 
-from huggingface.transformers.cache_utils import VariableLengthKVCache
+from huggingface.transformers.cache_utils import FixedShapeKVCache
 from huggingface.transformers.internals import CACHE_FIELD
 from huggingface.transformers.generation.speculative_tree import build_tree_buffers
-from huggingface.transformers.models.gpt_neo import modeling_gpt_neo as modeling
-from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import FEW_ROWS, linear_rows
 from spec_stream import GPTNeoForCausalLM, shifted_cross_entropy
 from tests.helpers import TINY, tiny_config, tiny_model, upstream_twin
 
@@ -76,47 +74,6 @@ def test_running_fewer_streams_leaves_the_first_ones_unchanged():
         assert model.transformer(ids, stream_positions="all", num_streams=0).stream_hidden_states is None
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 4), (1, 8), (3, 3), (2, 9)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_few_row_linear_is_the_linear_layer(shape, bias, monkeypatch):
-    """`linear_rows` ((W @ x^T)^T up to FEW_ROWS rows, one row entered twice, where timed
-    faster: forced here) computes nn.Linear to fp32 rounding, keeps the shape, and leaves
-    gradients to nn.Linear."""
-    monkeypatch.setattr(modeling, "few_rows_faster", lambda linear, x: True)
-    linear = torch.nn.Linear(256, 320, bias=bias)  # 81,920 weights: above FEW_ROWS_MIN_WEIGHT
-    x = torch.randn(*shape, 256)
-    with torch.no_grad():
-        ours, reference = linear_rows(linear, x), linear(x)
-    assert ours.shape == reference.shape == (*shape, 320) and FEW_ROWS == 8
-    assert (ours - reference).abs().max() <= 1e-5
-    rows = shape[0] * shape[1]
-    assert ours.is_contiguous() == (rows > FEW_ROWS)  # (W @ x^T)^T comes out transposed: the kernel ran
-    x.requires_grad_(True)
-    assert linear_rows(linear, x).grad_fn is not None and torch.equal(linear_rows(linear, x), linear(x))
-
-
-@pytest.mark.parametrize("kernel_seconds, chosen", [(0.5, True), (0.9, False), (2.0, False)])
-def test_the_few_row_kernel_runs_only_where_it_was_timed_faster(kernel_seconds, chosen, monkeypatch):
-    """Timed once per shape, row count and thread count: the kernel runs where it took at most
-    1 / FEW_ROWS_MIN_GAIN of the usual product's time, and the choice is kept."""
-    timings = []
-
-    def fake_best_seconds(function):
-        timings.append(function)
-        return 1.0 if len(timings) % 2 else kernel_seconds  # the usual product is timed first
-
-    monkeypatch.setattr(modeling, "best_seconds", fake_best_seconds)
-    monkeypatch.setattr(modeling, "_few_rows_choices", {})
-    linear, x = torch.nn.Linear(256, 320), torch.randn(1, 2, 256)
-    with torch.no_grad():
-        for _ in range(3):
-            assert (not linear_rows(linear, x).is_contiguous()) == chosen  # transposed: the kernel ran
-    assert len(timings) == 2  # one probe, then the kept choice
-    with torch.no_grad():
-        linear_rows(linear, torch.randn(1, 3, 256))
-    assert len(timings) == 4  # another row count: its own probe
-
-
 def test_streams_at_chosen_positions_equal_all_positions():
     model = tiny_model(num_spec_streams=3, num_stream_layers=2)
     ids = torch.randint(1, TINY["vocab_size"], (1, SEQ))
@@ -133,9 +90,10 @@ def test_incremental_decoding_equals_full_forward(implementation):
     ids = torch.randint(1, TINY["vocab_size"], (1, SEQ))
     with torch.no_grad():
         full = model(ids, stream_positions="all")
-        cache = VariableLengthKVCache(model.config, 1, SEQ, dtype=torch.float32)
-        prefix = model(ids[:, :8], cache=cache)
-        steps = [model(ids[:, i : i + 1], cache=cache, stream_positions="all") for i in range(8, SEQ)]
+        cache = FixedShapeKVCache(model.config, 1, SEQ + 8, dtype=torch.float32)  # 8 stale slots, always seen
+        prefix = model(ids[:, :8], cache=cache, position_ids=torch.arange(8)[None])
+        steps = [model(ids[:, i : i + 1], cache=cache, position_ids=torch.tensor([[i]]), stream_positions="all")
+                 for i in range(8, SEQ)]
         dynamic = model(ids[:, :8], use_cache=True)
         dynamic_steps = [model(ids[:, i : i + 1], cache=getattr(dynamic, CACHE_FIELD)) for i in range(8, 12)]
     torch.testing.assert_close(prefix.logits, full.logits[:, :8], atol=1e-5, rtol=0)
@@ -155,8 +113,8 @@ def test_tree_chunk_equals_full_forward_of_each_path(implementation):
     prefix = torch.randint(1, TINY["vocab_size"], (1, prefix_len))
     tokens = torch.randint(1, TINY["vocab_size"], (tree.size,))
     with torch.no_grad():
-        cache = VariableLengthKVCache(model.config, 1, prefix_len + tree.size + 1)
-        model(prefix, past_key_values=cache)
+        cache = FixedShapeKVCache(model.config, 1, prefix_len + tree.size + 1)
+        model(prefix, past_key_values=cache, position_ids=torch.arange(prefix_len)[None])
         out = model(tokens[None], past_key_values=cache, position_ids=(prefix_len + tree.depths)[None],
                     tree_mask=tree.tree_mask, stream_positions="all")
         for node in range(tree.size):
@@ -168,7 +126,7 @@ def test_tree_chunk_equals_full_forward_of_each_path(implementation):
         cache.compact(prefix_len, prefix_len + path)
         assert cache.length == prefix_len + len(path)
         nxt = torch.tensor([[7]])
-        step = model(nxt, past_key_values=cache)
+        step = model(nxt, past_key_values=cache, position_ids=torch.tensor([[prefix_len + len(path)]]))
         reference = model(torch.cat([prefix[0], tokens[path], nxt[0]])[None])
     torch.testing.assert_close(step.logits[0, -1], reference.logits[0, -1], atol=1e-5, rtol=0)
 
@@ -228,14 +186,19 @@ def test_inconsistent_configs_raise_value_error(overrides, words):
         tiny_config(**overrides)
 
 
-def test_too_long_sequence_and_cache_overflow_raise_value_error():
+def test_too_long_sequence_raises_value_error_and_cache_overflow_raises():
+    """Past the context: a ValueError naming the limit. A `FixedShapeKVCache` keeps its
+    lengths on the device and checks nothing on the host (its runner sizes it), but writing
+    past its last slot still fails on the CPU rather than landing anywhere."""
     model = tiny_model()
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.ones(1, TINY["max_position_embeddings"] + 1, dtype=torch.long))
-    cache = VariableLengthKVCache(model.config, 1, 8)
-    model(torch.ones(1, 6, dtype=torch.long), past_key_values=cache)
-    with pytest.raises(ValueError, match="overflow"):
-        model(torch.ones(1, 3, dtype=torch.long), past_key_values=cache)
+    cache = FixedShapeKVCache(model.config, 1, 8)
+    model(torch.ones(1, 6, dtype=torch.long), past_key_values=cache, position_ids=torch.arange(6)[None])
+    with pytest.raises((IndexError, ValueError)):
+        model(torch.ones(1, 3, dtype=torch.long), past_key_values=cache, position_ids=torch.arange(6, 9)[None])
+    with pytest.raises(ValueError, match="explicit position_ids"):
+        model(torch.ones(1, 1, dtype=torch.long), past_key_values=FixedShapeKVCache(model.config, 1, 8))
 
 
 def test_flash_attention_2_honours_local_window():
@@ -275,24 +238,52 @@ def test_stream_count_mismatch_and_missing_stream_weights_are_reported(tmp_path,
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_loss_only_equals_the_full_loss_and_its_gradients(implementation):
-    """Streams only where a stream has a target, the head only on target rows: same loss."""
+    """Streams only where a stream has a target, the head only on target rows: same loss and
+    gradients as the full forward, and both are the method's loss computed independently
+    from the full forward's logits: a0 * CE(main, shift 1) + a_j * CE(stream_j, shift 2 + j)."""
     model = tiny_model(attn_implementation=implementation, num_spec_streams=3, num_stream_layers=2).train()
     ids = torch.randint(1, TINY["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[0, :25] = labels[1, :30] = labels[2, :12] = labels[2, 35:] = -100  # prompts, padding
     mask = torch.ones_like(ids)
     mask[2, 35:] = 0
-    full = model(ids, attention_mask=mask, labels=labels, early_exit=True)
-    fast = model(ids, attention_mask=mask, labels=labels, early_exit=True, loss_only=True)
+    full = model(ids, attention_mask=mask, labels=labels)
+    fast = model(ids, attention_mask=mask, labels=labels, loss_only=True)
     assert fast.logits is None and fast.stream_logits is None
+    assert full.stream_logits.shape == (3, 3, 40, TINY["vocab_size"])
+    config = model.config
+    reference = config.main_loss_weight * shifted_cross_entropy(full.logits, labels, 1)
+    for j in range(3):
+        reference = reference + config.stream_loss_weight * shifted_cross_entropy(full.stream_logits[:, j], labels, 2 + j)
+    torch.testing.assert_close(full.loss, reference, atol=1e-6, rtol=0)
     torch.testing.assert_close(fast.loss, full.loss, atol=1e-6, rtol=0)
-    torch.testing.assert_close(fast.early_exit_loss, shifted_cross_entropy(full.early_exit_logits, labels, 1),
-                               atol=1e-6, rtol=0)
     parameters = list(model.parameters())
-    full_grads = torch.autograd.grad(full.loss, parameters, allow_unused=True)  # the pruner: not in the loss
+    full_grads = torch.autograd.grad(full.loss, parameters, allow_unused=True)
     fast_grads = torch.autograd.grad(fast.loss, parameters, allow_unused=True)
     assert sum(g is not None for g in full_grads) > 50
+    streams = next(i for i, p in enumerate(parameters) if p is model.transformer.streams.embeddings)
+    assert fast_grads[streams] is not None and fast_grads[streams].abs().sum() > 0  # the streams' loss counts
     for a, b in zip(full_grads, fast_grads):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_pruning_adapter_weights_of_old_checkpoints_are_ignored_on_load(tmp_path):
+    """Checkpoints saved before tree pruning was removed hold `transformer.streams.pruner_*`:
+    they load without complaint and decode as the same model without them."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["transformer.streams.pruner_down.weight"] = torch.randn(4, TINY["hidden_size"])
+    weights["transformer.streams.pruner_up.weight"] = torch.randn(TINY["hidden_size"], 4)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = GPTNeoForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    assert not any("pruner" in name for name in loaded.state_dict())
+    ids = torch.randint(1, TINY["vocab_size"], (1, SEQ))
+    with torch.no_grad():
+        expected, again = model(ids, stream_positions="all"), loaded.eval()(ids, stream_positions="all")
+    assert torch.equal(again.logits, expected.logits) and torch.equal(again.stream_logits, expected.stream_logits)

@@ -4,7 +4,7 @@ Statistical tests (chi-square, strict level) compare speculative samples with pl
 `generate(do_sample=True)` samples of a trained tiny model, per position and on the joint
 of the first three tokens; a deliberately wrong verification (accept a child whenever it
 is the argmax) must fail the same tests. Exact tests check each token's distribution
-against plain generate's scores, and that a seed fixes the output on both paths."""
+against plain generate's scores, and that a seed fixes the output in every step mode."""
 import contextlib
 from collections import Counter
 
@@ -19,7 +19,9 @@ from huggingface.transformers.generation.speculative_tree import (
     uniforms_shape,
     valid_drafts,
 )
+from huggingface.transformers.generation.request import NodeScorer
 from spec_stream import FixedShapeDecoder
+from transformers import CompileConfig, GenerationConfig
 from tests.helpers import PHRASES, TINY, phrase_text, tiny_model
 from tests.test_fixed_shape import HostSyncDetector
 
@@ -176,9 +178,9 @@ PROMPTS = (torch.cat([PHRASES[0], PHRASES[3]])[None], torch.cat([PHRASES[5], PHR
 EOS = int(PHRASES[2][0])  # a phrase start: some samples end early
 SETTINGS = {
     "temperature 0.7, top-k, lookup branch": dict(temperature=0.7, top_k=5, prompt_lookup_num_tokens=3),
-    "temperature 1.0, top-p, pruning, EOS": dict(temperature=1.0, top_p=0.8, prune_threshold=0.05, eos_token_id=EOS),
+    "temperature 1.0, top-p, EOS": dict(temperature=1.0, top_p=0.8, eos_token_id=EOS),
 }
-SPECULATIVE_ONLY = ("prompt_lookup_num_tokens", "prune_threshold")
+SPECULATIVE_ONLY = ("prompt_lookup_num_tokens",)
 
 
 def plain_samples(model, ids, count, seed, settings):
@@ -270,31 +272,29 @@ def test_top_k_1_sampling_is_greedy(trained_model):
         assert torch.equal(sampled, trained_model.generate(ids, do_sample=False, max_new_tokens=20, eos_token_id=None))
 
 
-def test_a_seed_fixes_the_output_on_both_paths(trained_model):
-    settings = dict(do_sample=True, temperature=0.9, top_p=0.95)
-    decoder = FixedShapeDecoder(trained_model, (4, 3, 2), cuda_graphs=False, lookup_length=3, **settings)
+def test_a_seed_fixes_the_output_eager_and_compiled(trained_model):
+    settings = dict(do_sample=True, temperature=0.9, top_p=0.95, speculative_streaming=True, tree_widths=(4, 3, 2),
+                    prompt_lookup_num_tokens=3)
     generator = torch.Generator().manual_seed(42)
     outputs = set()
     for i in range(16):
         ids = phrase_text(1, 3 + 2 * i, generator)
-        max_new, eos = 5 + i, ({int(PHRASES[i % 10][0])} if i % 3 == 0 else set())
-        dynamic = [trained_model.generate(
-            ids, speculative_streaming=True, tree_widths=(4, 3, 2), prompt_lookup_num_tokens=3, max_new_tokens=max_new,
-            eos_token_id=list(eos) or None, generator=torch.Generator().manual_seed(i), **settings) for _ in range(2)]
-        fixed = decoder.generate(ids, max_new, eos, generator=torch.Generator().manual_seed(i)).sequences
+        request = dict(max_new_tokens=5 + i, eos_token_id=int(PHRASES[i % 10][0]) if i % 3 == 0 else None, **settings)
+        eager = [trained_model.generate(ids, generator=torch.Generator().manual_seed(i), **request) for _ in range(2)]
+        compiled = trained_model.generate(ids, generator=torch.Generator().manual_seed(i),
+                                          compile_config=CompileConfig(), **request)
         torch.manual_seed(100 + i)
-        global_seed = trained_model.generate(ids, speculative_streaming=True, max_new_tokens=max_new, **settings)
+        global_seed = trained_model.generate(ids, **request)
         torch.manual_seed(100 + i)
-        assert torch.equal(global_seed, trained_model.generate(ids, speculative_streaming=True, max_new_tokens=max_new,
-                                                               **settings))
-        assert torch.equal(dynamic[0], dynamic[1]) and torch.equal(dynamic[0], fixed)
-        outputs.add(tuple(fixed[0, ids.shape[1]:].tolist()))
+        assert torch.equal(global_seed, trained_model.generate(ids, **request))
+        assert torch.equal(eager[0], eager[1]) and torch.equal(eager[0], compiled)
+        outputs.add(tuple(compiled[0, ids.shape[1]:].tolist()))
     assert len(outputs) == 16  # the seeds matter
 
 
-def test_fixed_shape_sampling_step_never_syncs_the_host(trained_model):
-    decoder = FixedShapeDecoder(trained_model, (4, 3, 2), cuda_graphs=False, prefill_buckets=(16,), lookup_length=2,
-                                do_sample=True, temperature=0.7, top_k=10, top_p=0.9)
+def test_sampling_step_never_syncs_the_host(trained_model):
+    decoder = FixedShapeDecoder(trained_model, (4, 3, 2), prefill_buckets=(16,), lookup_length=2)
+    decoder.use_scorer(NodeScorer(warpers(trained_model, temperature=0.7, top_k=10, top_p=0.9), do_sample=True))
     ids = phrase_text(1, 10, torch.Generator().manual_seed(43))
     with torch.no_grad(), HostSyncDetector():
         decoder.prefill(ids, max_new_tokens=8, uniforms=torch.tensor(0.3))
@@ -303,27 +303,23 @@ def test_fixed_shape_sampling_step_never_syncs_the_host(trained_model):
                          uniforms=torch.rand(decoder.draw_shape))
 
 
-def test_fixed_shape_decoder_refuses_what_needs_the_text():
-    model = tiny_model(num_spec_streams=2, num_stream_layers=2)
-    with pytest.raises(ValueError, match="repetition_penalty=1.2"):
-        FixedShapeDecoder(model, (2, 2), cuda_graphs=False, do_sample=True, repetition_penalty=1.2)
-    with pytest.raises(ValueError, match="num_beams=2"):
-        FixedShapeDecoder(model, (2, 2), cuda_graphs=False, num_beams=2)
-    with pytest.raises(ValueError, match="max_new_tokens.*generate"):
-        FixedShapeDecoder(model, (2, 2), cuda_graphs=False, do_sample=True, max_new_tokens=8)
+def warpers(model, **settings):
+    """Plain sampling's warpers for ``settings``, as generate builds them."""
+    config = GenerationConfig(do_sample=True, **settings)
+    return model._get_logits_processor(config, input_ids_seq_length=1, device=model.device)
 
 
-def test_fixed_shape_decoder_samples_for_a_checkpoint_that_names_its_pad_token(monkeypatch):
+def test_sampling_for_a_checkpoint_that_names_its_pad_token(monkeypatch):
     """A fine-tuned checkpoint's generation config names its pad token (padding output rows
-    chooses no token): the fixed-shape decoder takes it and samples what generate samples."""
+    chooses no token): sampling with the streams takes it, compiled or not."""
     model = tiny_model(num_spec_streams=2, num_stream_layers=2)
     monkeypatch.setattr(model.generation_config, "pad_token_id", 0)
-    decoder = FixedShapeDecoder(model, (2, 2), cuda_graphs=False, do_sample=True, temperature=0.7)
     ids = phrase_text(1, 6, torch.Generator().manual_seed(45))
-    fixed = decoder.generate(ids, 12, generator=torch.Generator().manual_seed(7)).sequences
-    dynamic = model.generate(ids, speculative_streaming=True, tree_widths=(2, 2), do_sample=True, temperature=0.7,
-                             max_new_tokens=12, eos_token_id=None, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(fixed, dynamic)
+    settings = dict(speculative_streaming=True, tree_widths=(2, 2), do_sample=True, temperature=0.7,
+                    max_new_tokens=12, eos_token_id=None)
+    compiled = model.generate(ids, generator=torch.Generator().manual_seed(7), compile_config=CompileConfig(),
+                              **settings)
+    assert torch.equal(compiled, model.generate(ids, generator=torch.Generator().manual_seed(7), **settings))
 
 
 def test_sampling_acceptance_close_to_greedy(trained_model):
@@ -369,15 +365,15 @@ def test_no_token_outside_the_warped_support():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_sampling_identical_to_eager(trained_model):
     model = trained_model.cuda()
-    settings = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
-    graphed = FixedShapeDecoder(model, (4, 3, 2), cuda_graphs=True, prefill_buckets=(16, 32), **settings)
-    eager = FixedShapeDecoder(model, (4, 3, 2), cuda_graphs=False, **settings)
+    settings = dict(speculative_streaming=True, tree_widths=(4, 3, 2), do_sample=True, temperature=0.8, top_k=20,
+                    top_p=0.9, max_new_tokens=24)
     generator = torch.Generator().manual_seed(46)
     try:
         for i in range(20):
             ids = phrase_text(1, 1 + i, generator).cuda()
-            outputs = [decoder.generate(ids, 24, generator=torch.Generator().manual_seed(i)).sequences
-                       for decoder in (graphed, eager)]
+            outputs = [model.generate(ids, generator=torch.Generator().manual_seed(i), **step, **settings)
+                       for step in ({}, dict(disable_compile=True))]
             assert torch.equal(*outputs)
     finally:
         trained_model.cpu()
+        trained_model.__dict__.pop("_tree_runners", None)

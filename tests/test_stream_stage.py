@@ -113,8 +113,9 @@ def test_a_distilled_stream_stage_beats_the_unigram_and_says_so(finetuned_checkp
     AutoTokenizer.from_pretrained(folder).save_pretrained(plain)
     summary = finetune(FinetuneConfig(
         dataset="e2e_nlg", output=str(tmp_path / "streams"), data_dir=str(data_dir), base=str(plain),
-        freeze_base=True, stream_targets="distill", max_train_samples=300, max_eval_samples=30, epochs=2,
-        batch_size=16, max_length=128, lr=3e-3))
+        freeze_base=True, stream_targets="distill", max_train_samples=300, max_eval_samples=30, epochs=3,
+        batch_size=16, max_length=128, lr=5e-3))  # on the session's checkpoint: stream 1 0.23, unigram 0.08
+    # (2 epochs at 3e-3 reached 0.13 once the checkpoint no longer trained a pruning adapter)
     printed = capsys.readouterr().out
     top1 = [by_rank[0] for by_rank in summary["stream_acceptance"]]
     assert top1[0] > summary["unigram_acceptance"] + 0.1, (top1, summary["unigram_acceptance"])

@@ -8,14 +8,12 @@ from huggingface.transformers.generation.tree_search import (
     candidate_trees,
     choose_tree,
     expected_tokens_per_step,
-    measure_acceptance,
-    measure_lookup_acceptance,
     probe_step_seconds,
-    replayed_accepted_lengths,
     resolve_tree,
     stream_share,
     tree_rows,
 )
+from spec_stream.acceptance import measure_acceptance, measure_lookup_acceptance, replayed_accepted_lengths
 from tests.helpers import phrase_text
 
 
@@ -120,7 +118,7 @@ def test_lookup_acceptance_of_a_repetitive_domain(trained_model):
 def test_a_continuation_ended_early_offers_no_positions(trained_model):
     """Acceptance counts greedy text up to its end-of-sequence token; a prompt whose
     continuation ends before the deepest stream's target gives no positions, not an error."""
-    from huggingface.transformers.generation.tree_search import _draft_ranks
+    from spec_stream.acceptance import _draft_ranks
 
     assert _draft_ranks(trained_model, torch.tensor([[1, 2, 3, 4]]), 3, 3).shape == (0, 3)
 
@@ -171,9 +169,12 @@ def test_probe_takes_turns_so_a_slow_spell_slows_every_tree_alike(trained_model,
     slow_steps = range(len(trees) + per_turn + 1, len(trees) + 2 * per_turn + 1)  # the second turn
     clock = {"now": 0.0, "steps": 0, "last": None}
 
-    class FakeSteps:
-        def __init__(self, model, spec):
-            self.depth = len(spec.widths)
+    modes = []
+
+    class FakeSteps:  # stands in for the `FixedShapeDecoder` each probe tree gets
+        def __init__(self, model, widths, mode, compile_prefill=True):
+            self.depth = len(widths)
+            modes.append((mode, compile_prefill))
 
         def prefill(self, ids, max_new_tokens):
             pass
@@ -187,7 +188,9 @@ def test_probe_takes_turns_so_a_slow_spell_slows_every_tree_alike(trained_model,
             return torch.zeros(1)
 
     monkeypatch.setattr(tree_search_module.time, "perf_counter", lambda: clock["now"])
-    seconds = probe_step_seconds(trained_model, steps=8, trees=trees, runner=FakeSteps)
+    monkeypatch.setattr(tree_search_module, "FixedShapeDecoder", FakeSteps)
+    seconds = probe_step_seconds(trained_model, steps=8, trees=trees, mode="compiled")
+    assert modes == [("compiled", False)] * len(trees)  # the mode asked for; steps timed, prefills not compiled
     turns = -(-8 // tree_search_module.PROBE_BURST)
     assert clock["steps"] == len(trees) + turns * per_turn  # a warm-up step each, then 8 timed steps or more
     assert seconds == {(): 1.0, (1,): 2.0, (2, 2): 3.0}
@@ -259,3 +262,31 @@ def test_tokens_per_call_on_the_originals_texts_is_its_decodings(finetuned_check
                              return_dict_in_generate=True)
         tokens, calls = tokens + out.sequences.shape[1] - ids.shape[1], calls + out.num_forward_calls
     assert lines[1].endswith(f": {tokens / calls:.3f} tokens per call ({calls} calls)") and calls < tokens
+
+
+def test_auto_probes_the_steps_of_the_mode_it_decodes_in(monkeypatch):
+    """"auto" times the runner ``generate`` will decode with: eager steps on the nine probe
+    trees, compiled ones on the six compiled probe trees, each probed once per model, device,
+    batch size and mode."""
+    import huggingface.transformers.generation.tree_search as tree_search_module
+    from tests.helpers import tiny_model
+
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    model.generation_config.stream_acceptance = ACCEPTANCE
+    calls = []
+
+    def probe(model, **kwargs):
+        calls.append(kwargs)
+        return {(): 1.0, (1,): 1.1, (1, 1): 1.2, (8, 4, 2): 50.0}
+
+    monkeypatch.setattr(tree_search_module, "probe_step_seconds", probe)
+    share = stream_share(model.config)
+    expected = choose_tree(ACCEPTANCE, by_rows(probe(model), share), 3, share)
+    calls.clear()
+    assert expected != () and resolve_tree(model, "auto").widths == expected
+    assert resolve_tree(model, "auto", mode="eager").widths == expected
+    assert resolve_tree(model, "auto", mode="compiled").widths == expected
+    assert calls == [dict(batch_size=1, trees=tree_search_module.PROBE_TREES, mode="eager"),
+                     dict(batch_size=1, trees=tree_search_module.COMPILED_PROBE_TREES, mode="compiled")]
+    resolve_tree(model, "auto", batch_size=2)
+    assert calls[-1] == dict(batch_size=2, trees=tree_search_module.PROBE_TREES, mode="eager")

@@ -14,13 +14,10 @@ The model calls every cache the same way, once per forward, without knowing whic
 `KeyLayout` tells the model the position of every key a forward sees and how many of them
 were cached before it; the masks are derived from that alone (`build_attention_masks`).
 
-Three implementations:
-- `VariableLengthKVCache`: preallocated buffers, a length per row (the host also keeps the
-  longest); a forward sees the filled slots plus its new ones (shapes grow with the
-  sequence). The dynamic loop.
-- `FixedShapeKVCache`: the same buffers, the lengths never read by the host, and a forward
-  always sees *every* slot (stale ones masked), so shapes never change and a step can be
-  captured as a CUDA graph. Other projects call this a static cache.
+Two implementations:
+- `FixedShapeKVCache`: preallocated buffers, a length per row never read by the host, and a
+  forward always sees *every* slot (stale ones masked), so shapes never change and a step
+  can be compiled or captured as a CUDA graph. Other projects call this a static cache.
 - `UpstreamCache`: transformers' own `Cache` (what upstream `generate` passes) or no cache,
   with upstream's semantics: keys are numbered by index.
 
@@ -64,9 +61,7 @@ def check_positions(position_ids: torch.Tensor, context: int) -> None:
 class UpstreamCache:
     """transformers' own `Cache` (or ``None``: no cache) behind the model's cache interface.
     Keys and queries are numbered by index, as upstream GPT-Neo numbers them; position ids
-    only feed the position embedding. Supports no tree pruning."""
-
-    can_prune = False
+    only feed the position embedding."""
 
     def __init__(self, cache, config):
         self.cache, self.context = cache, config.max_position_embeddings
@@ -101,8 +96,6 @@ class TreeKVCache:
     device; row b's slots ``[0, length[b])`` hold its text, later slots are stale. Rows
     advance independently (each accepts its own path): a forward's T new tokens go to each
     row's next T slots. Subclasses decide what a forward sees."""
-
-    can_prune = False
 
     def __init__(self, config, batch_size: int, max_length: int, device=None, dtype=torch.float32):
         head_dim = config.hidden_size // config.num_heads
@@ -151,76 +144,6 @@ class TreeKVCache:
             buffer[self.rows, :, target] = buffer[self.rows, :, slots]  # (B, m, heads, head_dim)
         self.positions[self.rows, target] = self.positions[self.rows, slots]
         self.length.copy_(start + (slots.shape[1] if kept is None else kept))  # in place: graphs hold its address
-
-
-class VariableLengthKVCache(TreeKVCache):
-    """A forward sees the slots up to the longest row's length plus its new ones (shapes
-    grow with the sequence); `update` writes the new entries after each row's filled
-    slots. The host keeps ``span`` (the longest row's length) and whether every row has
-    that length (always at batch 1: then a forward's layout says ``cached`` as a plain
-    int, as a cache of one sequence does); rows shorter than ``span`` see the slots
-    between as stale. Finished rows can leave the batch (`keep_rows`)."""
-
-    can_prune = True
-
-    def __init__(self, config, batch_size: int, max_length: int, device=None, dtype=torch.float32):
-        super().__init__(config, batch_size, max_length, device, dtype)
-        self.span, self.uniform = 0, True
-
-    def _read_lengths(self) -> None:
-        """Refresh the host's view of the lengths (one device-to-host read)."""
-        lengths = self.length.tolist()
-        self.span, self.uniform = max(lengths), len(set(lengths)) == 1
-
-    def begin(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> KeyLayout:
-        batch, new = input_ids.shape
-        if self.span + new > self.max_length:
-            raise ValueError(
-                f"KV cache overflow: {self.span} cached + {new} new tokens > max_length={self.max_length}. "
-                "Create the cache with a larger max_length (prompt + max_new_tokens + tree size)."
-            )
-        if position_ids is None:
-            position_ids = self.length[:, None] + torch.arange(new, device=input_ids.device)
-        check_positions(position_ids, self.context)
-        position_ids = self._place_new(position_ids)
-        cached = self.span if self.uniform else self.length
-        return KeyLayout(position_ids, position_ids, self.positions[:, : self.span + new], cached)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
-        self._write(key_states, value_states, layer_idx)
-        end = self.span + key_states.shape[-2]
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
-
-    def commit(self) -> None:
-        new = self.new_positions.shape[1]
-        self.length += new
-        self.span += new
-
-    def keep_new_rows(self, rows: torch.Tensor, layers: int) -> None:
-        """Mid-forward tree pruning (batch 1): in the first ``layers`` layers (already
-        written), move the new entries ``rows`` (indices among the uncommitted new tokens,
-        ascending) to the front of the new block; the model then calls `begin` again for
-        those rows."""
-        slots = self.span + rows
-        for buffer in self.keys[:layers] + self.values[:layers]:
-            buffer[:, :, self.span : self.span + rows.numel()] = buffer.index_select(2, slots)
-
-    def set_length(self, length: torch.Tensor) -> None:
-        super().set_length(length)
-        self._read_lengths()
-
-    def compact(self, start, slots: torch.Tensor, kept: torch.Tensor | None = None) -> None:
-        super().compact(start, slots, kept)
-        self._read_lengths()
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows ``rows`` (1-D indices), in that order: finished rows
-        leave the batch and stop costing work."""
-        self.keys = [buffer.index_select(0, rows) for buffer in self.keys]
-        self.values = [buffer.index_select(0, rows) for buffer in self.values]
-        self.positions, self.length = self.positions.index_select(0, rows), self.length.index_select(0, rows)
-        self.rows = self.rows[: len(rows)]
-        self._read_lengths()
 
 
 class FixedShapeKVCache(TreeKVCache):

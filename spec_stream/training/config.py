@@ -43,7 +43,6 @@ class FinetuneConfig:
     freeze_base: bool = False
     stream_adapter_rank: int | None = None
     stream_targets: str | None = None
-    train_pruner: bool = False
     save_every: int = defaults.SAVE_EVERY
     resume: bool = False
     overwrite: bool = False
@@ -55,7 +54,7 @@ class FinetuneConfig:
 RESUME_SETTINGS = ("dataset", "prompt_template", "response_field", "response_template", "train_split",
                    "max_train_samples", "epochs", "batch_size", "max_length", "lr", "warmup_ratio", "seed",
                    "num_spec_streams", "num_stream_layers", "main_loss_weight", "stream_loss_weight", "lora_rank",
-                   "freeze_base", "stream_adapter_rank", "stream_targets", "train_pruner")
+                   "freeze_base", "stream_adapter_rank", "stream_targets")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 STREAM_TARGETS = ("references", "distill", "greedy")  # what the streams learn to predict (--stream-targets)
 

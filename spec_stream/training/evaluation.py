@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from huggingface.transformers.generation.tree_search import (greedy_texts, measure_acceptance,
-                                                              measure_lookup_acceptance)
+from spec_stream.acceptance import greedy_texts, measure_acceptance, measure_lookup_acceptance
 from spec_stream import defaults
 from spec_stream.checkpoints import publish_model, streams_by_default
 from spec_stream.data import dataset_name, tokenize_example

@@ -22,13 +22,10 @@ from spec_stream.training.config import resume_settings
 from spec_stream.training.run import Run
 
 
-def compute_loss(model, batch, train_pruner, distill_streams=False):
+def compute_loss(model, batch, distill_streams=False):
     """The training loss (streams only where they have targets, the head only on target rows:
-    `GPTNeoForCausalLM._loss_on_targets`), plus the pruner's early-exit loss when trained."""
-    out = model(**batch, early_exit=train_pruner, loss_only=True, distill_streams=distill_streams)
-    if train_pruner:
-        return out.loss + defaults.PRUNER_LOSS_WEIGHT * out.early_exit_loss
-    return out.loss
+    ``loss_only`` of `GPTNeoForCausalLM.forward`)."""
+    return model(**batch, loss_only=True, distill_streams=distill_streams).loss
 
 
 def target_share(accelerator: Accelerator, labels: torch.Tensor):
@@ -65,7 +62,7 @@ def train_step(run: Run, batch: dict) -> float:
     """One optimizer step; returns the loss averaged over processes."""
     accelerator = run.accelerator
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    loss = compute_loss(run.model, batch, run.config.train_pruner, run.config.stream_targets == "distill")
+    loss = compute_loss(run.model, batch, run.config.stream_targets == "distill")
     loss = loss * target_share(accelerator, batch["labels"])
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(run.model.parameters(), defaults.GRAD_CLIP_NORM)

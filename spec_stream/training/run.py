@@ -53,13 +53,10 @@ class Run:
 
 
 def select_trainable(model, config: FinetuneConfig):
-    """What trains: everything, the streams only (--freeze-base) or LoRA and the streams; the
-    pruning adapter only with --train-pruner (an unused trainable parameter stops DDP)."""
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad = config.train_pruner or ".pruner_" not in name
+    """What trains: everything, the streams only (--freeze-base) or LoRA and the streams."""
     if config.freeze_base:
         for name, parameter in model.named_parameters():
-            parameter.requires_grad = "transformer.streams." in name and parameter.requires_grad
+            parameter.requires_grad = "transformer.streams." in name
         return model
     if config.lora_rank:
         from peft import LoraConfig, get_peft_model
@@ -68,7 +65,7 @@ def select_trainable(model, config: FinetuneConfig):
                                                  target_modules=list(defaults.LORA_TARGETS), lora_dropout=0.0))
         for name, parameter in model.named_parameters():
             if "transformer.streams." in name:
-                parameter.requires_grad = config.train_pruner or ".pruner_" not in name
+                parameter.requires_grad = True
     return model
 
 

@@ -1,10 +1,10 @@
-"""From a ``generate(speculative_streaming=True, ...)`` call to a decoding request whose
+"""From a ``generate(speculative_streaming=True)`` call to a decoding request whose
 arguments mean what they mean to plain `generate` (docs/method.md, section 5).
 
-- Every `GenerationConfig` field is applied exactly (`SUPPORTED_FIELDS`), cannot change the
-  output of a batch-1 decoder-only request (`NO_EFFECT_FIELDS`), or is refused with a
-  ValueError naming it when it is set (`REJECTED_FIELDS`, and any field a later
-  transformers version adds): nothing is silently ignored.
+Only what differs from plain `generate` is written here; the rest is upstream's own:
+- `GenerationConfig` fields are applied by upstream's helpers, except the ones that ask for
+  another decoding strategy or another cache (`REJECTED_FIELDS`), refused with a ValueError
+  naming them when they are set.
 - Logits processors and warpers are built by upstream's own `_get_logits_processor`;
   `NodeScorer` applies them at every tree node with that node's own prefix (the text so far
   plus the node's drafts), so each node's distribution is the one plain `generate` would
@@ -13,7 +13,7 @@ arguments mean what they mean to plain `generate` (docs/method.md, section 5).
   them after every emitted token (EOS and the length limit it enforces itself).
 - A batch (B, P) takes left padding (``attention_mask``) and decodes greedily, each row as
   it would alone; what needs one prompt (sampling, processors that read the text, recorded
-  scores, prompt lookup, pruning, a streamer) is refused by name (`check_batch_features`).
+  scores, prompt lookup, a streamer) is refused by name (`check_batch_features`).
 """
 from __future__ import annotations
 
@@ -27,30 +27,9 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from ..internals import default_generation_params, eos_token_ids, pad_token_id, private
 from .speculative_tree import node_prefixes
 
-SUPPORTED_FIELDS = frozenset({
-    # lengths, the end of the text, padding in the prompt (inferred from pad_token_id as plain generate does)
-    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "eos_token_id", "pad_token_id",
-    # greedy or sampling, and what plain sampling warps the distribution with
-    "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h",
-    # logits processors, applied at every tree node with the node's own prefix
-    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-    "bad_words_ids", "sequence_bias", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "renormalize_logits",
-    "watermarking_config",
-    # stopping criteria besides EOS and length, and what the output holds
-    "max_time", "stop_strings", "return_dict_in_generate", "output_scores", "output_logits",
-    # prompt lookup: one more branch of the draft tree
-    "prompt_lookup_num_tokens", "max_matching_ngram_size",
-})
-# what only matters without input_ids, with a batch, for encoder-decoder models, or for how
-# plain generate computes (never for which tokens come out)
-NO_EFFECT_FIELDS = frozenset({
-    "bos_token_id", "decoder_start_token_id", "use_cache", "disable_compile",
-    "transformers_version", "_from_model_config",
-})
 _BEAM = "beam search; speculative streaming decodes one greedy or sampled sequence"
 _ASSISTED = "assisted decoding; here the model's own streams draft (prompt_lookup_num_tokens adds a lookup branch)"
-_CACHE = "plain generate's cache and compilation; speculative streaming runs its own preallocated cache"
+_CACHE = "plain generate's cache; speculative streaming runs its own preallocated cache"
 REJECTED_FIELDS = {
     **dict.fromkeys(("num_beams", "num_beam_groups", "diversity_penalty", "length_penalty", "early_stopping",
                      "constraints", "force_words_ids", "low_memory"), _BEAM),
@@ -64,14 +43,8 @@ REJECTED_FIELDS = {
     **dict.fromkeys(("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
                      "assistant_lookbehind", "target_lookbehind", "assistant_early_exit", "assistant_ensemble_weight",
                      "is_assistant", "speculation_type", "use_mtp"), _ASSISTED),
-    **dict.fromkeys(("cache_implementation", "cache_config", "max_cache_len", "prefill_chunk_size", "compile_config",
+    **dict.fromkeys(("cache_implementation", "cache_config", "max_cache_len", "prefill_chunk_size",
                      "continuous_batching_config"), _CACHE),
-}
-# FixedShapeDecoder: the settings that choose a token from its logits alone (lengths, EOS and
-# the padding of a batch's shorter rows are its generate's arguments)
-FIXED_SHAPE_FIELDS = NO_EFFECT_FIELDS | {
-    "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
-    "suppress_tokens", "eos_token_id", "max_length", "max_new_tokens", "pad_token_id",
 }
 # a field holding one of these values is not in effect (upstream's defaults, and a neutral guidance scale)
 _INERT = {**default_generation_params(), "guidance_scale": 1.0}
@@ -83,7 +56,7 @@ SCORES_ONLY = tuple(getattr(processors_module, name) for name in (
 ))
 # generate() arguments besides GenerationConfig fields
 EXTRA_ARGUMENTS = frozenset({
-    "attention_mask", "streamer", "tree_widths", "step_timer", "prune_threshold", "logits_processor",
+    "attention_mask", "streamer", "tree_widths", "step_timer", "logits_processor",
     "stopping_criteria", "prefix_allowed_tokens_fn", "tokenizer", "generator",
 })
 
@@ -95,21 +68,13 @@ def in_effect(field: str, value) -> bool:
     return not (field in _INERT and _INERT[field] is not None and value == _INERT[field])
 
 
-def check_generation_fields(config: GenerationConfig, allowed=SUPPORTED_FIELDS | NO_EFFECT_FIELDS,
-                            caller: str = "speculative_streaming=True",
-                            fix: str = "call generate() without speculative_streaming") -> None:
-    """A ValueError naming every field of ``config`` that is set but not ``allowed``."""
-    refused = []
-    for field in GenerationConfig().to_dict():
-        value = getattr(config, field, None)
-        if field not in allowed and in_effect(field, value):
-            reason = REJECTED_FIELDS.get(field, "not supported here")
-            if field in SUPPORTED_FIELDS:
-                reason = "supported by generate(speculative_streaming=True), not by the fixed-shape path"
-            refused.append(f"{field}={value!r} ({reason})")
+def check_generation_fields(config: GenerationConfig) -> None:
+    """A ValueError naming every field of ``config`` in `REJECTED_FIELDS` that is set."""
+    refused = [f"{field}={getattr(config, field)!r} ({reason})" for field, reason in REJECTED_FIELDS.items()
+               if in_effect(field, getattr(config, field, None))]
     if refused:
-        raise ValueError(f"{caller} does not support {'; '.join(refused)}: remove "
-                         f"{'it' if len(refused) == 1 else 'them'}, or {fix}.")
+        raise ValueError(f"speculative_streaming=True does not support {'; '.join(refused)}: remove "
+                         f"{'it' if len(refused) == 1 else 'them'}, or call generate() without speculative_streaming.")
 
 
 class NodeScorer:
@@ -123,10 +88,10 @@ class NodeScorer:
         self.processors, self.do_sample, self.record = processors, do_sample, record
         self.needs_text = any(not isinstance(processor, SCORES_ONLY) for processor in processors)
 
-    def __call__(self, logits: torch.Tensor, text: torch.Tensor | None = None, tree_tokens=None, tree=None,
-                 nodes: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, text: torch.Tensor | None = None, tree_tokens=None,
+                 tree=None) -> torch.Tensor:
         """Scores (m, V) for logits (m, V). Without ``tree``: the rows follow ``text`` (1, H)
-        itself (a prompt); with it, row i is tree node ``nodes[i]`` (every node if None)."""
+        itself (a prompt); with it, row i is tree node i."""
         scores = logits.to(torch.float32, copy=True)
         if not self.processors:
             return scores
@@ -134,10 +99,9 @@ class NodeScorer:
             return self.processors(torch.zeros(len(scores), 0, dtype=torch.long, device=scores.device), scores)
         if tree is None:
             return self.processors(text, scores)
-        nodes = torch.arange(tree.size, device=scores.device) if nodes is None else nodes
         processed = torch.empty_like(scores)
-        for rows, prefixes in node_prefixes(text, tree_tokens, tree, nodes):
-            processed[rows] = self.processors(prefixes, scores[rows])
+        for nodes, prefixes in node_prefixes(text, tree_tokens, tree):
+            processed[nodes] = self.processors(prefixes, scores[nodes])
         return processed
 
 
@@ -202,7 +166,7 @@ def prepare_request(model, inputs, generation_config, kwargs: dict) -> Speculati
     text_readers = [type(p).__name__ for p in processors if not isinstance(p, SCORES_ONLY)]
     check_batch_features(len(input_ids), {
         "do_sample=True": config.do_sample, "output_scores/output_logits": record,
-        "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens, "prune_threshold": extra.get("prune_threshold"),
+        "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens,
         "a streamer": extra.get("streamer") is not None,
         f"logits processors that read the text ({', '.join(text_readers)})": text_readers,
     })
@@ -302,22 +266,3 @@ def build_stopping_criteria(model, config: GenerationConfig, extra: dict) -> Sto
                                             tokenizer=extra.get("tokenizer"))
     rest = StoppingCriteriaList(c for c in criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria)))
     return rest or None
-
-
-def fixed_shape_scorer(model, generation_config: GenerationConfig | None = None, **kwargs) -> NodeScorer | None:
-    """The scorer of a `FixedShapeDecoder`: settings that choose a token from its node's
-    logits alone (sampling and its warpers, suppressed tokens), so that the step stays one
-    fixed-shape computation; None for plain greedy. Lengths and EOS are arguments of its
-    generate(): a ``generation_config``'s are not used, keyword ones are refused."""
-    misplaced = sorted({"max_new_tokens", "max_length", "eos_token_id"} & set(kwargs))
-    if misplaced:
-        raise ValueError(f"FixedShapeDecoder takes {misplaced} per call: pass them to its generate().")
-    config, extra = private(model, "_prepare_generation_config")(generation_config, **kwargs)
-    unknown = sorted(key for key, value in extra.items() if value is not None)
-    if unknown:
-        raise ValueError(f"FixedShapeDecoder does not take {unknown}: pass GenerationConfig fields only.")
-    check_generation_fields(config, FIXED_SHAPE_FIELDS, "FixedShapeDecoder",
-                            "decode with generate(speculative_streaming=True), which applies it")
-    private(model, "_prepare_special_tokens")(config, False, device=model.device, batch_size=1)
-    processors = private(model, "_get_logits_processor")(config, input_ids_seq_length=1, device=model.device)
-    return NodeScorer(processors, bool(config.do_sample)) if processors or config.do_sample else None

@@ -1,7 +1,6 @@
 """The draft tree of Speculative Streaming: its shape, drafting, verification, pruning.
 
-Pure functions on device tensors (Medusa style), shared by the dynamic and the
-fixed-shape decoding paths. A tree has two kinds of drafts below its root (the last token
+Pure functions on device tensors (Medusa style), for `tree_step.TreeStep`. A tree has two kinds of drafts below its root (the last token
 emitted):
 - *stream* nodes: widths ``(k_1, ..., k_D)``; depth ``j`` holds the top-``k_j`` tokens of
   speculative stream ``j``, and every depth-``j`` node has the same ``k_{j+1}`` children;
@@ -144,13 +143,6 @@ class TreeBuffers:
     def is_lookup(self) -> torch.Tensor:
         return self.topk_ranks == LOOKUP
 
-    def truncated(self, max_depth: int) -> "TreeBuffers":
-        """The same tree cut below ``max_depth`` (breadth-first order makes it a prefix)."""
-        if max_depth >= self.max_depth:
-            return self
-        return build_tree_buffers(self.widths[:max_depth], self.depths.device,
-                                  lookup_length=min(self.lookup_length, max_depth))
-
 
 def tree_size(tree_widths, lookup_length: int = 0) -> int:
     """Nodes of a tree: ``1 + sum_j prod_{i<=j} k_i + L``."""
@@ -237,18 +229,6 @@ def evaluate_paths(tree_tokens: torch.Tensor, predictions: torch.Tensor, buffers
     return matches.argmax(dim=-1), matches.max(dim=-1).values  # (not matches[best]: a 0-d index syncs the host)
 
 
-def prune_mask(tree_tokens: torch.Tensor, early_exit_logits: torch.Tensor, buffers: TreeBuffers,
-               threshold: float) -> torch.Tensor:
-    """Which nodes survive pruning (bool, (n,)): a node is dropped when the early-exit
-    probability of its token under its parent's early-exit distribution is below
-    ``threshold``, and so is everything below it. Dropping drafts only shortens what can
-    be accepted, never what is accepted from the nodes kept: output is unchanged."""
-    probabilities = early_exit_logits.float().softmax(dim=-1)
-    likely = torch.ones_like(tree_tokens, dtype=torch.bool)
-    likely[1:] = probabilities[buffers.parents[1:], tree_tokens[1:]] >= threshold
-    return ~(buffers.tree_mask & ~likely[None, :]).any(dim=1)  # every ancestor-or-self is likely
-
-
 def propose_lookup(context: list[int], length: int, max_ngram: int = DEFAULT_MAX_NGRAM) -> list[int]:
     """Prompt lookup: the ``length`` tokens that followed the latest earlier occurrence of
     the context's last n-gram (longest n first, ``max_ngram`` down to 1); fewer or none
@@ -261,17 +241,15 @@ def propose_lookup(context: list[int], length: int, max_ngram: int = DEFAULT_MAX
     return []
 
 
-def node_prefixes(text: torch.Tensor, tree_tokens: torch.Tensor, buffers: TreeBuffers, nodes: torch.Tensor):
+def node_prefixes(text: torch.Tensor, tree_tokens: torch.Tensor, buffers: TreeBuffers):
     """What each node's next token is conditioned on, grouped by depth (one rectangle per
-    depth): yields ``(rows, prefixes)`` with ``rows`` indexing ``nodes`` (full-tree
-    indices) and ``prefixes`` (len(rows), H + depth) = the text so far (1, H), ending with
-    the root, then the node's drafts from depth 1 down to itself."""
-    depths = buffers.depths[nodes]
+    depth): yields ``(nodes, prefixes)``, the nodes of that depth and their prefixes
+    (len(nodes), H + depth) = the text so far (1, H), ending with the root, then the node's
+    drafts from depth 1 down to itself."""
     for depth in range(buffers.max_depth + 1):
-        rows = (depths == depth).nonzero().flatten()
-        if rows.numel():
-            drafts = tree_tokens[buffers.ancestry[nodes[rows], :depth]]
-            yield rows, torch.cat([text.expand(rows.numel(), -1), drafts], dim=1)
+        nodes = (buffers.depths == depth).nonzero().flatten()
+        drafts = tree_tokens[buffers.ancestry[nodes, :depth]]
+        yield nodes, torch.cat([text.expand(nodes.numel(), -1), drafts], dim=1)
 
 
 def valid_drafts(buffers: TreeBuffers, lookup_count) -> torch.Tensor:
@@ -324,9 +302,8 @@ def sample_path(tree_tokens: torch.Tensor, probabilities: torch.Tensor, valid: t
     the rejected children (uniform ``[depth, -1]``). Every token so chosen is one sample
     from its node's distribution ``probabilities`` (n, V) given the tokens before it.
 
-    ``valid`` (n,): nodes that may be accepted (not pruned, not lookup filler). uniforms:
-    (>= max_depth + 1, >= C + 1), the same values whatever the tree was cut to, so a cut
-    tree decides its tokens exactly like the full one. Returns (path (max_depth + 1,) node
+    ``valid`` (n,): nodes that may be accepted (not lookup filler). uniforms:
+    (>= max_depth + 1, >= C + 1). Returns (path (max_depth + 1,) node
     indices, repeating the last accepted node; accepted drafts (0-d); the token drawn after
     the path (0-d)). Fixed shapes, no host sync."""
     node = torch.zeros((), dtype=torch.long, device=tree_tokens.device)

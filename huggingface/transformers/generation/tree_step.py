@@ -1,4 +1,4 @@
-"""One decoding step of Speculative Streaming, written once, and the exact-shape way of running it.
+"""One decoding step of Speculative Streaming, written once.
 
 With ``L`` tokens cached and ``root`` the last token emitted (not yet cached), `TreeStep`:
 1. drafts: tree = root + top-k_j tokens of stream j at the last accepted node, stream j+1's
@@ -10,14 +10,9 @@ With ``L`` tokens cached and ``root`` the last token emitted (not yet cached), `
    after the last accepted node is the next root;
 4. compacts the accepted nodes' KV entries to slots ``L, L+1, ...``.
 A step emits the accepted drafts plus the next root: at least one token, chosen exactly as
-plain decoding chooses it, whatever the streams draft.
-
-Two ways run the same step (`utils.TreeDecodingSteps` is what the host loop asks of them):
-`DynamicTreeSteps` here, on exact shapes (a cache that grows, the tree cut near the end,
-pruning, finished rows leaving the batch, processors that read the text), and
-`fixed_shape.FixedShapeDecoder`, on padded shapes (one shape per batch size and cache
-bucket: replayed as a CUDA graph on a GPU, compiled by `torch.compile` on request).
-The model is reached through `TreeModel` alone.
+plain decoding chooses it. Device work only, no host reads (except processors that read the
+text, which run eagerly): `fixed_shape.FixedShapeDecoder` runs it, eager, compiled or as a
+CUDA graph. The model is reached through `TreeModel` alone.
 """
 from __future__ import annotations
 
@@ -27,14 +22,13 @@ from typing import Protocol
 
 import torch
 
-from ..cache_utils import TreeKVCache, VariableLengthKVCache, select_per_row
+from ..cache_utils import TreeKVCache, select_per_row
 from .request import NodeScorer
 from .speculative_tree import (
     TreeBuffers,
     TreeSpec,
     draft_tree,
     evaluate_paths,
-    prune_mask,
     sample_from,
     sample_path,
     uniforms_shape,
@@ -45,16 +39,16 @@ from .speculative_tree import (
 class TreeModel(Protocol):
     """What decoding needs of a model (`GPTNeoForCausalLM` provides it): its config
     (``num_spec_streams``, ``max_position_embeddings``, ``hidden_size``, ``num_layers``,
-    ``num_heads``, ``pruner_rank``), device and dtype, and two calls."""
+    ``num_heads``), device and dtype, and two calls."""
 
     config: object
     device: torch.device
     dtype: torch.dtype
 
     def run_tree(self, tokens: torch.Tensor, cache, position_ids: torch.Tensor, tree_mask=None,
-                 num_streams: int | None = None, logit_positions=None, early_exit_filter=None):
+                 num_streams: int | None = None, logit_positions=None):
         """One forward over a flattened tree (or prompts): ``.logits`` (B, n, V) at the
-        requested nodes, ``.stream_states`` (B, streams, n, H), ``.kept`` (pruning)."""
+        requested nodes, ``.stream_states`` (B, streams, n, H)."""
 
     def draft_logits(self, stream_states: torch.Tensor) -> torch.Tensor:
         """Stream logits (..., V) from stream states (..., H)."""
@@ -109,37 +103,16 @@ def lookup_tensor(lookup: list[int], length: int, filler: int, device) -> torch.
     return torch.tensor((lookup + [filler] * length)[:length], device=device)
 
 
-def forward_rows(kept: torch.Tensor, size: int) -> torch.Tensor:
-    """Each tree node's row in a pruned forward (``kept``: the nodes that ran), -1 if pruned."""
-    rows = torch.arange(kept.numel(), device=kept.device)
-    return torch.full((size,), -1, device=kept.device).index_put_((kept,), rows)
-
-
-def on_full_tree(values: torch.Tensor, rows_of_node: torch.Tensor | None, fill) -> torch.Tensor:
-    """Per-node ``values`` (B, n', ...) of a (possibly pruned) forward, one per tree node
-    (B, n, ...); pruned nodes get ``fill``."""
-    if rows_of_node is None:
-        return values
-    present = (rows_of_node >= 0).reshape(1, -1, *[1] * (values.dim() - 2))
-    return torch.where(present, values[:, rows_of_node.clamp(min=0)], torch.tensor(fill, dtype=values.dtype))
-
-
 class TreeStep:
     """The prefill and the draft-forward-verify-compact step of one model, for trees
     drafting from its first ``num_streams`` streams; device work only, no host reads
-    (except pruning's and processors that read the text, which the exact-shape path alone
-    uses). ``scorer``: processors, warpers, sampling (`request.NodeScorer`); None: greedy
-    on the raw logits. ``prune_threshold``: the early-exit adapter drops unlikely nodes
-    mid-forward (`prune_mask`; batch 1, exact shapes). ``recorded``: after a call with a
-    recording scorer, the (scores, logits) rows of the chosen path's nodes."""
+    (except processors that read the text). ``scorer``: processors, warpers, sampling
+    (`request.NodeScorer`); None: greedy on the raw logits. ``recorded``: after a call with
+    a recording scorer, the (scores, logits) rows of the chosen path's nodes."""
 
-    def __init__(self, model: TreeModel, num_streams: int, scorer: NodeScorer | None = None,
-                 prune_threshold: float = 0.0):
-        config = model.config
-        if prune_threshold and (config.num_spec_streams == 0 or not config.pruner_rank):
-            raise ValueError("prune_threshold needs a model with streams and a pruning adapter (pruner_rank > 0).")
+    def __init__(self, model: TreeModel, num_streams: int, scorer: NodeScorer | None = None):
         self.model, self.num_streams, self.scorer = model, num_streams, scorer
-        self.prune_threshold, self.context = prune_threshold, config.max_position_embeddings
+        self.context = model.config.max_position_embeddings
         self.recorded = None
 
     def prefill(self, state: DecodeState, prompts: torch.Tensor, lengths: torch.Tensor, text=None,
@@ -165,118 +138,44 @@ class TreeStep:
             tokens = draft_tree(state.root, stream_logits, tree, lookup)  # (B, n)
         with timer("forward"):
             positions = (start[:, None] + tree.depths).clamp(max=self.context - 1)  # past the end: ignored drafts
-            out = self.model.run_tree(tokens, state.cache, positions, tree.tree_mask, num_streams=self.num_streams,
-                                      early_exit_filter=self._pruner(tokens, tree))
+            out = self.model.run_tree(tokens, state.cache, positions, tree.tree_mask, num_streams=self.num_streams)
         with timer("verify"):
-            path, accepted, choices, rows = self.verify(tokens, out, tree, lookup_count, text, uniforms)
+            path, accepted, choices = self.verify(tokens, out.logits, tree, lookup_count, text, uniforms)
             # each row's whole path moves next to its prefix; its accepted nodes count (up to the limit)
             counted = torch.minimum(accepted + 1, state.length_limit - start)
-            state.cache.compact(start, start[:, None] + rows.clamp(min=0), counted)
-            last = rows.gather(1, accepted[:, None])  # (B, 1): each row's last accepted node in the forward
+            state.cache.compact(start, start[:, None] + path, counted)
+            last = path.gather(1, accepted[:, None])  # (B, 1): each row's last accepted node
             state.root.copy_(choices.gather(1, accepted[:, None])[:, 0])
             if self.num_streams:
                 state.root_streams.copy_(select_per_row(out.stream_states, last, 2)[:, :, 0])
-        nodes = torch.full_like(accepted, tree.size if out.kept is None else out.kept.numel())
+        nodes = torch.full_like(accepted, tree.size)
         from_lookup = tree.is_lookup.index_select(0, path[:, min(1, tree.max_depth)])
         return step_summary(accepted, nodes, from_lookup, tokens.gather(1, path), choices)
 
-    def verify(self, tokens, out, tree: TreeBuffers, lookup_count, text, uniforms):
+    def verify(self, tokens, logits, tree: TreeBuffers, lookup_count, text, uniforms):
         """Greedy (each row's longest matching path) or sampling (`sample_path`, batch 1)
-        verification on the full tree (pruned nodes can be neither accepted nor chosen).
-        Returns, per row, (the chosen path (B, D + 1), accepted drafts on it (B,), the token
-        chosen after each path node (B, D + 1), each path node's row in the forward
-        (B, D + 1); -1 for a pruned node past the accepted ones)."""
-        logits, kept = out.logits, out.kept  # (B, n', V); kept (n',) when pruning (batch 1)
-        rows_of_node = None if kept is None else forward_rows(kept, tree.size)
-        scores = self._scores(logits, text, tokens, tree, kept)
+        verification. Returns, per row, (the chosen path (B, D + 1), accepted drafts on it
+        (B,), the token chosen after each path node (B, D + 1))."""
+        scores = self._scores(logits, text, tokens, tree)  # (B, n, V)
         if uniforms is None:
-            predictions = on_full_tree(scores.argmax(dim=-1), rows_of_node, -1)  # (B, n)
-            seen = tokens if kept is None else torch.where(rows_of_node >= 0, tokens, -2)
-            best, accepted = evaluate_paths(seen, predictions, tree)
+            predictions = scores.argmax(dim=-1)  # (B, n)
+            best, accepted = evaluate_paths(tokens, predictions, tree)
             # index with index_select/gather, never tensor[0-d tensor]: that reads the value on the host
             path = tree.paths.index_select(0, best)
             choices = predictions.gather(1, path)
         else:
-            probabilities = on_full_tree(scores.softmax(dim=-1), rows_of_node, 0.0)[0]
-            valid = valid_drafts(tree, lookup_count) & (True if kept is None else rows_of_node >= 0)
-            path, accepted, token = sample_path(tokens[0], probabilities, valid, tree, uniforms)
+            valid = valid_drafts(tree, lookup_count)
+            path, accepted, token = sample_path(tokens[0], scores[0].softmax(dim=-1), valid, tree, uniforms)
             path, accepted, choices = path[None], accepted[None], chosen_after(tokens[0], path, accepted, token)[None]
-        rows = path if kept is None else rows_of_node[path]
         if self.scorer is not None and self.scorer.record:
-            self.recorded = (scores[0, rows[0]].float(), logits[0, rows[0]].float())
-        return path, accepted, choices, rows
+            self.recorded = (scores[0, path[0]].float(), logits[0, path[0]].float())
+        return path, accepted, choices
 
-    def _scores(self, logits, text, tokens, tree, kept):
+    def _scores(self, logits, text, tokens, tree):
         """What each node's token is chosen from (B, n, V): the logits, or the scorer's
         scores (processors that read the text: batch 1, each node seeing its prefix)."""
         if self.scorer is None:
             return logits
         if not self.scorer.needs_text:
             return self.scorer(logits.flatten(0, 1)).view(logits.shape)
-        return self.scorer(logits[0], text, tokens[0], tree, kept)[None]
-
-    def _pruner(self, tokens, tree):
-        """The early-exit filter of a pruned step (batch 1), or None."""
-        if not self.prune_threshold or tree.size == 1:
-            return None
-        return lambda logits: prune_mask(tokens[0], logits[0], tree, self.prune_threshold).nonzero().flatten()
-
-
-class DynamicTreeSteps:
-    """`TreeStep` on exact shapes: a `VariableLengthKVCache` sized for the request, and the
-    tree cut short near the end of the context and, when greedy, near ``max_new_tokens``
-    (sampling keeps the depth there, so that a seed decides the same tokens as on the
-    fixed-shape path), without its lookup branch when the text offers no match. A batch's
-    rows share one tree shape per step (cut for the row nearest the context's end, or to
-    the most tokens a row still wants) and each accepts its own path; finished rows leave
-    the batch (`keep_rows`). Pruning, sampling, processors that read the text and lookup:
-    batch 1."""
-
-    def __init__(self, model: TreeModel, tree: TreeSpec, prune_threshold: float = 0.0,
-                 scorer: NodeScorer | None = None):
-        tree.check_streams(model.config.num_spec_streams)
-        self.model, self.context, self.lookup_length = model, model.config.max_position_embeddings, tree.lookup_length
-        self.tree = tree.buffers(model.device)
-        without_lookup = TreeSpec(tree.widths).buffers(model.device)
-        self.trees = {(depth, lookup): (self.tree if lookup else without_lookup).truncated(depth)
-                      for depth in range(self.tree.max_depth + 1) for lookup in (False, True)}
-        self.one_step = TreeStep(model, len(tree.widths), scorer, prune_threshold)
-        self.needs_text = scorer is not None and scorer.needs_text
-        self.draw_shape = uniforms_shape(self.tree) if scorer is not None and scorer.do_sample else None
-        self.state = None
-
-    @property
-    def recorded(self):
-        return self.one_step.recorded
-
-    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int, text=None, uniforms=None,
-                prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        batch, width = input_ids.shape
-        model, device = self.model, input_ids.device
-        lengths = torch.full((batch,), width, device=device) if prompt_lengths is None else prompt_lengths
-        slots = width + max_new_tokens + self.tree.size
-        streams = self.one_step.num_streams
-        self.state = DecodeState(
-            cache=VariableLengthKVCache(model.config, batch, slots, device, model.dtype),
-            root=torch.zeros(batch, dtype=torch.long, device=device),
-            root_streams=torch.zeros(batch, streams, model.config.hidden_size, dtype=model.dtype, device=device)
-            if streams else None,
-            length_limit=slots - self.tree.size,
-        )
-        return self.one_step.prefill(self.state, input_ids, lengths, text, uniforms)
-
-    def step(self, remaining: int, timer, lookup: list[int] = (), text=None, uniforms=None) -> torch.Tensor:
-        room = self.context - 1 - self.state.cache.span  # the row nearest the context's end decides
-        cut = room if uniforms is not None else min(remaining - 1, room)
-        tree = self.trees[min(self.tree.max_depth, cut), bool(lookup)]
-        chain = lookup_tensor(list(lookup), tree.lookup_length, 0, self.state.root.device)
-        return self.one_step.step(self.state, tree, chain, len(lookup), text, uniforms, timer)
-
-    def keep_rows(self, indices: list[int]) -> bool:
-        state = self.state
-        index = torch.tensor(indices, device=state.root.device)
-        state.cache.keep_rows(index)
-        state.root = state.root.index_select(0, index)
-        if state.root_streams is not None:
-            state.root_streams = state.root_streams.index_select(0, index)
-        return True
+        return self.scorer(logits[0], text, tokens[0], tree)[None]

@@ -2,10 +2,10 @@
 
 `decode` is the one host loop (request checks, prompt lookup, sampling's draws, streaming,
 EOS and length limits, the output); the step it runs is `tree_step.TreeStep` (draft,
-forward, verify, compact), on exact shapes (`tree_step.DynamicTreeSteps`, what `generate`
-uses) or padded ones (`fixed_shape.FixedShapeDecoder`). `generate` turns its arguments into
-a checked request (`request.prepare_request`) and its ``tree_widths`` into one concrete
-tree (`tree_search.resolve_tree`) before any decoding. Reachable as
+forward, verify, compact) through the one runner, `fixed_shape.FixedShapeDecoder` (eager,
+compiled or CUDA graphs: `fixed_shape.step_mode`). `generate` turns its arguments into a
+checked request (`request.prepare_request`) and its ``tree_widths`` into one concrete tree
+(`tree_search.resolve_tree`, probed on the same runner) before any decoding. Reachable as
 ``model.generate(input_ids, speculative_streaming=True, tree_widths=(4, 3, 2))``;
 everything else goes to upstream `GenerationMixin.generate`. Every step emits the accepted
 drafts plus one token chosen as plain decoding chooses it, so output is plain decoding's,
@@ -15,8 +15,8 @@ A batch (B, P) of left-padded prompts decodes as B independent sequences in one 
 per step: each row's prompt sits in the cache from slot 0 (positions from 0 at its first
 real token, as upstream computes them from the attention mask), each row drafts its own
 tree from its own stream states, accepts its own path and compacts it after its own
-length; finished rows leave the batch, and the output is right-padded with
-``pad_token_id`` (docs/method.md, section 7).
+length; finished rows run on and their tokens are ignored, and the output is right-padded
+with ``pad_token_id`` (docs/method.md, section 7).
 
 With logits processors (``repetition_penalty``, ``min_new_tokens``, ...) each node's
 prediction is the argmax after them, each node seeing its own prefix (`request.NodeScorer`);
@@ -27,17 +27,17 @@ tokens (docs/method.md, sections 5 and 6).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from transformers import GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
-from .request import DecodeOptions, pack_prompts, prepare_request
+from .fixed_shape import FixedShapeDecoder, runner_for, step_mode
+from .request import REJECTED_FIELDS, DecodeOptions, in_effect, pack_prompts, prepare_request
 from .speculative_tree import AUTO, DEFAULT_MAX_NGRAM, propose_lookup
 from .tree_search import resolve_tree
-from .tree_step import DynamicTreeSteps, no_timer
+from .tree_step import no_timer
 
 logger = logging.get_logger(__name__)
 
@@ -50,7 +50,7 @@ class SpeculativeStreamingOutput(ModelOutput):
     accepted_lengths: tokens gained by each tree step (accepted drafts + correction); the
     prefill's single token is not in it, so ``1 + sum(accepted_lengths) >= new tokens``
     (equal unless EOS or max_new_tokens cut the last step). tree_sizes: tree nodes that
-    went through the top layers in each step (fewer than the tree when pruning).
+    went through the model in each step.
     lookup_accepted: accepted drafts that came from the prompt-lookup branch (the rest of
     ``sum(accepted_lengths) - len(accepted_lengths)`` came from the streams).
     With B > 1, ``accepted_lengths``, ``tree_sizes`` and ``lookup_accepted`` hold one entry
@@ -66,48 +66,6 @@ class SpeculativeStreamingOutput(ModelOutput):
     lookup_accepted: int | list | None = None
     scores: tuple | None = None
     logits: tuple | None = None
-
-
-# ----------------------------------------------------------------------------------------
-# One host loop; the dynamic path and the fixed-shape path supply its step functions
-# ----------------------------------------------------------------------------------------
-class TreeDecodingSteps(Protocol):
-    """What a decoding path gives `decode`: device work only, no host logic. A batch's
-    rows are independent sequences: each drafts, verifies and accepts its own path.
-
-    ``lookup_length``: nodes of the tree's prompt-lookup branch (0: none).
-    ``draw_shape``: the uniforms one sampling step consumes (None: greedy, no randomness).
-    ``needs_text``: whether its logits processors read the text so far (then passed as
-    ``text``, (1, H): the prompt as given plus the new tokens).
-    ``recorded``: with a recording scorer, after each call: (scores, logits) float32 rows
-    of the nodes on the chosen path, root first; None otherwise.
-    (Lookup, sampling, processors that read the text and recording: batch 1 only.)
-    ``prefill(input_ids, max_new_tokens, text, uniforms, prompt_lengths)`` puts the
-    prompts (B, P) in the cache, each row's from slot 0 (``prompt_lengths`` (B,): its real
-    tokens, the rest of the row is filler; None: all P) and returns each row's first new
-    token (B,) (``uniforms``: one 0-d uniform when sampling). ``step(remaining, timer,
-    lookup, text, uniforms)`` runs one draft-verify step for every row it decodes (the
-    rows still unfinished want at most ``remaining`` tokens; ``lookup`` holds up to
-    ``lookup_length`` drafts for the lookup branch; ``uniforms``: ``draw_shape`` of them
-    when sampling) and returns its summary (rows, S), the step's only device-to-host
-    copy, per row: ``[accepted drafts, nodes run, 1 if they came from the lookup branch
-    else 0, tokens on the chosen path (D + 1), the token chosen after each of them (D + 1)]``.
-    ``keep_rows(indices)``: only the rows at ``indices`` (of those it decodes now) still
-    need tokens; returns True if it dropped the others (later summaries cover the kept
-    rows only), False if it keeps decoding them (fixed shapes; their tokens are ignored).
-    """
-
-    lookup_length: int
-    draw_shape: tuple | None
-    needs_text: bool
-    recorded: tuple | None
-
-    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int, text=None, uniforms=None,
-                prompt_lengths: torch.Tensor | None = None) -> torch.Tensor: ...
-
-    def step(self, remaining: int, timer, lookup: list[int] = (), text=None, uniforms=None) -> torch.Tensor: ...
-
-    def keep_rows(self, indices: list[int]) -> bool: ...
 
 
 def read_step_summary(summary: list[int]) -> tuple[list[int], int, int]:
@@ -243,17 +201,16 @@ class RowOutputs:
 
 
 @torch.inference_mode()  # spares each of a step's ~2,000 small ops autograd's bookkeeping
-def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_tokens: int,
+def decode(steps: FixedShapeDecoder, config, input_ids: torch.Tensor, max_new_tokens: int,
            eos_token_ids=(), streamer=None, timer=None, max_ngram: int = DEFAULT_MAX_NGRAM,
            options: DecodeOptions | None = None, attention_mask: torch.Tensor | None = None
            ) -> SpeculativeStreamingOutput:
     """Tree decoding of the prompts ``input_ids`` (B, P) (left padding marked by
     ``attention_mask``; None: none): prefill, then steps until every row has met EOS,
     ``max_new_tokens`` or another stopping criterion (``options``); every row's tokens are
-    chosen as plain generate chooses them for that row alone (module docstring). Finished
-    rows leave the batch where the path can drop them (`TreeDecodingSteps.keep_rows`). The
-    host proposes the lookup branch (``max_ngram``: longest n-gram matched) from the text so
-    far, and draws sampling's uniforms (``options.generator``): both batch 1 only."""
+    chosen as plain generate chooses them for that row alone (module docstring). The host
+    proposes the lookup branch (``max_ngram``: longest n-gram matched) from the text so far,
+    and draws sampling's uniforms (``options.generator``): both batch 1 only."""
     options, timer = options or DecodeOptions(), timer or no_timer
     prompts, lengths = pack_prompts(input_ids, attention_mask)  # (B, P'): each row's tokens from slot 0
     check_generation_request(config, len(prompts), prompts.shape[1], max_new_tokens, eos_token_ids, options)
@@ -269,10 +226,8 @@ def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_to
         streamer.put(input_ids.cpu())
         streamer.put(torch.tensor(emitted[0]))
     context = prompts[0].tolist() + emitted[0] if steps.lookup_length else None
-    rows = list(range(len(prompts)))  # the request row of each row the steps decode
-    while unfinished := outputs.unfinished(rows):
-        if len(unfinished) < len(rows) and steps.keep_rows(unfinished):
-            rows = [rows[i] for i in unfinished]
+    rows = list(range(len(prompts)))
+    while outputs.unfinished(rows):
         lookup = propose_lookup(context, steps.lookup_length, max_ngram) if context is not None else []
         uniforms = draw_uniforms(steps.draw_shape, options.generator, input_ids.device)
         summary = steps.step(outputs.remaining(rows), timer, lookup, text=text(), uniforms=uniforms)
@@ -286,22 +241,18 @@ def decode(steps: TreeDecodingSteps, config, input_ids: torch.Tensor, max_new_to
     return outputs.result(input_ids, options.pad_token_id)
 
 
-def streams_by_default(model, inputs, generation_config, kwargs) -> bool:
+def streams_by_default(model, generation_config, kwargs) -> bool:
     """``speculative_streaming`` for a call that does not pass it: the generation config's
     (a fine-tuned checkpoint's ``generation_config.json`` says True), said once in the log;
-    a sampling, beam-search or batched request runs plain `generate` instead, with a one-time
-    warning (the streams decode one sequence greedily)."""
+    a request for what the streams do not do (beam search, several sequences per prompt:
+    `request.REJECTED_FIELDS`) runs plain `generate` instead, with a one-time warning."""
     config = generation_config or model.generation_config
     if not getattr(config, "speculative_streaming", False) or not model.config.num_spec_streams:
         return False
-    input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-    sampling = kwargs.get("do_sample", config.do_sample)
-    beams = kwargs.get("num_beams", config.num_beams) or 1
-    if sampling or beams > 1 or (input_ids is not None and input_ids.shape[0] > 1):
-        logger.warning_once(
-            "generation_config.speculative_streaming=True, but speculative streaming decodes one sequence "
-            "greedily: sampling, beam search and batches run as plain generate()."
-        )
+    rejected = [field for field in REJECTED_FIELDS if in_effect(field, kwargs.get(field, getattr(config, field, None)))]
+    if rejected:
+        logger.warning_once(f"generation_config.speculative_streaming=True, but {', '.join(rejected)} asks for what "
+                            "the streams do not do: this call runs as plain generate().")
         return False
     logger.warning_once(
         "decoding with the speculative streams, as this model's generation_config says "
@@ -318,23 +269,25 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
         prompt, or of a batch of them (left padding marked by ``attention_mask``; each row
         decodes as it would alone, greedily), with the same arguments meaning the same
         (`request.prepare_request`), plus ``tree_widths`` ("auto", or widths; () for one
-        token per call), ``prune_threshold``, ``step_timer`` and ``generator`` (a
-        `torch.Generator` for sampling's draws)."""
+        token per call), ``step_timer`` and ``generator`` (a `torch.Generator` for
+        sampling's draws). The step runs eagerly on a CPU, compiled there when
+        ``compile_config`` is given, as CUDA graphs on a GPU, eagerly anywhere with
+        ``disable_compile=True`` (`fixed_shape.step_mode`)."""
         if speculative_streaming is None:  # not passed: the generation config decides
-            speculative_streaming = streams_by_default(self, inputs, generation_config, kwargs)
+            speculative_streaming = streams_by_default(self, generation_config, kwargs)
         if not speculative_streaming:
             return super().generate(inputs, generation_config, **kwargs)
         request = prepare_request(self, inputs, generation_config, kwargs)
         config, extra = request.config, request.extra
         # prompt lookup (transformers' own two settings): one more branch of the same tree
         lookup_length = int(config.prompt_lookup_num_tokens or 0)
+        mode = step_mode(self, config, request.scorer)
         # () is a tree of the root alone: one token per call; a generation config may hold the tree
         requested = extra.get("tree_widths", getattr(config, "tree_widths", AUTO))
-        tree = resolve_tree(self, requested, lookup_length, batch_size=request.input_ids.shape[0])
-        steps = DynamicTreeSteps(self, tree, float(extra.get("prune_threshold") or 0.0), request.scorer)
-        output = decode(steps, self.config, request.input_ids, request.max_new_tokens, request.eos_token_ids,
-                        streamer=extra.get("streamer"), timer=extra.get("step_timer"),
-                        max_ngram=int(config.max_matching_ngram_size or DEFAULT_MAX_NGRAM),
+        tree = resolve_tree(self, requested, lookup_length, batch_size=request.input_ids.shape[0], mode=mode)
+        output = decode(runner_for(self, tree, mode, request.scorer), self.config, request.input_ids,
+                        request.max_new_tokens, request.eos_token_ids, streamer=extra.get("streamer"),
+                        timer=extra.get("step_timer"), max_ngram=int(config.max_matching_ngram_size or DEFAULT_MAX_NGRAM),
                         options=request.options, attention_mask=request.attention_mask)
         output.scores = output.scores if config.output_scores else None
         output.logits = output.logits if config.output_logits else None

@@ -13,7 +13,6 @@ or tree mask), and, in local layers, ``p - k < window_size``.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +39,6 @@ class GPTNeoConfig(UpstreamGPTNeoConfig):
 
     num_spec_streams: gamma, streams drafting tokens t+2 .. t+1+gamma (0 = plain GPT-Neo).
     num_stream_layers: N_s, the top layers that run multi-stream attention.
-    pruner_rank: rank of the tree-pruning adapter (0 = none).
     stream_adapter_rank: rank of the streams' own low-rank adapters in the stream layers
         (0 = none: the streams share the layers' weights and own only their embeddings).
     main_loss_weight, stream_loss_weight: a0 and a_j of the training loss.
@@ -48,7 +46,6 @@ class GPTNeoConfig(UpstreamGPTNeoConfig):
 
     num_spec_streams: int = 0
     num_stream_layers: int = 0
-    pruner_rank: int = 8
     stream_adapter_rank: int = 0
     main_loss_weight: float = 1.0
     stream_loss_weight: float = 0.1
@@ -84,8 +81,6 @@ class SpecStreamCausalLMOutput(CausalLMOutputWithPast):
     `CACHE_FIELD`) plus what the streams add."""
 
     stream_logits: torch.Tensor | None = None  # (batch, gamma, n_positions, vocab): stream j predicts t+1+j
-    early_exit_logits: torch.Tensor | None = None  # (batch, seq, vocab): pruning adapter at the first stream layer
-    early_exit_loss: torch.Tensor | None = None  # loss_only with early_exit: CE(early-exit logits, next token)
 
 
 @dataclass
@@ -94,8 +89,6 @@ class GPTNeoModelOutput(ModelOutput):
 
     hidden_states: torch.Tensor | None = None  # (batch, T, hidden): main stream
     stream_hidden_states: torch.Tensor | None = None  # (batch, gamma, n, hidden): streams at their anchors
-    early_exit_hidden_states: torch.Tensor | None = None  # (batch, T, hidden): pruning adapter
-    kept: torch.Tensor | None = None  # tree pruning: indices of the new tokens that went through
 
 
 @dataclass
@@ -104,7 +97,6 @@ class TreeStepOutput(ModelOutput):
 
     logits: torch.Tensor | None = None  # (batch, n, vocab): main stream at the requested nodes
     stream_states: torch.Tensor | None = None  # (batch, gamma, n, hidden): input of `draft_logits`
-    kept: torch.Tensor | None = None  # tree pruning: indices of the nodes that went through
 
 
 # ----------------------------------------------------------------------------------------
@@ -223,72 +215,10 @@ def flash_attention(q, k, v, window, dropout_p=0.0):
     return out.transpose(1, 2)
 
 
-# Up to this many rows, a CPU linear layer may run as (W @ x^T)^T: on some CPUs BLAS then
-# streams the weight once for all rows on every core, while its small-row GEMM and its one-row
-# GEMV do not (2-core AMD EPYC, every weight of the GPT-Neo-125M shape in turn: 28.5 ms for 1
-# row, 49 for 2, 57 for 7 the usual way; 14.3, 16.8, 30.9 this way). On others the usual way
-# wins (2-core Intel Xeon, MKL with AVX512: a 768x768 weight, 1 row, 31 us against 182 us),
-# so which way runs is timed once per weight shape and row count (`few_rows_faster`).
-# Weights under 64K entries (256 KiB in fp32, cache-resident) gain nothing and pay the
-# extra calls: the 0.3M-parameter `tiny` shape's one-token step went from 0.9 to 1.3 ms.
-FEW_ROWS = 8
-FEW_ROWS_MIN_WEIGHT = 65536
-FEW_ROWS_MIN_GAIN = 1.2  # the kernel must time this much faster: a near tie could flip from run to run
-FEW_ROWS_PROBE_CALLS = 5  # timed calls per way (the fastest counts: steady on a noisy machine)
-_few_rows_choices: dict[tuple, bool] = {}  # (out, in, rows, bias, threads) -> the kernel is faster here
-
-
-def linear_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``; for a plain `nn.Linear` of at least `FEW_ROWS_MIN_WEIGHT` weights on
-    the CPU, at most `FEW_ROWS` rows and no gradient, computed as (W @ x^T)^T
-    (`few_rows_product`) where that was timed faster on this machine; under torch.compile,
-    always ``linear(x)`` (inductor picks its own kernel). Same function, a different order of
-    additions: fp32 results agree to rounding."""
-    rows = x.numel() // x.shape[-1]
-    if torch.compiler.is_compiling() or type(linear) is not nn.Linear or x.device.type != "cpu" or rows > FEW_ROWS \
-            or x.requires_grad or linear.weight.numel() < FEW_ROWS_MIN_WEIGHT or not few_rows_faster(linear, x):
-        return linear(x)
-    return few_rows_product(linear, x)
-
-
-def few_rows_product(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` as (W @ x^T)^T (one row goes in twice: a one-column product falls back
-    to the slow GEMV)."""
-    rows = x.numel() // x.shape[-1]
-    columns = x.reshape(rows, -1)
-    columns = columns.repeat(2, 1) if rows == 1 else columns.contiguous()  # BLAS wants real rows
-    weight = linear.weight
-    out = weight @ columns.t() if linear.bias is None else torch.addmm(linear.bias[:, None], weight, columns.t())
-    return out[:, :rows].t().reshape(*x.shape[:-1], weight.shape[0])
-
-
-def few_rows_faster(linear: nn.Linear, x: torch.Tensor) -> bool:
-    """Whether `few_rows_product` beats ``linear(x)`` by `FEW_ROWS_MIN_GAIN` on this CPU for
-    this weight's shape, ``x``'s row count and the thread count: timed on first use, kept
-    for the process."""
-    key = (*linear.weight.shape, x.numel() // x.shape[-1], linear.bias is not None, torch.get_num_threads())
-    if key not in _few_rows_choices:
-        with torch.no_grad():
-            usual, kernel = best_seconds(lambda: linear(x)), best_seconds(lambda: few_rows_product(linear, x))
-        _few_rows_choices[key] = kernel * FEW_ROWS_MIN_GAIN < usual
-    return _few_rows_choices[key]
-
-
-def best_seconds(function) -> float:
-    """The fastest of `FEW_ROWS_PROBE_CALLS` timed calls of ``function``, after one untimed."""
-    function()
-    times = []
-    for _ in range(FEW_ROWS_PROBE_CALLS):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def project(linear: nn.Linear, x: torch.Tensor, low_rank: nn.Module | None, num_main: int) -> torch.Tensor:
     """``linear(x)``, plus ``low_rank`` on the rows after the first ``num_main`` (the
     streams' rows); the main rows never see it, so the main stream stays the base model."""
-    y = linear_rows(linear, x)
+    y = linear(x)
     if low_rank is None or x.shape[1] == num_main:
         return y
     return torch.cat([y[:, :num_main], y[:, num_main:] + low_rank(x[:, num_main:])], dim=1)
@@ -405,13 +335,7 @@ class GPTNeoBlock(nn.Module):
 
 
 class SpeculativeStreams(nn.Module):
-    """The new parameters: stream embeddings P_j and the tree-pruning adapter.
-
-    Pruning adapter (a decision the paper leaves open): ``h + up(down(h))`` with
-    rank-``pruner_rank`` ``down``/``up`` and ``up`` initialised to zero, applied to the
-    main-stream state entering the first stream layer; ``ln_f`` and the tied LM head turn
-    it into early-exit logits.
-    """
+    """The new parameters: stream embeddings P_j, and the streams' own adapters if any."""
 
     def __init__(self, config: GPTNeoConfig):
         super().__init__()
@@ -419,10 +343,6 @@ class SpeculativeStreams(nn.Module):
         self.adapters = None  # one per stream layer, bottom to top
         if config.stream_adapter_rank:
             self.adapters = nn.ModuleList(StreamLayerAdapter(config) for _ in range(config.num_stream_layers))
-        self.pruner_down = self.pruner_up = None
-        if config.pruner_rank:
-            self.pruner_down = nn.Linear(config.hidden_size, config.pruner_rank, bias=False)
-            self.pruner_up = nn.Linear(config.pruner_rank, config.hidden_size, bias=False)
 
     def initial_states(self, main_states: torch.Tensor, num_streams: int) -> torch.Tensor:
         """S_j(t) = M(t) + P_j for the first ``num_streams`` streams: (batch, n, hidden) ->
@@ -430,11 +350,6 @@ class SpeculativeStreams(nn.Module):
         batch, n, hidden = main_states.shape
         streams = main_states[:, None] + self.embeddings[None, :num_streams, None].to(main_states.dtype)
         return streams.reshape(batch, -1, hidden)
-
-    def pruner(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.pruner_down is None:
-            raise ValueError("this model has no pruning adapter (config.pruner_rank=0); rebuild with pruner_rank=8.")
-        return hidden_states + self.pruner_up(self.pruner_down(hidden_states))
 
 
 class GPTNeoPreTrainedModel(PreTrainedModel):
@@ -444,14 +359,13 @@ class GPTNeoPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GPTNeoBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    _keys_to_ignore_on_load_unexpected = [r"attn\.attention\.(bias|masked_bias)"]
+    # upstream's attention buffers; the tree-pruning adapter of checkpoints from before the one runner
+    _keys_to_ignore_on_load_unexpected = [r"attn\.attention\.(bias|masked_bias)", r"streams\.pruner_(down|up)"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, SpeculativeStreams):  # (children first: zeros here are not overwritten)
             init.normal_(module.embeddings, mean=0.0, std=self.config.initializer_range)
-            if module.pruner_up is not None:
-                init.zeros_(module.pruner_up.weight)
             for low_rank in module.modules():
                 if isinstance(low_rank, LowRank):
                     init.zeros_(low_rank.up.weight)
@@ -482,8 +396,6 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         tree_mask: torch.Tensor | None = None,
         stream_positions: torch.Tensor | str | None = None,
-        early_exit: bool = False,
-        node_filter=None,
         num_streams: int | None = None,
     ) -> GPTNeoModelOutput:
         """Main stream over the new tokens; speculative streams join at the first stream layer.
@@ -492,16 +404,11 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         (`cache_utils` says how each is seen). ``position_ids`` default to the cached length
         + index. ``tree_mask`` (T, T) bool: which new tokens each new token sees (default
         causal). ``stream_positions``: None (no streams), "all", or indices into the new
-        tokens ((n,) in every row, or (B, n) per row). ``node_filter``: tree pruning; called at the first stream layer with the
-        early-exit hidden states (B, T, H), it returns the ascending indices of the new
-        tokens to keep (ancestors of kept ones included); only those go through the top
-        layers and into the cache, and the outputs cover them alone. ``num_streams``: run
+        tokens ((n,) in every row, or (B, n) per row). ``num_streams``: run
         only the first streams (stream j sees streams 1..j alone, so the others cannot
         change them; a tree of depth D drafts from streams 1..D); None: all of them.
         """
         cache = as_model_cache(cache, self.config)
-        if node_filter is not None and not (cache.can_prune and input_ids.shape[0] == 1):
-            raise ValueError("tree pruning (node_filter) needs batch 1 and a VariableLengthKVCache.")
         layout = cache.begin(input_ids, position_ids)
         key_valid = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -510,15 +417,6 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         hidden = self.drop(self.wte(input_ids) + self.wpe(layout.position_ids))  # (B, T, H)
         first = self.config.first_stream_layer
         hidden = self._run_blocks(self.h[:first], hidden, masks, cache)
-        early_exit_hidden = kept = None
-        if self.streams is not None and (early_exit or node_filter is not None):
-            early_exit_hidden = self.ln_f(self.streams.pruner(hidden))  # (B, T, H)
-        if node_filter is not None:
-            kept = node_filter(early_exit_hidden)
-            cache.keep_new_rows(kept, layers=first)
-            tree_mask = tree_mask[kept][:, kept] if tree_mask is not None else None
-            layout = cache.begin(input_ids[:, kept], layout.position_ids[:, kept])
-            hidden, masks = hidden[:, kept], self._masks(layout, tree_mask, None)
         num_main = hidden.shape[1]
         streams = self.config.num_spec_streams if stream_positions is not None and self.streams is not None else 0
         streams = streams if num_streams is None else max(0, min(num_streams, streams))
@@ -530,7 +428,7 @@ class GPTNeoModel(GPTNeoPreTrainedModel):
         stream_hidden = None
         if hidden.shape[1] > num_main:  # (B, streams, n, H), stream-major
             stream_hidden = hidden[:, num_main:].reshape(hidden.shape[0], streams, -1, hidden.shape[-1])
-        return GPTNeoModelOutput(hidden[:, :num_main], stream_hidden, early_exit_hidden, kept)
+        return GPTNeoModelOutput(hidden[:, :num_main], stream_hidden)
 
     def _add_streams(self, hidden, masks, stream_positions, streams: int):
         """Append the first ``streams`` streams' initial states at the anchors ("all": every
@@ -580,7 +478,6 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         use_cache: bool | None = None,
         tree_mask: torch.Tensor | None = None,
         stream_positions: torch.Tensor | str | None = None,
-        early_exit: bool = False,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
         loss_only: bool = False,
@@ -588,79 +485,70 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         past_key_values=None,
         **unused,
     ) -> SpecStreamCausalLMOutput:
-        """Upstream's forward plus ``tree_mask``, ``stream_positions`` and ``early_exit``
-        (see `GPTNeoModel.forward`). The cache comes as ``cache`` (transformers >= 5.24) or
+        """Upstream's forward plus ``tree_mask`` and ``stream_positions`` (see
+        `GPTNeoModel.forward`). The cache comes as ``cache`` (transformers >= 5.24) or
         ``past_key_values`` (before), and goes back under the installed release's name.
         With ``labels`` (aligned with ``input_ids``, -100 = ignore), streams run at every
-        position and ``loss`` is the method's ``a0 * CE(main) + sum_j a_j * CE(stream_j)``.
-        With ``loss_only`` too, the same loss is computed for less work
-        (`_loss_on_targets`) and no logits are returned; ``distill_streams`` then teaches
-        each stream the main stream's own distribution instead of the labels. Other arguments are ignored, as
-        upstream's GPT-Neo ignores them, except a cache (`check_unused_arguments`)."""
+        position and ``loss`` is the method's ``a0 * CE(main) + sum_j a_j * CE(stream_j)``
+        (`_loss`); with ``loss_only`` too, streams run only where they have a target
+        (`_stream_anchors`) and no logits are returned: the same loss for less work.
+        ``distill_streams`` teaches each stream the main stream's own distribution instead of
+        the labels. Other arguments are ignored, as upstream's GPT-Neo ignores them, except a
+        cache (`check_unused_arguments`)."""
         check_unused_arguments(unused)
         if input_ids is None:
             raise ValueError("GPTNeoForCausalLM (spec-stream) needs input_ids; inputs_embeds is not supported.")
         if cache is not None and past_key_values is not None:
             raise ValueError("pass the cache once: as `cache` or as `past_key_values`, not both.")
         cache = cache if cache is not None else past_key_values
-        if labels is not None and loss_only:
-            return self._loss_on_targets(input_ids, attention_mask, labels, early_exit, distill_streams, position_ids)
         if labels is not None and stream_positions is None and self.config.num_spec_streams:
-            stream_positions = "all"
-        if use_cache and cache is None:
+            stream_positions = self._stream_anchors(labels) if loss_only else "all"
+        if use_cache and cache is None and not loss_only:
             cache = DynamicCache(config=self.config)
-        out = self.transformer(
-            input_ids=input_ids, cache=cache, attention_mask=attention_mask,
-            position_ids=position_ids, tree_mask=tree_mask, stream_positions=stream_positions, early_exit=early_exit,
-        )
+        out = self.transformer(input_ids=input_ids, cache=cache, attention_mask=attention_mask,
+                               position_ids=position_ids, tree_mask=tree_mask, stream_positions=stream_positions)
+        loss = None if labels is None else self._loss(out, labels, stream_positions, distill_streams)
+        if loss_only:
+            return SpecStreamCausalLMOutput(loss=loss)
         hidden = out.hidden_states[:, -logits_to_keep:] if logits_to_keep else out.hidden_states
-        logits = self.lm_head(hidden)
         stream_logits = None if out.stream_hidden_states is None else self.lm_head(out.stream_hidden_states)
-        early_exit_logits = None if out.early_exit_hidden_states is None else self.lm_head(out.early_exit_hidden_states)
-        loss = None
-        if labels is not None:
-            loss = speculative_streaming_loss(
-                logits, stream_logits, labels, self.config.main_loss_weight, self.config.stream_loss_weight
-            )
-        return SpecStreamCausalLMOutput(loss=loss, logits=logits, stream_logits=stream_logits,
-                                        early_exit_logits=early_exit_logits, **{CACHE_FIELD: cache})
+        return SpecStreamCausalLMOutput(loss=loss, logits=self.lm_head(hidden), stream_logits=stream_logits,
+                                        **{CACHE_FIELD: cache})
 
-    def _loss_on_targets(self, input_ids, attention_mask, labels, early_exit, distill_streams=False,
-                         position_ids=None) -> SpecStreamCausalLMOutput:
-        """The training loss without the work it does not need: streams run only at the
-        positions where some stream has a target (a prompt's streams predict prompt tokens,
-        labelled -100), and the head projects only rows with a target. Same value as the
-        full computation: the rows left out contribute nothing to any sum or count. Batches
-        left-padded (with ``position_ids``) keep those positions few: every row's targets end
-        at the same place. A loss
-        weight of 0 skips its part (weight 0 on the streams: they do not run).
-
-        ``distill_streams``: stream j at t learns the main stream's distribution at t + j
-        (its prediction of the same token t + 1 + j, on the same sequence) instead of the
-        label: KL(main || stream), the main side detached. Acceptance is agreement with the
-        main stream, so this teaches the streams exactly what verification checks."""
-        has_target = (labels != -100).any(dim=0)  # (T,): some row of the batch has a target there
+    def _stream_anchors(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The positions where some stream has a target in some row (a prompt's streams
+        predict prompt tokens, labelled -100; left-padded batches keep those positions few:
+        every row's targets end at the same place); None when the streams' loss weight is 0."""
+        if not self.config.stream_loss_weight:
+            return None
+        has_target = (labels != -100).any(dim=0)  # (T,)
         length = labels.shape[1]
-        streams = self.config.num_spec_streams if self.config.stream_loss_weight else 0
         anchors = torch.zeros(length, dtype=torch.bool, device=labels.device)
-        for shift in range(2, 2 + streams):  # stream j at t predicts t + 1 + j
+        for shift in range(2, 2 + self.config.num_spec_streams):  # stream j at t predicts t + 1 + j
             anchors[: length - shift] |= has_target[shift:]
-        anchors = anchors.nonzero().flatten()
-        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               early_exit=early_exit, stream_positions=anchors if streams else None)
-        main_rows = has_target[1:].nonzero().flatten()  # t with a target at t + 1
+        return anchors.nonzero().flatten()
+
+    def _loss(self, out: GPTNeoModelOutput, labels: torch.Tensor, anchors, distill_streams: bool) -> torch.Tensor:
+        """``a0 * CE(main) + sum_j a_j * CE(stream_j)`` over every target of the batch, the
+        streams run at ``anchors`` (indices, "all" or None); the head projects only rows with
+        a target, which changes no sum or count. A weight of 0 skips its part.
+        ``distill_streams``: stream j at t learns the main stream's distribution at t + j
+        (its prediction of the same token t + 1 + j) instead of the label: KL(main || stream),
+        the main side detached. Acceptance is agreement with the main stream, so this teaches
+        the streams exactly what verification checks."""
         loss = torch.zeros((), device=labels.device)
         if self.config.main_loss_weight:
+            main_rows = (labels != -100).any(dim=0)[1:].nonzero().flatten()  # t with a target at t + 1
             loss = self.config.main_loss_weight * self._head_loss(out.hidden_states, main_rows, labels, 1)
-        for j in range(streams if out.stream_hidden_states is not None else 0):
-            stream_loss = self._distillation_loss if distill_streams else self._head_loss
+        if out.stream_hidden_states is None or not self.config.stream_loss_weight:
+            return loss
+        positions = anchors if torch.is_tensor(anchors) else torch.arange(labels.shape[1], device=labels.device)
+        stream_loss = self._distillation_loss if distill_streams else self._head_loss
+        for j in range(out.stream_hidden_states.shape[1]):
             loss = loss + self.config.stream_loss_weight * stream_loss(
-                out.stream_hidden_states[:, j], None, labels, 2 + j, positions=anchors,
+                out.stream_hidden_states[:, j], None, labels, 2 + j, positions=positions,
                 **({"main_hidden": out.hidden_states} if distill_streams else {}))
-        early_exit_loss = None
-        if out.early_exit_hidden_states is not None:
-            early_exit_loss = self._head_loss(out.early_exit_hidden_states, main_rows, labels, 1)
-        return SpecStreamCausalLMOutput(loss=loss, early_exit_loss=early_exit_loss)
+        return loss
 
     def _distillation_loss(self, hidden, rows, labels, shift, positions, main_hidden) -> torch.Tensor:
         """Mean KL(main || stream) over the targets ``shift`` tokens after ``positions``:
@@ -705,39 +593,23 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         self.transformer.streams.adapters = adapters.to(device=parameter.device, dtype=parameter.dtype)
 
     # -- the contract with generation ------------------------------------------------------
-    def run_tree(
-        self,
-        tokens: torch.Tensor,
-        cache,
-        position_ids: torch.Tensor,
-        tree_mask: torch.Tensor | None = None,
-        num_streams: int | None = None,
-        logit_positions: torch.Tensor | None = None,
-        early_exit_filter=None,
-    ) -> TreeStepOutput:
+    def run_tree(self, tokens: torch.Tensor, cache, position_ids: torch.Tensor, tree_mask: torch.Tensor | None = None,
+                 num_streams: int | None = None, logit_positions: torch.Tensor | None = None) -> TreeStepOutput:
         """One forward over a flattened draft tree (or a prompt): the only model call the
-        decoding loops make besides `draft_logits`.
-
-        tokens, position_ids (B, T); cache: a `VariableLengthKVCache` or `FixedShapeKVCache`;
-        tree_mask (T, T): ancestors-or-self (None: causal, e.g. a prompt). The first ``num_streams`` speculative
-        streams (None: all; 0: none) run at every node that gets logits; ``logit_positions``
-        (None: every node; (n,): the same nodes in every row; (B, n): per row, e.g. each
-        row's last prompt token) selects those nodes. ``early_exit_filter`` (tree
-        pruning) gets the early-exit logits (B, T, V) at the first stream layer and returns
-        the indices of the nodes to keep; ``kept`` reports them.
-        """
-        node_filter = None if early_exit_filter is None else (lambda hidden: early_exit_filter(self.lm_head(hidden)))
+        decoding loop makes besides `draft_logits`. tokens, position_ids (B, T); cache: a
+        `FixedShapeKVCache`; tree_mask (T, T): ancestors-or-self (None: causal, e.g. a
+        prompt). The first ``num_streams`` speculative streams (None: all; 0: none) run at
+        every node that gets logits; ``logit_positions`` (None: every node; (n,): the same
+        nodes in every row; (B, n): per row, e.g. each row's last prompt token) selects those."""
         anchors = "all" if logit_positions is None else logit_positions
-        out = self.transformer(
-            input_ids=tokens, cache=cache, position_ids=position_ids, tree_mask=tree_mask,
-            stream_positions=anchors, num_streams=num_streams, node_filter=node_filter,
-        )
+        out = self.transformer(input_ids=tokens, cache=cache, position_ids=position_ids, tree_mask=tree_mask,
+                               stream_positions=anchors, num_streams=num_streams)
         hidden = out.hidden_states if logit_positions is None else select_per_row(out.hidden_states, logit_positions, 1)
-        return TreeStepOutput(linear_rows(self.lm_head, hidden), out.stream_hidden_states, out.kept)
+        return TreeStepOutput(self.lm_head(hidden), out.stream_hidden_states)
 
     def draft_logits(self, stream_states: torch.Tensor) -> torch.Tensor:
         """Stream logits from `run_tree`'s stream states (any leading shape, hidden last)."""
-        return linear_rows(self.lm_head, stream_states)
+        return self.lm_head(stream_states)
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
@@ -801,12 +673,3 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int
         predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
     return total / (targets != -100).sum().clamp(min=1)
-
-
-def speculative_streaming_loss(logits, stream_logits, labels, main_weight: float, stream_weight: float):
-    """``main_weight * CE(main(t), y(t+1)) + stream_weight * sum_j CE(stream_j(t), y(t+1+j))``."""
-    loss = main_weight * shifted_cross_entropy(logits, labels, 1)
-    if stream_logits is not None:
-        for j in range(stream_logits.shape[1]):
-            loss = loss + stream_weight * shifted_cross_entropy(stream_logits[:, j], labels, 2 + j)
-    return loss
