@@ -8,7 +8,8 @@ milliseconds per token of upstream `transformers` greedy decoding on the same we
 the milliseconds per step of our one step (`tree_step.TreeStep`) for each tree, on the one
 runner `generate` uses (`FixedShapeDecoder`) in each mode named in ``--runners``: ``eager``
 (a CPU's default) and ``compiled`` (``generate(..., compile_config=CompileConfig())``). Each cell is the median of ``--repeats``
-measurements of ``--steps`` steps after a ``--prompt``-token prompt, with the min-max
+measurements of ``--steps`` steps after a prompt of each ``--prompt`` length (a short and a
+long context by default), with the min-max
 spread, and its ratio to the same runner's one-token step ``()``. Beside each cell, the
 roofline bound of that forward pass (`spec_stream.arithmetic`: FLOPs over the measured fp32
 matmul rate, weight and cache bytes over the measured memory read rate; the larger binds).
@@ -84,16 +85,18 @@ def roofline_ms(shape: ModelShape, widths: tuple, prompt: int, probe) -> float:
     return 1e3 * roofline_seconds(flops, forward_bytes(shape, torch.float32, nodes, prompt), probe)["seconds"]
 
 
-def measure(name: str, trees, args, probe) -> dict:
+def measure(name: str, prompt_length: int, trees, args, probe) -> dict:
     model = build_model(name, args.streams)
     trees = [t for t in trees if len(t) <= model.config.num_spec_streams]
-    prompt = torch.randint(1, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    prompt_length = min(prompt_length, model.config.max_position_embeddings // 2)  # as the probe caps it
+    prompt = torch.randint(1, model.config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(1))
     shape = ModelShape.of(model.config)
-    row = {"model": name, "upstream_naive": spread(upstream_ms_per_token(model, prompt, args.steps, args.repeats)),
-           "upstream_roofline": roofline_ms(shape, (), args.prompt, probe),
-           "roofline": {str(w): roofline_ms(shape, w, args.prompt, probe) for w in trees}, "runners": {}}
+    row = {"model": f"{name} @{prompt_length}", "prompt": prompt_length,
+           "upstream_naive": spread(upstream_ms_per_token(model, prompt, args.steps, args.repeats)),
+           "upstream_roofline": roofline_ms(shape, (), prompt_length, probe),
+           "roofline": {str(w): roofline_ms(shape, w, prompt_length, probe) for w in trees}, "runners": {}}
     for runner in args.runners:
-        runs = [probe_step_seconds(model, args.prompt, args.steps, trees, mode=runner) for _ in range(args.repeats)]
+        runs = [probe_step_seconds(model, prompt_length, args.steps, trees, mode=runner) for _ in range(args.repeats)]
         cells = {str(w): spread([1e3 * run[w] for run in runs]) for w in trees}
         for widths in trees:
             one_token = cells.get("()")
@@ -132,14 +135,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trees", default=",".join(str(t) for t in TREES), help="trees to time")
     parser.add_argument("--runners", default=",".join(RUNNERS), help="ways to run the step: eager, compiled")
     parser.add_argument("--streams", type=int, default=3, help="streams of a built-in size")
-    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens before the timed steps")
+    parser.add_argument("--prompt", default="64,400", help="prompt tokens before the timed steps: one length or "
+                        "several, comma-separated (each capped at half the model's context)")
     parser.add_argument("--steps", type=int, default=16, help="steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per cell")
     parser.add_argument("--output", default="results/step_costs.json", help="JSON file for every figure")
     args = parser.parse_args(argv)
-    for name in ("streams", "prompt", "steps", "repeats"):
+    for name in ("streams", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    try:
+        args.prompt = tuple(int(n) for n in args.prompt.split(","))
+    except ValueError:
+        raise UserError(f"--prompt {args.prompt!r}: give prompt lengths like 64 or 64,400") from None
+    if not args.prompt or min(args.prompt) < 1:
+        raise UserError(f"--prompt {args.prompt}: every prompt length must be at least 1")
     args.trees = parse_trees(args.trees)
     args.runners = tuple(args.runners.split(","))
     if not args.runners or set(args.runners) - set(RUNNERS):
@@ -156,7 +166,7 @@ def main(argv=None) -> int:
     probe = measure_machine("cpu")
     print(f"matmul {probe.matmul_flops_per_second / 1e9:.0f} GFLOP/s, memory read "
           f"{probe.read_bytes_per_second / 1e9:.1f} GB/s, {probe.threads} threads")
-    rows = [measure(name, args.trees, args, probe) for name in args.model]
+    rows = [measure(name, length, args.trees, args, probe) for name in args.model for length in args.prompt]
     print_table(rows, args.trees)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
