@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import time
 import types
-from dataclasses import dataclass
 
 import torch
 from transformers.utils import logging
 
-from ..cache_utils import FixedShapeKVCache
 from .speculative_tree import TreeSpec, parse_tree, uniforms_shape
 from .tree_step import DecodeState, TreeStep, lookup_tensor, no_timer
 
@@ -59,28 +57,6 @@ def step_mode(model, config, scorer=None) -> str:
     return COMPILED if getattr(config, "compile_config", None) is not None else EAGER
 
 
-@dataclass
-class BatchState(DecodeState):
-    """A `DecodeState` with the static inputs of one batch size and cache size (graphs and
-    compiled steps read these addresses on every call)."""
-
-    prompt: torch.Tensor | None = None  # (B, context): each row's prompt from slot 0
-    prompt_length: torch.Tensor | None = None  # (B,)
-
-    @classmethod
-    def create(cls, model, batch: int, slots: int, streams: int, tree_size: int) -> "BatchState":
-        config, device = model.config, model.device
-        return cls(
-            cache=FixedShapeKVCache(config, batch, slots, device, model.dtype),
-            root=torch.zeros(batch, dtype=torch.long, device=device),
-            root_streams=torch.zeros(batch, streams, config.hidden_size, dtype=model.dtype, device=device)
-            if streams else None,
-            length_limit=min(config.max_position_embeddings, slots - tree_size),
-            prompt=torch.zeros(batch, config.max_position_embeddings, dtype=torch.long, device=device),
-            prompt_length=torch.ones(batch, dtype=torch.long, device=device),
-        )
-
-
 class FixedShapeDecoder:
     """The prefill and step of one model and one concrete tree (widths or a `TreeSpec`) in
     one ``mode``, for `utils.decode`: caches, graphs and compiled steps are made once per
@@ -106,8 +82,8 @@ class FixedShapeDecoder:
         self.buckets = sorted({min(b, self.context) for b in prefill_buckets} | {self.context})
         self.cache_buckets = [self.context] if mode == CUDA_GRAPHS else \
             sorted({min(b, self.context) for b in cache_buckets} | {self.context})
-        self.states: dict[tuple, BatchState] = {}  # by (batch size, cache slots)
-        self.state: BatchState | None = None  # the batch being decoded (set by each prefill)
+        self.states: dict[tuple, DecodeState] = {}  # by (batch size, cache slots)
+        self.state: DecodeState | None = None  # the batch being decoded (set by each prefill)
         # static inputs of batch-1 features: graphs read these addresses on every replay
         self.lookup = torch.zeros(lookup_length, dtype=torch.long, device=self.device)  # lookup branch drafts
         self.lookup_count = torch.zeros((), dtype=torch.long, device=self.device)  # of which real (not filler)
@@ -133,11 +109,11 @@ class FixedShapeDecoder:
         """(scores, logits) of the last call's emitted nodes with a recording scorer, else None."""
         return self.one_step.recorded
 
-    def _state(self, batch: int, slots: int) -> BatchState:
+    def _state(self, batch: int, slots: int) -> DecodeState:
         if (batch, slots) not in self.states:
             if len(self.states) >= COMPILED_SHAPES:
                 del self.states[next(iter(self.states))]
-            self.states[batch, slots] = BatchState.create(self.model, batch, slots + self.tree.size,
+            self.states[batch, slots] = DecodeState.create(self.model, batch, slots + self.tree.size,
                                                           self.one_step.num_streams, self.tree.size)
         return self.states[batch, slots]
 

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from ..cache_utils import TreeKVCache, select_per_row
+from ..cache_utils import FixedShapeKVCache, select_per_row
 from .request import NodeScorer
 from .speculative_tree import (
     TreeBuffers,
@@ -60,15 +60,32 @@ def no_timer(name: str):
 
 @dataclass
 class DecodeState:
-    """What a step reads and writes, per batch row: the cache, the last emitted token
-    (``root`` (B,)) and the stream states at the last accepted node (``root_streams``
-    (B, streams, H); None without streams). ``length_limit``: the most tokens a row may
-    hold, a row held there runs on without growing (fixed shapes keep finished rows)."""
+    """What a step reads and writes, per batch row, at fixed addresses (graphs and compiled
+    steps read them on every call): the cache, the last emitted token (``root`` (B,)), the
+    stream states at the last accepted node (``root_streams`` (B, streams, H); None without
+    streams) and each row's prompt from slot 0 (``prompt`` (B, context), ``prompt_length``
+    (B,)). ``length_limit``: the most tokens a row may hold; a row held there runs on
+    without growing (finished rows keep running)."""
 
-    cache: TreeKVCache
+    cache: FixedShapeKVCache
     root: torch.Tensor
     root_streams: torch.Tensor | None
     length_limit: int
+    prompt: torch.Tensor
+    prompt_length: torch.Tensor
+
+    @classmethod
+    def create(cls, model, batch: int, slots: int, streams: int, tree_size: int) -> "DecodeState":
+        config, device = model.config, model.device
+        return cls(
+            cache=FixedShapeKVCache(config, batch, slots, device, model.dtype),
+            root=torch.zeros(batch, dtype=torch.long, device=device),
+            root_streams=torch.zeros(batch, streams, config.hidden_size, dtype=model.dtype, device=device)
+            if streams else None,
+            length_limit=min(config.max_position_embeddings, slots - tree_size),
+            prompt=torch.zeros(batch, config.max_position_embeddings, dtype=torch.long, device=device),
+            prompt_length=torch.ones(batch, dtype=torch.long, device=device),
+        )
 
 
 def step_summary(accepted, nodes, from_lookup, path_tokens, path_predictions) -> torch.Tensor:
