@@ -644,7 +644,7 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         streams = self.config.num_spec_streams if self.config.stream_loss_weight else 0
         anchors = torch.zeros(length, dtype=torch.bool, device=labels.device)
         for shift in range(2, 2 + streams):  # stream j at t predicts t + 1 + j
-            anchors[: length - shift] |= has_target[shift:]
+            anchors[: max(length - shift, 0)] |= has_target[shift:]  # a sequence shorter than the shift: none
         anchors = anchors.nonzero().flatten()
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                early_exit=early_exit, stream_positions=anchors if streams else None)
