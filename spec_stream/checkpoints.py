@@ -16,11 +16,12 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer
 
 from huggingface.transformers.internals import set_private
@@ -43,6 +44,8 @@ STATE_FILE = "state.pt"
 TEMPORARY_PREFIX = ".spec-stream-"
 TEMPORARY_SUFFIX = ".tmp"
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+WEIGHTS_FILE = "model.safetensors"
+STREAM_EMBEDDINGS = "transformer.streams.embeddings"  # (num_spec_streams, hidden): one row per stream
 
 
 def default_stream_layers(task: str, num_layers: int) -> int:
@@ -89,6 +92,18 @@ def load_base_config(name: str) -> GPTNeoConfig:
                         "id, or train from scratch offline with --from-scratch SIZE") from None
 
 
+def check_base(name: str, num_spec_streams: int) -> GPTNeoConfig:
+    """The config of a base checkpoint, its weights file checked against it (when a local
+    folder holds one) and against ``num_spec_streams`` (``--num-spec-streams``): trained
+    streams are kept, so their number must match (0 drops them)."""
+    config = load_base_config(name)
+    held = check_weights_match_config(name, config)
+    if held and num_spec_streams and num_spec_streams != held:
+        raise UserError(f"--num-spec-streams {num_spec_streams}, but --base {name} holds {held} trained speculative "
+                        f"streams; pass --num-spec-streams {held} to keep training them, or 0 for a plain model")
+    return config
+
+
 def load_base(name: str, num_spec_streams: int, num_stream_layers: int | None, task: str):
     """Any GPT-Neo checkpoint (upstream's or ours, a folder or a hub id) with its own
     tokenizer; stream weights it lacks are initialised (transformers logs which)."""
@@ -98,6 +113,8 @@ def load_base(name: str, num_spec_streams: int, num_stream_layers: int | None, t
         model = GPTNeoForCausalLM.from_pretrained(
             name, num_spec_streams=num_spec_streams, num_stream_layers=layers if num_spec_streams else 0
         )
+    except SafetensorError as error:
+        raise damaged_weights(name, error) from None
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load base model {name!r} ({str(error).splitlines()[0][:160]}); check the path or hub "
                         "id, or train from scratch offline with --from-scratch SIZE") from None
@@ -119,6 +136,41 @@ def streams_by_default(model) -> str:
             "pipelines decode greedily with the streams by default (speculative_streaming=False turns them off)")
 
 
+def damaged_weights(path: str, error: Exception) -> UserError:
+    """The error for a weights file that safetensors cannot read (cut short, overwritten)."""
+    return UserError(f"{Path(path) / WEIGHTS_FILE} is truncated or damaged ({error}); delete {path} and prepare it "
+                     "again, or copy the file again")
+
+
+def weights_streams(path: str) -> int | None:
+    """Speculative streams the weights file of checkpoint folder ``path`` holds (0: none),
+    read from its header alone; None when there is no local file to read (a hub id, a
+    sharded or a PyTorch weights file). A damaged file is a UserError."""
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        return None
+    try:
+        with safe_open(weights, "pt") as handle:
+            if STREAM_EMBEDDINGS not in handle.keys():
+                return 0
+            return handle.get_slice(STREAM_EMBEDDINGS).get_shape()[0]
+    except (SafetensorError, OSError) as error:
+        raise damaged_weights(path, error) from None
+
+
+def check_weights_match_config(path: str, config) -> int | None:
+    """A UserError when the weights of ``path`` hold trained streams that its config does not
+    describe: another number (from_pretrained would fail on the shapes) or none (it would
+    drop them without a word). Returns the streams the weights hold (None: not readable here)."""
+    held = weights_streams(path)
+    configured = getattr(config, "num_spec_streams", 0) or 0
+    if held and held != configured:
+        raise UserError(f"{path}: its config.json says num_spec_streams={configured} but its weights hold {held} "
+                        f"speculative streams; set \"num_spec_streams\": {held} in {Path(path) / 'config.json'}, or "
+                        "save the checkpoint again from the model it came from")
+    return held
+
+
 def load_for_inference(path: str, require_streams: bool = False):
     """(model, tokenizer) of a checkpoint folder or hub id, every problem a UserError that
     names it: no such folder (or an unreachable hub id), a missing or damaged config or
@@ -133,11 +185,13 @@ def load_for_inference(path: str, require_streams: bool = False):
         raise UserError(f"{path}: no such checkpoint folder; {fix}")
     try:
         config = GPTNeoConfig.from_pretrained(path)
+        check_weights_match_config(path, config)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model, info = GPTNeoForCausalLM.from_pretrained(path, output_loading_info=True)
     except SafetensorError as error:
-        raise UserError(f"{folder / 'model.safetensors'} is truncated or damaged ({error}); delete {path} and prepare "
-                        "it again, or copy the file again") from None
+        raise damaged_weights(path, error) from None
+    except UserError:
+        raise
     except (OSError, ValueError) as error:  # no folder and no hub repo, a missing or damaged file
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         problem = f"cannot load {path}" if folder.is_dir() else f"{path} is neither a folder nor a reachable hub id"
@@ -164,8 +218,19 @@ def check_output_path(path: Path) -> None:
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir():
         raise UserError(f"--output {path} lies under the file {existing}; pass a folder path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output {path}: {existing} is not writable; pass a folder you can write to")
+    problem = write_problem(existing)
+    if problem:
+        raise UserError(f"--output {path}: cannot write in {existing} ({problem}); pass a folder you can write to")
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why no file can be made in ``folder`` (tried, as root passes every permission
+    check: /sys refuses it anyway), or None when one can."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as error:
+        return error.strerror or type(error).__name__
 
 
 def _temporary(folder: Path, kind: str) -> Path:
