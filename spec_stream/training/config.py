@@ -102,6 +102,9 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
     for name in ("epochs", "batch_size", "max_length", "save_every", "lr", "peak_tflops"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.max_length < 2:
+        raise UserError(f"--max-length {config.max_length} holds no prompt token beside a target token; pass 2 or "
+                        f"more (default {defaults.MAX_LENGTH})")
     for name, meaning in (("max_train_samples", "train on all"), ("max_eval_samples", "validate on all"),
                           ("max_steps", "train for --epochs")):
         if getattr(config, name) is not None and getattr(config, name) < 1:
