@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,10 +110,22 @@ def load_prompts(task: str | CustomDataset, split: str, tokenizer, context: int,
     texts = [example.prompt for example in examples]
     databases = spider_databases(texts, settings.data_dir) if task == "spider" else [None] * len(examples)
     prompts = []
+    lengths = []
     for example, database in zip(examples, databases):
         ids = tokenizer(example.prompt, return_tensors="pt").input_ids
+        lengths.append(ids.shape[1])
         prompts.append(Prompt(ids[:, -room:], example.references, ids.shape[1] > room, database))
+    warn_truncated(lengths, room, f"{dataset_label(task)}/{split}", settings.max_new_tokens)
     return prompts
+
+
+def warn_truncated(lengths: list[int], room: int, label: str, max_new_tokens: int) -> None:
+    """A warning on stderr, before any timing, when prompts were cut to ``room`` tokens."""
+    cut = [length for length in lengths if length > room]
+    if cut:
+        print(f"warning: {len(cut)} of {len(lengths)} {label} prompts are longer than the {room} tokens the context "
+              f"leaves beside --max-new-tokens {max_new_tokens} (the longest has {max(cut)}); they keep only their "
+              "last tokens, and the table's 'cut' column counts them", file=sys.stderr)
 
 
 def dataset_label(task: str | CustomDataset) -> str:
