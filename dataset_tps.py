@@ -38,7 +38,7 @@ from spec_stream.benchmark.machine import machine_info
 from spec_stream.benchmark.recipe import default_checkpoint, prepared_checkpoint
 from spec_stream.benchmark.settings import REPORT_SCHEMA_VERSION, BenchmarkSettings
 from spec_stream.benchmark.task import benchmark_task
-from spec_stream.checkpoints import write_problem
+from spec_stream.checkpoints import check_result_file
 from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
 from spec_stream.data import is_preset, resolve_dataset
 from spec_stream.errors import UserError, exit_on_user_error
@@ -169,13 +169,16 @@ def parse_sampling(args: argparse.Namespace) -> dict:
         top_k=defaults.SAMPLE_TOP_K if args.top_k is None else args.top_k,
         top_p=defaults.SAMPLE_TOP_P if args.top_p is None else args.top_p,
         seed=defaults.SAMPLE_SEED if args.seed is None else args.seed)
-    if not sampling["temperature"] > 0:
-        raise UserError(f"--temperature {sampling['temperature']}: sampling needs a temperature above 0 (e.g. 0.7); "
+    if not 0 < sampling["temperature"] < float("inf"):
+        raise UserError(f"--temperature {sampling['temperature']}: sampling needs a temperature above 0, finite "
+                        "(e.g. 0.7); "
                         "for greedy decoding drop --do-sample")
     if not 0 < sampling["top_p"] <= 1:
         raise UserError(f"--top-p {sampling['top_p']}: pass a share above 0 and at most 1 (1 turns top-p off)")
     at_least("--top-k", sampling["top_k"], 0, "keep the k most likely tokens (0 turns top-k off)")
     at_least("--seed", sampling["seed"], 0, "prompt i samples with seed SEED + i")
+    if sampling["seed"] >= defaults.SEED_LIMIT:
+        raise UserError(f"--seed {sampling['seed']}: pass a seed from 0 to {defaults.SEED_LIMIT - 1}")
     return dict(do_sample=True, **sampling)
 
 
@@ -242,20 +245,8 @@ def check_lookup_branch(nodes: int | None, max_new_tokens: int) -> int | None:
 
 
 def check_output(output: Path, overwrite: bool = False) -> None:
-    """Fail now, not after the benchmark: ``output`` must be a file path in a writable place,
-    new unless ``overwrite``."""
-    if output.is_dir():
-        raise UserError(f"--output {output} is a folder; name a JSON file, e.g. --output {output / 'dataset_tps.json'}")
-    if output.exists() and not output.is_file():
-        raise UserError(f"--output {output} is not a regular file; name a JSON file")
-    if output.exists() and not overwrite:
-        raise UserError(f"--output {output} already exists; pass --overwrite to replace it, or name another file")
-    existing = next(folder for folder in output.parents if folder.exists())
-    if not existing.is_dir():
-        raise UserError(f"--output {output} lies under the file {existing}; choose a path under a folder")
-    problem = write_problem(existing)
-    if problem:
-        raise UserError(f"--output {output}: cannot write in {existing} ({problem}); choose a folder you can write to")
+    """Fail now, not after the benchmark: see `check_result_file`."""
+    check_result_file(output, "--output", overwrite, "dataset_tps.json")
 
 
 def write_report(report: dict, output: Path) -> None:

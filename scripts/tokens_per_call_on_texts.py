@@ -65,6 +65,9 @@ def main(argv=None) -> int:
         except ValueError as error:
             raise UserError(f"--tree-widths: {error}") from None
     room = original.config.max_position_embeddings - args.max_new_tokens
+    if room < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
+                        f"{original.config.max_position_embeddings} tokens; lower --max-new-tokens")
     examples = load_examples(args.dataset, default_split(args.dataset, "test"), data_dir=args.data_dir,
                              limit=args.num_samples)
     prompts = [tokenizer(e.prompt, return_tensors="pt").input_ids[:, -room:] for e in examples]

@@ -211,16 +211,51 @@ def load_for_inference(path: str, require_streams: bool = False):
 # ------------------------------------------------------------------ the output folder
 
 
-def check_output_path(path: Path) -> None:
+def check_output_path(path: Path, flag: str = "--output") -> None:
     """A UserError unless ``path`` is, or can become, a writable folder."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--output {path} is an existing file; pass a folder path (new, empty, or an earlier run's)")
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"--output {path} lies under the file {existing}; pass a folder path")
-    problem = write_problem(existing)
+    with path_errors(path, flag):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{flag} {path} is an existing file; pass a folder path (new, empty, or an earlier run's)")
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"{flag} {path} lies under the file {existing}; pass a folder path")
+        problem = write_problem(existing)
     if problem:
-        raise UserError(f"--output {path}: cannot write in {existing} ({problem}); pass a folder you can write to")
+        raise UserError(f"{flag} {path}: cannot write in {existing} ({problem}); pass a folder you can write to")
+
+
+def check_result_file(path: Path, flag: str, overwrite: bool, example: str) -> None:
+    """Fail now, not after the work: ``path`` must be a file path in a writable place, new
+    unless ``overwrite`` (a result is never replaced unasked); ``example``: a file name to
+    suggest when ``path`` is a folder."""
+    with path_errors(path, flag):
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; name a file, e.g. {flag} {path / example}")
+        if path.exists() and not path.is_file():
+            raise UserError(f"{flag} {path} is not a regular file; name a file, e.g. {example}")
+        if path.exists() and not overwrite:
+            raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it, or name another file")
+        existing = next(folder for folder in path.parents if folder.exists())
+        if not existing.is_dir():
+            raise UserError(f"{flag} {path} lies under the file {existing}; choose a path under a folder")
+        problem = write_problem(existing)
+    if problem:
+        raise UserError(f"{flag} {path}: cannot write in {existing} ({problem}); choose a folder you can write to")
+
+
+@contextlib.contextmanager
+def path_errors(path: Path, flag: str):
+    """A path the system refuses to look at (a NUL byte, a name too long, a loop of links)
+    as a UserError naming ``flag``."""
+    try:
+        if "\0" in str(path):
+            raise ValueError("a NUL byte")
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise UserError(f"{flag} {str(path)[:80]!r} is not a usable path ({reason}); pass an ordinary path") from None
 
 
 def write_problem(folder: Path) -> str | None:

@@ -82,7 +82,8 @@ def load_resume_state(config: FinetuneConfig, output: Path):
 
 
 def check_model_fits(config: FinetuneConfig, resume: Checkpoint | None, task: str) -> None:
-    """--num-stream-layers and --max-length against the model's layers and positions."""
+    """--num-stream-layers, the adapter ranks and --max-length against the model's layers,
+    width and positions."""
     if resume:
         model_config = resume.model_config
     else:
@@ -90,6 +91,10 @@ def check_model_fits(config: FinetuneConfig, resume: Checkpoint | None, task: st
     shape = model_config.to_dict() if model_config else MODEL_SIZES[config.from_scratch]
     if not resume:  # a checkpoint brings its own stream layers
         stream_layers(config.num_stream_layers, task, shape["num_layers"])
+    for flag, rank in (("--lora-rank", config.lora_rank), ("--stream-adapter-rank", config.stream_adapter_rank or 0)):
+        if rank > shape["hidden_size"]:
+            raise UserError(f"{flag} {rank} exceeds the model's hidden size {shape['hidden_size']}, the most a "
+                            f"low-rank adapter can use; pass {shape['hidden_size']} or less")
     positions = shape["max_position_embeddings"]
     if config.max_length > positions:
         raise UserError(f"--max-length {config.max_length} exceeds the model's {positions} positions; "
