@@ -170,9 +170,8 @@ def parse_sampling(args: argparse.Namespace) -> dict:
         top_p=defaults.SAMPLE_TOP_P if args.top_p is None else args.top_p,
         seed=defaults.SAMPLE_SEED if args.seed is None else args.seed)
     if not 0 < sampling["temperature"] < float("inf"):
-        raise UserError(f"--temperature {sampling['temperature']}: sampling needs a temperature above 0, finite "
-                        "(e.g. 0.7); "
-                        "for greedy decoding drop --do-sample")
+        raise UserError(f"--temperature {sampling['temperature']}: sampling needs a temperature above 0 and finite "
+                        "(e.g. 0.7); for greedy decoding drop --do-sample")
     if not 0 < sampling["top_p"] <= 1:
         raise UserError(f"--top-p {sampling['top_p']}: pass a share above 0 and at most 1 (1 turns top-p off)")
     at_least("--top-k", sampling["top_k"], 0, "keep the k most likely tokens (0 turns top-k off)")

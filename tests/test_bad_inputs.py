@@ -15,6 +15,7 @@ import torch
 
 import dataset_tps
 from huggingface.transformers.generation.speculative_tree import TREE_NODE_LIMIT, TreeSpec
+from spec_stream.arithmetic import main as arithmetic_main
 from spec_stream.benchmark.inputs import prepare_task
 from spec_stream.checkpoints import TRAINING_ARGS, build_from_scratch, load_for_inference, write_problem
 from spec_stream.data import resolve_dataset
@@ -41,11 +42,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture
+def no_work(monkeypatch, no_engine):
+    """Fails a test if a command line starts its work (a benchmark's checkpoints and
+    prompts, a fine-tuning's output folder, a script's timing) before refusing."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the bad input was refused")
+
+    monkeypatch.setattr(dataset_tps, "tasks_as_ready", refuse)
+    monkeypatch.setattr("spec_stream.finetune.prepare_output", refuse)
+    return refuse
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny from-scratch model with 3 streams, saved as fine-tuning saves one."""
     folder = tmp_path_factory.mktemp("bad-inputs") / "tiny"
-    texts = [f"Describe the restaurant: name[{a}], food[{b}]\nDescription: {a} serves {b}." for a in WORDS for b in WORDS]
+    texts = [f"Describe the restaurant: name[{a}], food[{b}]\nDescription: {a} serves {b}."
+             for a in WORDS for b in WORDS]
     model, tokenizer = build_from_scratch("tiny", texts, 3, None, "e2e_nlg")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -122,7 +136,7 @@ def test_the_loss_takes_a_sequence_shorter_than_the_streams_reach():
     """Two tokens, three streams: the streams have no target, the main stream one."""
     model = tiny_model(num_spec_streams=3, num_stream_layers=2).train()
     ids = torch.tensor([[5, 6]])
-    loss = model(ids, labels=torch.tensor([[-100, 6]])).loss
+    loss = model(ids, labels=torch.tensor([[-100, 6]]), loss_only=True).loss  # as fine-tuning calls it
     assert math.isfinite(loss.item())
 
 
@@ -183,7 +197,7 @@ def test_stream_weights_the_config_does_not_describe_are_an_error(streams, check
 # ---------------------------------------------------------------- 9. an existing result
 
 
-def test_an_existing_benchmark_report_is_kept_unless_overwrite(tmp_path, capsys, no_engine):
+def test_an_existing_benchmark_report_is_kept_unless_overwrite(tmp_path, capsys, no_work):
     report = tmp_path / "results.json"
     report.write_text("mine")
     message = refused(dataset_tps.main, ["--device", "cpu", "--output", report], capsys)
@@ -218,10 +232,13 @@ def test_prompts_past_the_context_are_warned_about_before_timing_and_counted(che
 # ---------------------------------------------------------------- every CLI, random bad values
 
 
-def script(name: str):
+def script(name: str, *work: str, refuse=None):
+    """scripts/NAME.py as a module; its functions named in ``work`` replaced by ``refuse``."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    for function in work:
+        setattr(module, function, refuse)
     return module
 
 
@@ -251,26 +268,32 @@ def bad_values(rng: random.Random) -> dict:
                      ("--seed", "-1"), ("--num-spec-streams", str(rng.randint(600, 10**6))),
                      ("--lora-rank", str(rng.randint(65, 10**6))), ("--mixed-precision", "fp8"),
                      ("--from-scratch", "huge"), ("--stream-targets", "all"), ("--peak-tflops", "nan")],
-        "attention_bench": [*numbers("--repeats", 3), *numbers("--embedding", 1), *numbers("--max-seconds", 1e-9, False),
+        "attention_bench": [*numbers("--repeats", 3), *numbers("--embedding", 1),
+                            *numbers("--max-seconds", 1e-9, False),
                             ("--memory-share", "0.95"), ("--memory-share", "nan"), ("--tokens", "0,4"),
                             ("--methods", "flash9"), ("--dtype", "int3")],
         "step_costs": [*numbers("--steps", 1), *numbers("--prompt", 1), ("--trees", "(100,100,100)"),
                        ("--trees", "(0,)"), ("--trees", "x"), ("--runners", "jit")],
+        "arithmetic": [*numbers("--batch", 1), *numbers("--context", 1), ("--dtype", "float7"), ("--device", "tpu"),
+                       ("--json", "/proc/x.json")],
         "tokens_per_call": [*numbers("--num-samples", 1), *numbers("--max-new-tokens", 1),
                             ("--tree-widths", "auto"), ("--tree-widths", "300,300")],
     }
 
 
-def test_random_bad_values_exit_2_in_one_line_on_every_command_line(data_dir, tmp_path, capsys, no_engine):
+def test_random_bad_values_exit_2_in_one_line_on_every_command_line(data_dir, tmp_path, capsys, no_work):
     rng = random.Random(35)
     output = tmp_path / "out"
     valid = {
         "dataset_tps": (dataset_tps.main, ["--device", "cpu", "--output", output / "r.json"]),
         "sampling": (dataset_tps.main, ["--device", "cpu", "--do-sample", "--output", output / "r.json"]),
         "finetune": (finetune_main, ["--dataset", "e2e_nlg", "--data-dir", data_dir, "--output", output]),
-        "attention_bench": (script("attention_bench").main, ["--device", "cpu", "--output", output]),
-        "step_costs": (script("step_costs").main, ["--model", "tiny", "--output", output / "s.json"]),
-        "tokens_per_call": (script("tokens_per_call_on_texts").main,
+        "attention_bench": (script("attention_bench", "run_sweep", refuse=no_work).main,
+                            ["--device", "cpu", "--output", output]),
+        "step_costs": (script("step_costs", "measure_machine", refuse=no_work).main,
+                       ["--model", "tiny", "--output", output / "s.json"]),
+        "arithmetic": (arithmetic_main, ["--model", "tiny", "--no-probe", "--json", output / "a.json"]),
+        "tokens_per_call": (script("tokens_per_call_on_texts", "load_for_inference", refuse=no_work).main,
                             ["run", "--original", "run", "--dataset", "e2e_nlg"]),
     }
     cases = [(name, flag, value) for name, pairs in bad_values(rng).items() for flag, value in pairs]
@@ -294,3 +317,17 @@ def test_plot_results_refuses_bad_reports_and_folders(tmp_path, capsys):
         assert plot_results.main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("name", ["step_costs", "attention_bench", "arithmetic"])
+def test_the_scripts_keep_an_existing_result_unless_overwrite(name, tmp_path, capsys, no_work):
+    existing = {"step_costs": tmp_path / "s.json", "attention_bench": tmp_path / "attention_bench.json",
+                "arithmetic": tmp_path / "a.json"}[name]
+    existing.write_text("mine")
+    argv = {"step_costs": ["--model", "tiny", "--output", existing],
+            "attention_bench": ["--device", "cpu", "--output", tmp_path],
+            "arithmetic": ["--model", "tiny", "--no-probe", "--json", existing]}[name]
+    main = arithmetic_main if name == "arithmetic" else script(name, "run_sweep", "measure_machine",
+                                                                refuse=no_work).main
+    assert "--overwrite" in refused(main, argv, capsys)
+    assert existing.read_text() == "mine"
