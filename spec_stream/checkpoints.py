@@ -83,20 +83,33 @@ def build_from_scratch(size: str, texts, num_spec_streams: int, num_stream_layer
     return GPTNeoForCausalLM(config), tokenizer
 
 
+BASE_FIX = "check the path or hub id, or train from scratch offline with --from-scratch SIZE"
+
+
 def load_base_config(name: str) -> GPTNeoConfig:
     """The config of a base checkpoint (a folder or a hub id), read before any weights."""
     try:
         return GPTNeoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load base model {name!r} ({str(error).splitlines()[0][:160]}); check the path or hub "
-                        "id, or train from scratch offline with --from-scratch SIZE") from None
+        raise UserError(f"cannot load base model {name!r} ({str(error).splitlines()[0][:160]}); {BASE_FIX}") from None
+
+
+def load_tokenizer(path: str, fix: str):
+    """The tokenizer of a checkpoint; missing or damaged files are a UserError naming ``fix``."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # noqa: BLE001  (a damaged tokenizer.json raises KeyError, Exception, ...)
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"cannot load the tokenizer of {path} ({type(error).__name__}: {reason}); copy its "
+                        f"tokenizer files again, or {fix}") from None
 
 
 def check_base(name: str, num_spec_streams: int) -> GPTNeoConfig:
-    """The config of a base checkpoint, its weights file checked against it (when a local
-    folder holds one) and against ``num_spec_streams`` (``--num-spec-streams``): trained
-    streams are kept, so their number must match (0 drops them)."""
+    """The config of a base checkpoint, with its tokenizer loaded and its weights file (when
+    a local folder holds one) checked against the config and ``num_spec_streams``
+    (``--num-spec-streams``): trained streams are kept, so their number must match (0 drops them)."""
     config = load_base_config(name)
+    load_tokenizer(name, BASE_FIX)
     held = check_weights_match_config(name, config)
     if held and num_spec_streams and num_spec_streams != held:
         raise UserError(f"--num-spec-streams {num_spec_streams}, but --base {name} holds {held} trained speculative "
@@ -108,16 +121,15 @@ def load_base(name: str, num_spec_streams: int, num_stream_layers: int | None, t
     """Any GPT-Neo checkpoint (upstream's or ours, a folder or a hub id) with its own
     tokenizer; stream weights it lacks are initialised (transformers logs which)."""
     layers = stream_layers(num_stream_layers, task, load_base_config(name).num_layers)
+    tokenizer = load_tokenizer(name, BASE_FIX)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
         model = GPTNeoForCausalLM.from_pretrained(
             name, num_spec_streams=num_spec_streams, num_stream_layers=layers if num_spec_streams else 0
         )
     except SafetensorError as error:
         raise damaged_weights(name, error) from None
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load base model {name!r} ({str(error).splitlines()[0][:160]}); check the path or hub "
-                        "id, or train from scratch offline with --from-scratch SIZE") from None
+        raise UserError(f"cannot load base model {name!r} ({str(error).splitlines()[0][:160]}); {BASE_FIX}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.model_max_length = model.config.max_position_embeddings  # a hub tokenizer may say 1e30
@@ -186,7 +198,7 @@ def load_for_inference(path: str, require_streams: bool = False):
     try:
         config = GPTNeoConfig.from_pretrained(path)
         check_weights_match_config(path, config)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path, fix)
         model, info = GPTNeoForCausalLM.from_pretrained(path, output_loading_info=True)
     except SafetensorError as error:
         raise damaged_weights(path, error) from None

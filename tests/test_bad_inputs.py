@@ -174,6 +174,17 @@ def test_fine_tuning_refuses_a_stream_count_other_than_the_bases(checkpoint, dat
     assert "--num-spec-streams 5" in message and "holds 3 trained" in message and not output.exists()
 
 
+def test_a_damaged_tokenizer_is_refused_by_both_command_lines(checkpoint, data_dir, tmp_path, capsys, no_engine):
+    damaged = shutil.copytree(checkpoint, tmp_path / "damaged")
+    (damaged / "tokenizer.json").write_text('{"version": "1.0"}')  # valid JSON, not a tokenizer
+    message = refused(dataset_tps.main, benchmark_argv(damaged, data_dir, tmp_path / "r.json"), capsys)
+    assert f"cannot load the tokenizer of {damaged}" in message
+    output = tmp_path / "out"
+    message = refused(finetune_main, finetune_argv(data_dir, output, "--dataset", "e2e_nlg", "--base", damaged),
+                      capsys)
+    assert f"cannot load the tokenizer of {damaged}" in message and not output.exists()
+
+
 # ---------------------------------------------------------------- 7, 10. config against weights
 
 
