@@ -33,9 +33,9 @@ from rich.table import Table
 from spec_stream import defaults
 from spec_stream.arithmetic import measure_machine
 from huggingface.transformers.generation.speculative_tree import AUTO, TreeSpec, parse_tree
-from spec_stream.benchmark.inputs import check_draft_model, check_tree_depth, prepare_task, uses_streams
+from spec_stream.benchmark.inputs import check_draft_model, check_room, check_tree_depth, prepare_task, uses_streams
 from spec_stream.benchmark.machine import machine_info
-from spec_stream.benchmark.recipe import default_checkpoint, prepared_checkpoint
+from spec_stream.benchmark.recipe import default_checkpoint, default_context, prepared_checkpoint
 from spec_stream.benchmark.settings import REPORT_SCHEMA_VERSION, BenchmarkSettings
 from spec_stream.benchmark.task import benchmark_task
 from spec_stream.checkpoints import check_result_file
@@ -266,6 +266,7 @@ def checkpoints_for(settings: BenchmarkSettings) -> dict[str, str | None]:
         return {task: settings.model for task in settings.datasets}
     if uses_streams(settings.engines):
         check_tree_depth(settings.tree_widths, defaults.NUM_SPEC_STREAMS, "the default checkpoint")
+    check_room(settings.max_new_tokens, default_context(settings.device))
     return {task: prepared_checkpoint(task, settings.device, settings.checkpoint_dir) for task in settings.datasets}
 
 

@@ -23,6 +23,7 @@ from spec_stream.finetune import main as finetune_main
 from tests.helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
+TASKS_AS_READY = dataset_tps.tasks_as_ready
 WORDS = ["soup", "bread", "fish", "rice", "tea", "cake", "pie", "jam"]
 
 
@@ -342,3 +343,13 @@ def test_the_scripts_keep_an_existing_result_unless_overwrite(name, tmp_path, ca
                                                                 refuse=no_work).main
     assert "--overwrite" in refused(main, argv, capsys)
     assert existing.read_text() == "mine"
+
+
+def test_max_new_tokens_past_the_default_checkpoints_context_is_refused_before_preparing_one(data_dir, tmp_path,
+                                                                                             capsys, no_work,
+                                                                                             monkeypatch):
+    monkeypatch.setattr(dataset_tps, "tasks_as_ready", TASKS_AS_READY)  # the real one, up to the preparation
+    monkeypatch.setattr(dataset_tps, "default_checkpoint", no_work)
+    argv = ["--device", "cpu", "--dataset", "e2e_nlg", "--data-dir", data_dir, "--max-new-tokens", "100000",
+            "--checkpoint-dir", tmp_path / "checkpoints", "--output", tmp_path / "r.json"]
+    assert "--max-new-tokens 100000 leaves no room for a prompt" in refused(dataset_tps.main, argv, capsys)
