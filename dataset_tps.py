@@ -38,7 +38,7 @@ from spec_stream.benchmark.machine import machine_info
 from spec_stream.benchmark.recipe import default_checkpoint, default_context, prepared_checkpoint
 from spec_stream.benchmark.settings import REPORT_SCHEMA_VERSION, BenchmarkSettings
 from spec_stream.benchmark.task import benchmark_task
-from spec_stream.checkpoints import check_result_file
+from spec_stream.checkpoints import check_path_text, check_result_file
 from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
 from spec_stream.data import is_preset, resolve_dataset
 from spec_stream.errors import UserError, exit_on_user_error
@@ -202,9 +202,15 @@ def resolve_datasets(args: argparse.Namespace) -> tuple:
     return (resolve_dataset(args.dataset, *templates),)
 
 
+PATH_FLAGS = ("--dataset", "--model", "--checkpoint-dir", "--data-dir", "--split", "--output", "--draft-model",
+              "--reference-model")  # values that name files or become part of a file's name
+
+
 def parse_settings(argv=None) -> BenchmarkSettings:
     """The command line as checked settings; every bad value is a UserError."""
     args = build_parser().parse_args(argv)
+    for flag in PATH_FLAGS:
+        check_path_text(getattr(args, flag.lstrip("-").replace("-", "_")), flag)
     datasets = resolve_datasets(args)
     device = resolve_device(args.device)
     sized = "cuda" if device.type == "cuda" else "cpu"

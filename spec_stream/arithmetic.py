@@ -37,7 +37,7 @@ import torch
 import transformers
 
 from spec_stream import GPTNeoConfig, GPTNeoForCausalLM
-from spec_stream.checkpoints import MODEL_SIZES, check_result_file, default_stream_layers
+from spec_stream.checkpoints import MODEL_SIZES, check_path_text, check_result_file, default_stream_layers
 from spec_stream.defaults import ARITHMETIC_BATCH, ARITHMETIC_CONTEXT, NUM_SPEC_STREAMS, PROBE_REPEATS
 from spec_stream.errors import UserError, exit_on_user_error
 from spec_stream.timing import resolve_device, synchronize
@@ -311,6 +311,7 @@ def load_config(model: str) -> GPTNeoConfig:
     if model in MODEL_SIZES:
         return size_config(model)
     fix = f"pass a built-in size ({', '.join(MODEL_SIZES)}), a checkpoint folder or a GPT-Neo config.json"
+    check_path_text(model, "--model")
     path = Path(model)
     hub_id = model.count("/") == 1 and not path.exists()  # owner/name, read online (or from the hub cache)
     if not hub_id and not (path.is_file() or (path / "config.json").is_file()):

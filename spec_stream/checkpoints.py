@@ -44,6 +44,7 @@ STATE_FILE = "state.pt"
 TEMPORARY_PREFIX = ".spec-stream-"
 TEMPORARY_SUFFIX = ".tmp"
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+NAME_MAX, PATH_MAX = 255, 4096  # bytes in a file name and in a path (Linux)
 WEIGHTS_FILE = "model.safetensors"
 STREAM_EMBEDDINGS = "transformer.streams.embeddings"  # (num_spec_streams, hidden): one row per stream
 
@@ -190,6 +191,7 @@ def load_for_inference(path: str, require_streams: bool = False):
     missing from the weights file (a checkpoint saved through upstream GPT-Neo, say), or
     never trained."""
     fix = "fine-tune one with: python -m spec_stream.finetune --dataset NAME --output DIR"
+    check_path_text(path, "checkpoint")
     folder = Path(path)
     if folder.is_dir() and not (folder / "config.json").is_file():
         raise UserError(f"{path} is not a checkpoint folder (no config.json); {fix}")
@@ -255,13 +257,22 @@ def check_result_file(path: Path, flag: str, overwrite: bool, example: str) -> N
         raise UserError(f"{flag} {path}: cannot write in {existing} ({problem}); choose a folder you can write to")
 
 
+def check_path_text(value, flag: str) -> None:
+    """A UserError for a path (or a name that becomes part of one) no file system takes: a
+    NUL byte, a name longer than NAME_MAX bytes, or more than PATH_MAX bytes in all."""
+    text = "" if value is None else str(value)
+    names = text.split("/")
+    if "\0" in text or len(text.encode()) >= PATH_MAX or max(len(name.encode()) for name in names) > NAME_MAX:
+        raise UserError(f"{flag} {text[:60]!r}{'...' if len(text) > 60 else ''} is not a usable path (a NUL byte, a "
+                        f"name over {NAME_MAX} bytes or more than {PATH_MAX} in all); pass an ordinary path")
+
+
 @contextlib.contextmanager
 def path_errors(path: Path, flag: str):
     """A path the system refuses to look at (a NUL byte, a name too long, a loop of links)
     as a UserError naming ``flag``."""
+    check_path_text(path, flag)
     try:
-        if "\0" in str(path):
-            raise ValueError("a NUL byte")
         yield
     except UserError:
         raise

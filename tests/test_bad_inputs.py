@@ -261,16 +261,23 @@ def bad_numbers(rng: random.Random, minimum: float, integer: bool = True) -> lis
     return values + (["1.5", "nan"] if integer else ["nan", "inf", "-inf"])
 
 
+def bad_paths(rng: random.Random, flag: str) -> list:
+    """Paths no file system takes: a NUL byte, a name or a whole path too long."""
+    name = "".join(rng.choice("abcé") for _ in range(rng.randint(256, 400)))
+    return [(flag, f"runs/a\0{rng.randint(0, 9)}"), (flag, name), (flag, "/".join(["ab"] * rng.randint(2100, 3000)))]
+
+
 def bad_values(rng: random.Random) -> dict:
     """Per command line: (flag, bad value) pairs, the rest of its arguments valid."""
     numbers = lambda flag, minimum, integer=True: [(flag, v) for v in bad_numbers(rng, minimum, integer)]  # noqa: E731
+    paths = lambda flag: bad_paths(rng, flag)  # noqa: E731
     return {
         "dataset_tps": [*numbers("--num-samples", 1), *numbers("--max-new-tokens", 1), *numbers("--repeats", 1),
                         *numbers("--lookup-branch", 0), ("--batch-size", "0,2"), ("--batch-size", "1,,x"),
                         ("--tree-widths", f"{rng.randint(40, 999)},{rng.randint(40, 999)},9"), ("--tree-widths", "-1"),
                         ("--tree-widths", "4;3"), ("--device", "tpu"), ("--half-dtype", "fp8"),
                         ("--model_type", "fastest"), ("--output", "/proc/x/r.json"), ("--output", "a\0b"),
-                        ("--temperature", "0.5")],
+                        ("--temperature", "0.5"), *[pair for flag in dataset_tps.PATH_FLAGS for pair in paths(flag)]],
         "sampling": [*numbers("--temperature", 1e-9, False), *numbers("--top-k", 0), *numbers("--seed", 0),
                      ("--seed", str(2**32 + rng.randint(0, 10**9))), ("--top-p", "1.5"), ("--top-p", "0")],
         "finetune": [*numbers("--batch-size", 1), *numbers("--max-length", 2), *numbers("--epochs", 1e-9, False),
@@ -279,16 +286,17 @@ def bad_values(rng: random.Random) -> dict:
                      ("--warmup-ratio", "nan"), ("--main-loss-weight", "inf"), ("--seed", str(2**32)),
                      ("--seed", "-1"), ("--num-spec-streams", str(rng.randint(600, 10**6))),
                      ("--lora-rank", str(rng.randint(65, 10**6))), ("--mixed-precision", "fp8"),
-                     ("--from-scratch", "huge"), ("--stream-targets", "all"), ("--peak-tflops", "nan")],
+                     ("--from-scratch", "huge"), ("--stream-targets", "all"), ("--peak-tflops", "nan"),
+                     *paths("--output"), *paths("--data-dir"), *paths("--base"), *paths("--train-split")],
         "attention_bench": [*numbers("--repeats", 3), *numbers("--embedding", 1),
                             *numbers("--max-seconds", 1e-9, False),
                             ("--memory-share", "0.95"), ("--memory-share", "nan"), ("--tokens", "0,4"),
                             ("--methods", "flash9"), ("--dtype", "int3")],
-        "step_costs": [*numbers("--steps", 1), *numbers("--prompt", 1), ("--trees", "(100,100,100)"),
+        "step_costs": [*numbers("--steps", 1), *numbers("--prompt", 1), ("--trees", "(100,100,100)"), *paths("--model"),
                        ("--trees", "(0,)"), ("--trees", "x"), ("--runners", "jit")],
         "arithmetic": [*numbers("--batch", 1), *numbers("--context", 1), ("--dtype", "float7"), ("--device", "tpu"),
                        ("--json", "/proc/x.json")],
-        "tokens_per_call": [*numbers("--num-samples", 1), *numbers("--max-new-tokens", 1),
+        "tokens_per_call": [*numbers("--num-samples", 1), *numbers("--max-new-tokens", 1), *paths("--original"),
                             ("--tree-widths", "auto"), ("--tree-widths", "300,300")],
     }
 

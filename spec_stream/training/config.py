@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from spec_stream import defaults
-from spec_stream.checkpoints import MODEL_SIZES
+from spec_stream.checkpoints import MODEL_SIZES, check_path_text
 from spec_stream.data import CustomDataset, resolve_dataset
 from spec_stream.errors import UserError
 
@@ -58,6 +58,7 @@ RESUME_SETTINGS = ("dataset", "prompt_template", "response_field", "response_tem
                    "num_spec_streams", "num_stream_layers", "main_loss_weight", "stream_loss_weight", "lora_rank",
                    "freeze_base", "stream_adapter_rank", "stream_targets", "train_pruner")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+PATH_SETTINGS = ("dataset", "output", "data_dir", "base", "train_split", "eval_split")  # name files, or parts of names
 STREAM_TARGETS = ("references", "distill", "greedy")  # what the streams learn to predict (--stream-targets)
 
 
@@ -105,6 +106,8 @@ def check_sizes(config: FinetuneConfig) -> None:
 def check_config(config: FinetuneConfig) -> FinetuneConfig:
     """The settings on their own (no file is read): a UserError for a bad one, else the
     config with the preset's name, model size and learning rate filled in."""
+    for name in PATH_SETTINGS:
+        check_path_text(getattr(config, name), f"--{name.replace('_', '-')}")
     dataset = dataset_of(config)
     if config.from_scratch and config.base:
         raise UserError("--from-scratch and --base exclude each other; pick one")
