@@ -292,8 +292,8 @@ def bad_values(rng: random.Random) -> dict:
                             *numbers("--max-seconds", 1e-9, False),
                             ("--memory-share", "0.95"), ("--memory-share", "nan"), ("--tokens", "0,4"),
                             ("--methods", "flash9"), ("--dtype", "int3")],
-        "step_costs": [*numbers("--steps", 1), *numbers("--prompt", 1), ("--trees", "(100,100,100)"), *paths("--model"),
-                       ("--trees", "(0,)"), ("--trees", "x"), ("--runners", "jit")],
+        "step_costs": [*numbers("--steps", 1), *numbers("--prompt", 1), ("--trees", "(100,100,100)"),
+                       ("--trees", "(0,)"), ("--trees", "x"), ("--runners", "jit"), *paths("--model")],
         "arithmetic": [*numbers("--batch", 1), *numbers("--context", 1), ("--dtype", "float7"), ("--device", "tpu"),
                        ("--json", "/proc/x.json")],
         "tokens_per_call": [*numbers("--num-samples", 1), *numbers("--max-new-tokens", 1), *paths("--original"),
@@ -301,8 +301,9 @@ def bad_values(rng: random.Random) -> dict:
     }
 
 
-def test_random_bad_values_exit_2_in_one_line_on_every_command_line(data_dir, tmp_path, capsys, no_work):
-    rng = random.Random(35)
+@pytest.mark.parametrize("seed", [35, 36, 37])
+def test_random_bad_values_exit_2_in_one_line_on_every_command_line(seed, data_dir, tmp_path, capsys, no_work):
+    rng = random.Random(seed)
     output = tmp_path / "out"
     valid = {
         "dataset_tps": (dataset_tps.main, ["--device", "cpu", "--output", output / "r.json"]),
