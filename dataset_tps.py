@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,12 +32,13 @@ from rich.table import Table
 
 from spec_stream import defaults
 from spec_stream.arithmetic import measure_machine
-from huggingface.transformers.generation.speculative_tree import TreeSpec, parse_tree
-from spec_stream.benchmark.inputs import check_draft_model, check_tree_depth, prepare_task, uses_streams
+from huggingface.transformers.generation.speculative_tree import AUTO, TreeSpec, parse_tree
+from spec_stream.benchmark.inputs import check_draft_model, check_room, check_tree_depth, prepare_task, uses_streams
 from spec_stream.benchmark.machine import machine_info
-from spec_stream.benchmark.recipe import default_checkpoint, prepared_checkpoint
+from spec_stream.benchmark.recipe import default_checkpoint, default_context, prepared_checkpoint
 from spec_stream.benchmark.settings import REPORT_SCHEMA_VERSION, BenchmarkSettings
 from spec_stream.benchmark.task import benchmark_task
+from spec_stream.checkpoints import check_path_text, check_result_file
 from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
 from spec_stream.data import is_preset, resolve_dataset
 from spec_stream.errors import UserError, exit_on_user_error
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-new-tokens", type=int, default=None, help=f"default {defaults.MAX_NEW_TOKENS}")
     add("--repeats", type=int, default=defaults.REPEATS, help="timed passes over the prompts per engine")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    add("--output", default=defaults.REPORT_PATH, help="JSON file for every figure")
+    add("--output", default=defaults.REPORT_PATH, help="JSON file for every figure (an existing one: --overwrite)")
+    add("--overwrite", action="store_true", help="replace an existing --output file")
     add("--half-dtype", choices=("fp16", "bf16"), default=defaults.HALF_DTYPE)
     add("--draft-model", default=None, help="small GPT-Neo draft model for the assisted engine")
     add("--tree-widths", default=defaults.BENCHMARK_TREE_WIDTHS,
@@ -131,6 +132,19 @@ def parse_tree_widths(text: str) -> TreeSpec | str:
         raise UserError(f"--tree-widths: {error}") from None
 
 
+def check_tree_size(tree: TreeSpec | str, lookup_branch: int | None) -> None:
+    """The spec_stream tree with the largest lookup chain it may get (--lookup-branch, else
+    the datasets' largest default) must stay within the node limit a step can hold."""
+    if tree == AUTO:
+        return
+    lookup = max(defaults.LOOKUP_BRANCH.values()) if lookup_branch is None else lookup_branch
+    try:
+        TreeSpec(tree.widths, lookup)
+    except ValueError as error:
+        flags = "--tree-widths" if lookup_branch is None else "--tree-widths with --lookup-branch"
+        raise UserError(f"{flags}: {error}") from None
+
+
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
     """--batch-size: one size or a comma-separated sweep, ascending, each at least 1."""
     try:
@@ -155,13 +169,15 @@ def parse_sampling(args: argparse.Namespace) -> dict:
         top_k=defaults.SAMPLE_TOP_K if args.top_k is None else args.top_k,
         top_p=defaults.SAMPLE_TOP_P if args.top_p is None else args.top_p,
         seed=defaults.SAMPLE_SEED if args.seed is None else args.seed)
-    if not sampling["temperature"] > 0:
-        raise UserError(f"--temperature {sampling['temperature']}: sampling needs a temperature above 0 (e.g. 0.7); "
-                        "for greedy decoding drop --do-sample")
+    if not 0 < sampling["temperature"] < float("inf"):
+        raise UserError(f"--temperature {sampling['temperature']}: sampling needs a temperature above 0 and finite "
+                        "(e.g. 0.7); for greedy decoding drop --do-sample")
     if not 0 < sampling["top_p"] <= 1:
         raise UserError(f"--top-p {sampling['top_p']}: pass a share above 0 and at most 1 (1 turns top-p off)")
     at_least("--top-k", sampling["top_k"], 0, "keep the k most likely tokens (0 turns top-k off)")
     at_least("--seed", sampling["seed"], 0, "prompt i samples with seed SEED + i")
+    if sampling["seed"] >= defaults.SEED_LIMIT:
+        raise UserError(f"--seed {sampling['seed']}: pass a seed from 0 to {defaults.SEED_LIMIT - 1}")
     return dict(do_sample=True, **sampling)
 
 
@@ -186,9 +202,15 @@ def resolve_datasets(args: argparse.Namespace) -> tuple:
     return (resolve_dataset(args.dataset, *templates),)
 
 
+PATH_FLAGS = ("--dataset", "--model", "--checkpoint-dir", "--data-dir", "--split", "--output", "--draft-model",
+              "--reference-model")  # values that name files or become part of a file's name
+
+
 def parse_settings(argv=None) -> BenchmarkSettings:
     """The command line as checked settings; every bad value is a UserError."""
     args = build_parser().parse_args(argv)
+    for flag in PATH_FLAGS:
+        check_path_text(getattr(args, flag.lstrip("-").replace("-", "_")), flag)
     datasets = resolve_datasets(args)
     device = resolve_device(args.device)
     sized = "cuda" if device.type == "cuda" else "cpu"
@@ -196,6 +218,9 @@ def parse_settings(argv=None) -> BenchmarkSettings:
     max_new_tokens = defaults.MAX_NEW_TOKENS[sized] if args.max_new_tokens is None else args.max_new_tokens
     if args.reference_model and not args.model:
         raise UserError("--reference-model is the checkpoint --model came from; pass --model CHECKPOINT too")
+    tree_widths = parse_tree_widths(args.tree_widths)
+    lookup_branch = check_lookup_branch(args.lookup_branch, max_new_tokens)
+    check_tree_size(tree_widths, lookup_branch)
     return BenchmarkSettings(
         engines=resolve_engines(args.model_type, args.draft_model, device),
         datasets=datasets,
@@ -203,12 +228,12 @@ def parse_settings(argv=None) -> BenchmarkSettings:
         num_samples=at_least("--num-samples", num_samples, 1, "measure at least 1 sample per dataset"),
         max_new_tokens=at_least("--max-new-tokens", max_new_tokens, 1, "generate at least 1 token"),
         repeats=at_least("--repeats", args.repeats, 1, "time every prompt at least once (3 give a spread)"),
-        tree_widths=parse_tree_widths(args.tree_widths),
+        tree_widths=tree_widths,
         half_dtype=torch.float16 if args.half_dtype == "fp16" else torch.bfloat16,
-        output=Path(args.output), model=args.model, checkpoint_dir=Path(args.checkpoint_dir),
+        output=Path(args.output), overwrite=args.overwrite, model=args.model, checkpoint_dir=Path(args.checkpoint_dir),
         data_dir=args.data_dir, split=args.split, draft_model=args.draft_model, cuda_graphs=args.cuda_graphs,
         reference_model=args.reference_model, batch_sizes=parse_batch_sizes(args.batch_size), **parse_sampling(args),
-        lookup_branch=check_lookup_branch(args.lookup_branch, max_new_tokens),
+        lookup_branch=lookup_branch,
     )
 
 
@@ -224,21 +249,9 @@ def check_lookup_branch(nodes: int | None, max_new_tokens: int) -> int | None:
     return nodes
 
 
-def check_output(output: Path) -> None:
-    """Fail now, not after the benchmark: ``output`` must be a file path in a writable place."""
-    if output.is_dir():
-        raise UserError(f"--output {output} is a folder; name a JSON file, e.g. --output {output / 'dataset_tps.json'}")
-    if output.exists() and not output.is_file():
-        raise UserError(f"--output {output} is not a regular file; name a JSON file")
-    existing = next(folder for folder in output.parents if folder.exists())
-    if not existing.is_dir():
-        raise UserError(f"--output {output} lies under the file {existing}; choose a path under a folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise UserError(f"--output {output}: cannot write in {existing} ({error.strerror}); "
-                        "choose a folder you can write to") from None
+def check_output(output: Path, overwrite: bool = False) -> None:
+    """Fail now, not after the benchmark: see `check_result_file`."""
+    check_result_file(output, "--output", overwrite, "dataset_tps.json")
 
 
 def write_report(report: dict, output: Path) -> None:
@@ -259,6 +272,7 @@ def checkpoints_for(settings: BenchmarkSettings) -> dict[str, str | None]:
         return {task: settings.model for task in settings.datasets}
     if uses_streams(settings.engines):
         check_tree_depth(settings.tree_widths, defaults.NUM_SPEC_STREAMS, "the default checkpoint")
+    check_room(settings.max_new_tokens, default_context(settings.device))
     return {task: prepared_checkpoint(task, settings.device, settings.checkpoint_dir) for task in settings.datasets}
 
 
@@ -274,8 +288,9 @@ def tasks_as_ready(settings: BenchmarkSettings):
         yield checked[task]
 
 
-COLUMNS = ("dataset", "engine", "batch", "backend", "tok/s", "spread", "latency s", "ms/token / bound", "speedup",
-           "tok/call", "accept", "identical", "= naive fp32", "BW share", "quality", "repeat 4-gram", "peak MB")
+COLUMNS = ("dataset", "engine", "batch", "cut", "backend", "tok/s", "spread", "latency s", "ms/token / bound",
+           "speedup", "tok/call", "accept", "identical", "= naive fp32", "BW share", "quality", "repeat 4-gram",
+           "peak MB")
 
 
 def exactness_cell(r: dict) -> str:
@@ -301,7 +316,8 @@ def acceptance_cell(r: dict) -> str:
 def table_cells(r: dict) -> list[str]:
     spread = r["tokens_per_second_spread"]
     return [
-        r["dataset"], r["engine"], str(r["batch_size"]), r["backend"], f"{r['tokens_per_second']:.1f}",
+        r["dataset"], r["engine"], str(r["batch_size"]), str(r["truncated_prompts"]), r["backend"],
+        f"{r['tokens_per_second']:.1f}",
         f"{spread['min']:.1f}-{spread['max']:.1f} ({spread['iqr']:.1f})", f"{r['latency_seconds']:.3f}",
         f"{1e3 / r['tokens_per_second']:.2f} / {r['predicted_ms_per_token']['ms']:.2f} "
         f"{r['predicted_ms_per_token']['bound'][:3]}", f"{r['speedup_vs_naive']:.2f}x",
@@ -314,14 +330,16 @@ def table_cells(r: dict) -> list[str]:
 
 def skipped_cells(s: dict) -> list[str]:
     """A row for an engine that could not run at a batch size: the reason, no figures."""
-    return [s["dataset"], s["engine"], str(s["batch_size"]), f"not run: {s['reason']}"] + ["-"] * (len(COLUMNS) - 4)
+    reason = f"not run: {s['reason']}"
+    return [s["dataset"], s["engine"], str(s["batch_size"]), "-", reason] + ["-"] * (len(COLUMNS) - 5)
 
 
 def print_table(rows: list[dict], skipped: list[dict], console: Console, settings: BenchmarkSettings) -> None:
     mode = (f"sampling (T {settings.temperature}, top-k {settings.top_k}, top-p {settings.top_p}, seed "
             f"{settings.seed}; identical = distribution check)" if settings.do_sample else "greedy")
     table = Table(title=f"dataset_tps: batch {','.join(map(str, settings.batch_sizes))}, {mode}; tok/s = median of "
-                        f"{settings.repeats} timed passes, spread = min-max (IQR)")
+                        f"{settings.repeats} timed passes, spread = min-max (IQR); cut = prompts cut to fit the "
+                        "context")
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("dataset", "engine", "backend") else "right")
     datasets = list(dict.fromkeys(r["dataset"] for r in rows + skipped))
@@ -334,7 +352,7 @@ def print_table(rows: list[dict], skipped: list[dict], console: Console, setting
 @exit_on_user_error
 def main(argv=None) -> int:
     settings = parse_settings(argv)
-    check_output(settings.output)
+    check_output(settings.output, settings.overwrite)
     tasks = tasks_as_ready(settings)
     first = next(tasks)  # every existing checkpoint checked, or the first one prepared
     if "assisted" in settings.engines:

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from spec_stream.defaults import (ATTENTION_BATCHES, ATTENTION_EMBEDDING, ATTENTION_MEMORY_SHARE,  # noqa: E402
                                   ATTENTION_REPEATS, ATTENTION_SECONDS, ATTENTION_SWEEP_BATCH,
                                   ATTENTION_SWEEP_TOKENS, ATTENTION_TOKENS)
+from spec_stream.checkpoints import check_output_path  # noqa: E402
 from spec_stream.errors import UserError, exit_on_user_error  # noqa: E402
 from spec_stream.timing import resolve_device, synchronize  # noqa: E402
 
@@ -289,6 +290,9 @@ def write_plots(report: dict, output: Path) -> list[str]:
     return list(plots)
 
 
+REPORT_NAME = "attention_bench.json"
+
+
 def int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
@@ -317,6 +321,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory-share", type=float, default=ATTENTION_MEMORY_SHARE,
                         help="run a point only if its predicted memory fits this share of the memory free at the start")
     parser.add_argument("--output", type=Path, default=Path("results/attention"), help="folder for the JSON and plots")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results an earlier run left in --output")
     args = parser.parse_args(argv)
     if args.quick:
         parser.set_defaults(**QUICK)  # flags given beside --quick still win
@@ -334,12 +339,16 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--repeats {args.repeats}: time at least {MIN_REPEATS} calls for a median and a spread")
     if min(args.embedding, args.sweep_tokens, args.sweep_batch) < 1:
         raise UserError("--embedding, --sweep-tokens and --sweep-batch must be positive")
+    if not 0 < args.max_seconds < float("inf"):
+        raise UserError(f"--max-seconds {args.max_seconds}: pass a finite number of seconds above 0")
     if not 0 < args.memory_share <= 0.9:
         raise UserError(f"--memory-share {args.memory_share}: use a share in (0, 0.9], leaving room for the rest")
     args.device = resolve_device(args.device)
     args.dtype = DTYPES[args.dtype]
-    if args.output.exists() and not args.output.is_dir():
-        raise UserError(f"--output {args.output} is a file; give a folder for the JSON and the plots")
+    check_output_path(args.output)
+    if (args.output / REPORT_NAME).exists() and not args.overwrite:
+        raise UserError(f"--output {args.output} holds an earlier run's {REPORT_NAME}; pass --overwrite to replace it "
+                        "and its plots, or choose another folder")
     return args
 
 
@@ -378,8 +387,8 @@ def main(argv=None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     report["plots"] = write_plots(report, args.output)
     report["wall_seconds"] = time.perf_counter() - started
-    (args.output / "attention_bench.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output / 'attention_bench.json'} and {', '.join(report['plots'])} "
+    (args.output / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output / REPORT_NAME} and {', '.join(report['plots'])} "
           f"({report['wall_seconds']:.0f} s)")
     return 0
 

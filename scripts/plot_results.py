@@ -156,8 +156,17 @@ def main(argv=None) -> int:
         print(f"error: cannot read a dataset_tps report with repeated timings from {args.report} "
               f"({type(error).__name__}: {error}); run dataset_tps.py (again) first", file=sys.stderr)
         return 2
+    if not rows:
+        print(f"error: {args.report} holds no results (every engine was skipped); run dataset_tps.py with engines "
+              "that run here", file=sys.stderr)
+        return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as error:
+        print(f"error: --out {args.out}: cannot make that folder ({getattr(error, 'strerror', None) or error}); pass "
+              "a folder path you can write to", file=sys.stderr)
+        return 2
     label = machine_label(report)
     smallest = min(r.get("batch_size", 1) for r in rows)  # reports before batch sizes: batch 1
     first = [r for r in rows if r.get("batch_size", 1) == smallest]

@@ -35,6 +35,7 @@ from spec_stream import GPTNeoForCausalLM
 from spec_stream.arithmetic import (ModelShape, forward_bytes, forward_flops, load_config, measure_machine,
                                     roofline_seconds)
 from spec_stream.benchmark.machine import machine_info
+from spec_stream.checkpoints import check_result_file
 from spec_stream.errors import UserError, exit_on_user_error
 
 TREES = ((), (1,), (1, 1, 1), (2, 2), (2, 2, 2), (4, 3, 2), (8, 4, 2))
@@ -140,6 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=16, help="steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per cell")
     parser.add_argument("--output", default="results/step_costs.json", help="JSON file for every figure")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
     for name in ("streams", "steps", "repeats"):
         if getattr(args, name) < 1:
@@ -154,6 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.runners = tuple(args.runners.split(","))
     if not args.runners or set(args.runners) - set(RUNNERS):
         raise UserError(f"--runners {','.join(args.runners)}: choose from {', '.join(RUNNERS)}")
+    check_result_file(Path(args.output), "--output", args.overwrite, "step_costs.json")
     args.model = args.model or ["tiny", "small", "125M"]
     for name in args.model:
         load_config(name)  # every model checked before any timing

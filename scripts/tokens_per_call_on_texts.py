@@ -21,7 +21,7 @@ import torch
 
 from huggingface.transformers.generation.speculative_tree import AUTO, TreeSpec, parse_tree
 from spec_stream.acceptance import greedy_texts, replayed_accepted_lengths
-from spec_stream.checkpoints import load_for_inference
+from spec_stream.checkpoints import check_path_text, load_for_inference
 from spec_stream.data import default_split, load_examples, resolve_tasks
 from spec_stream.errors import UserError, exit_on_user_error
 
@@ -57,6 +57,9 @@ def main(argv=None) -> int:
         raise UserError("--num-samples and --max-new-tokens must be at least 1")
     if resolve_tasks(args.dataset) != [args.dataset]:
         raise UserError(f"--dataset {args.dataset!r}: name one preset (spider, dialogsum or e2e_nlg)")
+    for flag, path in [("--original", args.original), ("--data-dir", args.data_dir)] + [("checkpoint", path)
+                                                                                        for path in args.checkpoints]:
+        check_path_text(path, flag)
     original, tokenizer = load_for_inference(args.original, require_streams=True)
     models = [(path, load_for_inference(path, require_streams=True)[0]) for path in args.checkpoints]
     for path, model in [(args.original, original)] + models:
@@ -65,6 +68,9 @@ def main(argv=None) -> int:
         except ValueError as error:
             raise UserError(f"--tree-widths: {error}") from None
     room = original.config.max_position_embeddings - args.max_new_tokens
+    if room < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
+                        f"{original.config.max_position_embeddings} tokens; lower --max-new-tokens")
     examples = load_examples(args.dataset, default_split(args.dataset, "test"), data_dir=args.data_dir,
                              limit=args.num_samples)
     prompts = [tokenizer(e.prompt, return_tensors="pt").input_ids[:, -room:] for e in examples]

@@ -37,7 +37,7 @@ import torch
 import transformers
 
 from spec_stream import GPTNeoConfig, GPTNeoForCausalLM
-from spec_stream.checkpoints import MODEL_SIZES, default_stream_layers
+from spec_stream.checkpoints import MODEL_SIZES, check_path_text, check_result_file, default_stream_layers
 from spec_stream.defaults import ARITHMETIC_BATCH, ARITHMETIC_CONTEXT, NUM_SPEC_STREAMS, PROBE_REPEATS
 from spec_stream.errors import UserError, exit_on_user_error
 from spec_stream.timing import resolve_device, synchronize
@@ -310,6 +310,7 @@ def load_config(model: str) -> GPTNeoConfig:
     if model in MODEL_SIZES:
         return size_config(model)
     fix = f"pass a built-in size ({', '.join(MODEL_SIZES)}), a checkpoint folder or a GPT-Neo config.json"
+    check_path_text(model, "--model")
     path = Path(model)
     hub_id = model.count("/") == 1 and not path.exists()  # owner/name, read online (or from the hub cache)
     if not hub_id and not (path.is_file() or (path / "config.json").is_file()):
@@ -414,6 +415,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="where to probe the machine: cpu, cuda, cuda:N")
     parser.add_argument("--no-probe", dest="probe", action="store_false", help="skip the machine probes")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
     args.dtype = dtype_name(args.dtype)
     if args.batch < 1:
@@ -421,8 +423,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.context < 1:
         raise UserError(f"--context {args.context}: give at least 1 token of context")
     args.device = resolve_device(args.device)
-    if args.json is not None and args.json.is_dir():
-        raise UserError(f"--json {args.json} is a folder; give a file path such as {args.json / 'arithmetic.json'}")
+    if args.json is not None:
+        check_result_file(args.json, "--json", args.overwrite, "arithmetic.json")
     return args
 
 

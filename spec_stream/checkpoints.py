@@ -16,11 +16,12 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer
 
 from huggingface.transformers.internals import set_private
@@ -43,6 +44,9 @@ STATE_FILE = "state.pt"
 TEMPORARY_PREFIX = ".spec-stream-"
 TEMPORARY_SUFFIX = ".tmp"
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+NAME_MAX, PATH_MAX = 255, 4096  # bytes in a file name and in a path (Linux)
+WEIGHTS_FILE = "model.safetensors"
+STREAM_EMBEDDINGS = "transformer.streams.embeddings"  # (num_spec_streams, hidden): one row per stream
 
 
 def default_stream_layers(task: str, num_layers: int) -> int:
@@ -80,27 +84,53 @@ def build_from_scratch(size: str, texts, num_spec_streams: int, num_stream_layer
     return GPTNeoForCausalLM(config), tokenizer
 
 
+BASE_FIX = "check the path or hub id, or train from scratch offline with --from-scratch SIZE"
+
+
 def load_base_config(name: str) -> GPTNeoConfig:
     """The config of a base checkpoint (a folder or a hub id), read before any weights."""
     try:
         return GPTNeoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load base model {name!r} ({str(error).splitlines()[0][:160]}); check the path or hub "
-                        "id, or train from scratch offline with --from-scratch SIZE") from None
+        raise UserError(f"cannot load base model {name!r} ({str(error).splitlines()[0][:160]}); {BASE_FIX}") from None
+
+
+def load_tokenizer(path: str, fix: str):
+    """The tokenizer of a checkpoint; missing or damaged files are a UserError naming ``fix``."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # noqa: BLE001  (a damaged tokenizer.json raises KeyError, Exception, ...)
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"cannot load the tokenizer of {path} ({type(error).__name__}: {reason}); copy its "
+                        f"tokenizer files again, or {fix}") from None
+
+
+def check_base(name: str, num_spec_streams: int) -> GPTNeoConfig:
+    """The config of a base checkpoint, with its tokenizer loaded and its weights file (when
+    a local folder holds one) checked against the config and ``num_spec_streams``
+    (``--num-spec-streams``): trained streams are kept, so their number must match (0 drops them)."""
+    config = load_base_config(name)
+    load_tokenizer(name, BASE_FIX)
+    held = check_weights_match_config(name, config)
+    if held and num_spec_streams and num_spec_streams != held:
+        raise UserError(f"--num-spec-streams {num_spec_streams}, but --base {name} holds {held} trained speculative "
+                        f"streams; pass --num-spec-streams {held} to keep training them, or 0 for a plain model")
+    return config
 
 
 def load_base(name: str, num_spec_streams: int, num_stream_layers: int | None, task: str):
     """Any GPT-Neo checkpoint (upstream's or ours, a folder or a hub id) with its own
     tokenizer; stream weights it lacks are initialised (transformers logs which)."""
     layers = stream_layers(num_stream_layers, task, load_base_config(name).num_layers)
+    tokenizer = load_tokenizer(name, BASE_FIX)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
         model = GPTNeoForCausalLM.from_pretrained(
             name, num_spec_streams=num_spec_streams, num_stream_layers=layers if num_spec_streams else 0
         )
+    except SafetensorError as error:
+        raise damaged_weights(name, error) from None
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load base model {name!r} ({str(error).splitlines()[0][:160]}); check the path or hub "
-                        "id, or train from scratch offline with --from-scratch SIZE") from None
+        raise UserError(f"cannot load base model {name!r} ({str(error).splitlines()[0][:160]}); {BASE_FIX}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.model_max_length = model.config.max_position_embeddings  # a hub tokenizer may say 1e30
@@ -119,6 +149,41 @@ def streams_by_default(model) -> str:
             "pipelines decode greedily with the streams by default (speculative_streaming=False turns them off)")
 
 
+def damaged_weights(path: str, error: Exception) -> UserError:
+    """The error for a weights file that safetensors cannot read (cut short, overwritten)."""
+    return UserError(f"{Path(path) / WEIGHTS_FILE} is truncated or damaged ({error}); delete {path} and prepare it "
+                     "again, or copy the file again")
+
+
+def weights_streams(path: str) -> int | None:
+    """Speculative streams the weights file of checkpoint folder ``path`` holds (0: none),
+    read from its header alone; None when there is no local file to read (a hub id, a
+    sharded or a PyTorch weights file). A damaged file is a UserError."""
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        return None
+    try:
+        with safe_open(weights, "pt") as handle:
+            if STREAM_EMBEDDINGS not in handle.keys():
+                return 0
+            return handle.get_slice(STREAM_EMBEDDINGS).get_shape()[0]
+    except (SafetensorError, OSError) as error:
+        raise damaged_weights(path, error) from None
+
+
+def check_weights_match_config(path: str, config) -> int | None:
+    """A UserError when the weights of ``path`` hold trained streams that its config does not
+    describe: another number (from_pretrained would fail on the shapes) or none (it would
+    drop them without a word). Returns the streams the weights hold (None: not readable here)."""
+    held = weights_streams(path)
+    configured = getattr(config, "num_spec_streams", 0) or 0
+    if held and held != configured:
+        raise UserError(f"{path}: its config.json says num_spec_streams={configured} but its weights hold {held} "
+                        f"speculative streams; set \"num_spec_streams\": {held} in {Path(path) / 'config.json'}, or "
+                        "save the checkpoint again from the model it came from")
+    return held
+
+
 def load_for_inference(path: str, require_streams: bool = False):
     """(model, tokenizer) of a checkpoint folder or hub id, every problem a UserError that
     names it: no such folder (or an unreachable hub id), a missing or damaged config or
@@ -126,6 +191,7 @@ def load_for_inference(path: str, require_streams: bool = False):
     missing from the weights file (a checkpoint saved through upstream GPT-Neo, say), or
     never trained."""
     fix = "fine-tune one with: python -m spec_stream.finetune --dataset NAME --output DIR"
+    check_path_text(path, "checkpoint")
     folder = Path(path)
     if folder.is_dir() and not (folder / "config.json").is_file():
         raise UserError(f"{path} is not a checkpoint folder (no config.json); {fix}")
@@ -133,11 +199,13 @@ def load_for_inference(path: str, require_streams: bool = False):
         raise UserError(f"{path}: no such checkpoint folder; {fix}")
     try:
         config = GPTNeoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        check_weights_match_config(path, config)
+        tokenizer = load_tokenizer(path, fix)
         model, info = GPTNeoForCausalLM.from_pretrained(path, output_loading_info=True)
     except SafetensorError as error:
-        raise UserError(f"{folder / 'model.safetensors'} is truncated or damaged ({error}); delete {path} and prepare "
-                        "it again, or copy the file again") from None
+        raise damaged_weights(path, error) from None
+    except UserError:
+        raise
     except (OSError, ValueError) as error:  # no folder and no hub repo, a missing or damaged file
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         problem = f"cannot load {path}" if folder.is_dir() else f"{path} is neither a folder nor a reachable hub id"
@@ -157,15 +225,70 @@ def load_for_inference(path: str, require_streams: bool = False):
 # ------------------------------------------------------------------ the output folder
 
 
-def check_output_path(path: Path) -> None:
+def check_output_path(path: Path, flag: str = "--output") -> None:
     """A UserError unless ``path`` is, or can become, a writable folder."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--output {path} is an existing file; pass a folder path (new, empty, or an earlier run's)")
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"--output {path} lies under the file {existing}; pass a folder path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output {path}: {existing} is not writable; pass a folder you can write to")
+    with path_errors(path, flag):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{flag} {path} is an existing file; pass a folder path (new, empty, or an earlier run's)")
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"{flag} {path} lies under the file {existing}; pass a folder path")
+        problem = write_problem(existing)
+    if problem:
+        raise UserError(f"{flag} {path}: cannot write in {existing} ({problem}); pass a folder you can write to")
+
+
+def check_result_file(path: Path, flag: str, overwrite: bool, example: str) -> None:
+    """Fail now, not after the work: ``path`` must be a file path in a writable place, new
+    unless ``overwrite`` (a result is never replaced unasked); ``example``: a file name to
+    suggest when ``path`` is a folder."""
+    with path_errors(path, flag):
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; name a file, e.g. {flag} {path / example}")
+        if path.exists() and not path.is_file():
+            raise UserError(f"{flag} {path} is not a regular file; name a file, e.g. {example}")
+        if path.exists() and not overwrite:
+            raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it, or name another file")
+        existing = next(folder for folder in path.parents if folder.exists())
+        if not existing.is_dir():
+            raise UserError(f"{flag} {path} lies under the file {existing}; choose a path under a folder")
+        problem = write_problem(existing)
+    if problem:
+        raise UserError(f"{flag} {path}: cannot write in {existing} ({problem}); choose a folder you can write to")
+
+
+def check_path_text(value, flag: str) -> None:
+    """A UserError for a path (or a name that becomes part of one) no file system takes: a
+    NUL byte, a name longer than NAME_MAX bytes, or more than PATH_MAX bytes in all."""
+    text = "" if value is None else str(value)
+    names = text.split("/")
+    if "\0" in text or len(text.encode()) >= PATH_MAX or max(len(name.encode()) for name in names) > NAME_MAX:
+        raise UserError(f"{flag} {text[:60]!r}{'...' if len(text) > 60 else ''} is not a usable path (a NUL byte, a "
+                        f"name over {NAME_MAX} bytes or more than {PATH_MAX} in all); pass an ordinary path")
+
+
+@contextlib.contextmanager
+def path_errors(path: Path, flag: str):
+    """A path the system refuses to look at (a NUL byte, a name too long, a loop of links)
+    as a UserError naming ``flag``."""
+    check_path_text(path, flag)
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise UserError(f"{flag} {str(path)[:80]!r} is not a usable path ({reason}); pass an ordinary path") from None
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why no file can be made in ``folder`` (tried, as root passes every permission
+    check: /sys refuses it anyway), or None when one can."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as error:
+        return error.strerror or type(error).__name__
 
 
 def _temporary(folder: Path, kind: str) -> Path:

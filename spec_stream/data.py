@@ -537,6 +537,11 @@ def _custom_example(spec: CustomDataset, split: str, index: int, row: Mapping[st
                             "fix the template or the row") from None
 
     prompt = fill(spec.prompt_template, "--prompt-template").rstrip()
+    if not prompt:
+        columns = ", ".join(template_columns(spec.prompt_template, "--prompt-template"))
+        raise UserError(f"{where}: --prompt-template {spec.prompt_template!r} gives an empty prompt on this row (a "
+                        f"model needs a prompt to continue); fill in its column {columns}, remove the row, or add "
+                        "fixed text to the template")
     response = str(row[spec.response_field]) if spec.response_field else fill(spec.response_template,
                                                                               "--response-template")
     response = response.strip()

@@ -78,6 +78,7 @@ PROMPT_LOOKUP_TOKENS = 10  # transformers' own default for prompt_lookup_num_tok
 REFERENCE_CHECK_PROMPTS = 3  # before timing: our plain greedy must equal upstream's on these (a broken install shows at once)
 REPEATS = 3  # timed passes over the prompts per engine: the fewest that give a median and a spread
 HALF_DTYPE = "fp16"  # half precision of the GPU engines: every CUDA GPU has it, bf16 needs Ampere
+SEED_LIMIT = 2**32  # seeds from 0 to SEED_LIMIT - 1: what numpy (seeded by accelerate) takes
 REPORT_PATH = "results/dataset_tps.json"  # where the benchmark's JSON goes; the plots read it
 CHECKPOINT_DIR = "checkpoints"  # default checkpoints, prepared once and reused by later runs
 LOOKUP_BRANCH = dict(spider=4, dialogsum=0, e2e_nlg=0, custom=0)  # spec_stream's prompt-lookup chain (nodes):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,20 +100,38 @@ def check_draft_model(draft_model: str) -> None:
 def load_prompts(task: str | CustomDataset, split: str, tokenizer, context: int,
                  settings: BenchmarkSettings) -> list[Prompt]:
     """Benchmark prompts; a prompt longer than ``context - max_new_tokens`` keeps its end."""
-    room = context - settings.max_new_tokens
-    if room < 1:
-        raise UserError(f"--max-new-tokens {settings.max_new_tokens} leaves no room for a prompt in the model's "
-                        f"context of {context} tokens; lower --max-new-tokens")
+    room = check_room(settings.max_new_tokens, context)
     examples = load_examples(task, split, data_dir=settings.data_dir, limit=settings.num_samples)
     if not examples:
         raise UserError(f"{dataset_label(task)}/{split} gave no examples; check --data-dir and --split")
     texts = [example.prompt for example in examples]
     databases = spider_databases(texts, settings.data_dir) if task == "spider" else [None] * len(examples)
     prompts = []
+    lengths = []
     for example, database in zip(examples, databases):
         ids = tokenizer(example.prompt, return_tensors="pt").input_ids
+        lengths.append(ids.shape[1])
         prompts.append(Prompt(ids[:, -room:], example.references, ids.shape[1] > room, database))
+    warn_truncated(lengths, room, f"{dataset_label(task)}/{split}", settings.max_new_tokens)
     return prompts
+
+
+def warn_truncated(lengths: list[int], room: int, label: str, max_new_tokens: int) -> None:
+    """A warning on stderr, before any timing, when prompts were cut to ``room`` tokens."""
+    cut = [length for length in lengths if length > room]
+    if cut:
+        print(f"warning: {len(cut)} of {len(lengths)} {label} prompts are longer than the {room} tokens the context "
+              f"leaves beside --max-new-tokens {max_new_tokens} (the longest has {max(cut)}); they keep only their "
+              "last tokens, and the table's 'cut' column counts them", file=sys.stderr)
+
+
+def check_room(max_new_tokens: int, context: int) -> int:
+    """The tokens a prompt may keep in a ``context`` beside ``max_new_tokens`` new ones: a
+    UserError when none are left."""
+    if context - max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                        f"{context} tokens; pass at most {context - 1}")
+    return context - max_new_tokens
 
 
 def dataset_label(task: str | CustomDataset) -> str:

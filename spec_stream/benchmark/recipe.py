@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from spec_stream import defaults
-from spec_stream.checkpoints import TRAINING_ARGS, load_base_config
+from spec_stream.checkpoints import MODEL_SIZES, TRAINING_ARGS, load_base_config
 from spec_stream.data import CustomDataset
 from spec_stream.errors import UserError
 from spec_stream.training.config import FinetuneConfig
@@ -73,6 +73,15 @@ def default_checkpoint(task: str | CustomDataset, device: torch.device, root: Pa
                             base=str(recipe.base), freeze_base=True, epochs=float(rows["stream_epochs"]),
                             max_train_samples=rows["stream_train_samples"][key], resume=True, **recipe.custom))
     return recipe.output
+
+
+def default_context(device: torch.device) -> int:
+    """The positions of the default checkpoints for ``device``, known before they exist."""
+    pretrained = pretrained_base(device)
+    if pretrained:
+        return load_base_config(pretrained).max_position_embeddings
+    size = defaults.DEFAULT_RECIPES["cuda" if device.type == "cuda" else "cpu"]["size"]
+    return MODEL_SIZES[size]["max_position_embeddings"]
 
 
 @functools.lru_cache(maxsize=None)

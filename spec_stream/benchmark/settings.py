@@ -29,6 +29,7 @@ class BenchmarkSettings:
     tree_widths: TreeSpec | str  # "auto": each checkpoint's own best tree for the device
     half_dtype: torch.dtype
     output: Path
+    overwrite: bool = False  # --overwrite: an existing output file may be replaced
     model: str | None = None  # one checkpoint for every dataset; None: the default ones
     checkpoint_dir: Path = Path("checkpoints")
     data_dir: str | None = None

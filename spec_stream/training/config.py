@@ -3,10 +3,11 @@ and their checks on their own, before any file is read (`check_config`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from spec_stream import defaults
-from spec_stream.checkpoints import MODEL_SIZES
+from spec_stream.checkpoints import MODEL_SIZES, check_path_text
 from spec_stream.data import CustomDataset, resolve_dataset
 from spec_stream.errors import UserError
 
@@ -56,6 +57,7 @@ RESUME_SETTINGS = ("dataset", "prompt_template", "response_field", "response_tem
                    "num_spec_streams", "num_stream_layers", "main_loss_weight", "stream_loss_weight", "lora_rank",
                    "freeze_base", "stream_adapter_rank", "stream_targets")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+PATH_SETTINGS = ("dataset", "output", "data_dir", "base", "train_split", "eval_split")  # name files, or parts of names
 STREAM_TARGETS = ("references", "distill", "greedy")  # what the streams learn to predict (--stream-targets)
 
 
@@ -83,9 +85,28 @@ def resume_settings(config: FinetuneConfig) -> dict:
     return {name: getattr(config, name) for name in RESUME_SETTINGS}
 
 
+def check_sizes(config: FinetuneConfig) -> None:
+    """Numbers no run can use: not finite, a seed that torch and numpy cannot take, an
+    example too short for a prompt and a target token, more streams than it has tokens."""
+    for name in ("epochs", "lr", "warmup_ratio", "main_loss_weight", "stream_loss_weight", "peak_tflops"):
+        if not math.isfinite(getattr(config, name)):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(config, name)}: pass a finite number")
+    if not 0 <= config.seed < defaults.SEED_LIMIT:
+        raise UserError(f"--seed {config.seed}: pass a seed from 0 to {defaults.SEED_LIMIT - 1}")
+    if config.max_length < 2:
+        raise UserError(f"--max-length {config.max_length} holds no prompt token beside a target token; pass 2 or "
+                        f"more (default {defaults.MAX_LENGTH})")
+    if config.num_spec_streams > config.max_length - 2:
+        raise UserError(f"--num-spec-streams {config.num_spec_streams}: stream j predicts the token j + 1 places "
+                        f"further, so with --max-length {config.max_length} at most {config.max_length - 2} "
+                        f"streams ever have a target; pass fewer streams (default {defaults.NUM_SPEC_STREAMS})")
+
+
 def check_config(config: FinetuneConfig) -> FinetuneConfig:
     """The settings on their own (no file is read): a UserError for a bad one, else the
     config with the preset's name, model size and learning rate filled in."""
+    for name in PATH_SETTINGS:
+        check_path_text(getattr(config, name), f"--{name.replace('_', '-')}")
     dataset = dataset_of(config)
     if config.from_scratch and config.base:
         raise UserError("--from-scratch and --base exclude each other; pick one")
@@ -98,6 +119,7 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
     lr = config.lr if config.lr is not None else default_learning_rate(size, config.freeze_base)
     config = dataclasses.replace(config, dataset=dataset if isinstance(dataset, str) else config.dataset,
                                  from_scratch=size, lr=lr)
+    check_sizes(config)
     for name in ("epochs", "batch_size", "max_length", "save_every", "lr", "peak_tflops"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spec_stream.checkpoints import (MODEL_SIZES, TRAINING_ARGS, check_output_path, is_run_folder, latest_checkpoint,
-                                     load_base_config, load_checkpoint, read_json, remove_stale_temporaries,
+from spec_stream.checkpoints import (MODEL_SIZES, TRAINING_ARGS, check_base, check_output_path, is_run_folder,
+                                     latest_checkpoint, load_checkpoint, read_json, remove_stale_temporaries,
                                      stream_layers, visible_entries)
 from spec_stream.data import CustomDataset, Example, dataset_name, default_split, load_examples
 from spec_stream.errors import UserError
@@ -82,11 +82,19 @@ def load_resume_state(config: FinetuneConfig, output: Path):
 
 
 def check_model_fits(config: FinetuneConfig, resume: Checkpoint | None, task: str) -> None:
-    """--num-stream-layers and --max-length against the model's layers and positions."""
-    model_config = resume.model_config if resume else load_base_config(config.base) if config.base else None
+    """--num-stream-layers, the adapter ranks and --max-length against the model's layers,
+    width and positions."""
+    if resume:
+        model_config = resume.model_config
+    else:
+        model_config = check_base(config.base, config.num_spec_streams) if config.base else None
     shape = model_config.to_dict() if model_config else MODEL_SIZES[config.from_scratch]
     if not resume:  # a checkpoint brings its own stream layers
         stream_layers(config.num_stream_layers, task, shape["num_layers"])
+    for flag, rank in (("--lora-rank", config.lora_rank), ("--stream-adapter-rank", config.stream_adapter_rank or 0)):
+        if rank > shape["hidden_size"]:
+            raise UserError(f"{flag} {rank} exceeds the model's hidden size {shape['hidden_size']}, the most a "
+                            f"low-rank adapter can use; pass {shape['hidden_size']} or less")
     positions = shape["max_position_embeddings"]
     if config.max_length > positions:
         raise UserError(f"--max-length {config.max_length} exceeds the model's {positions} positions; "

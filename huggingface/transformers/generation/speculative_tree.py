@@ -23,6 +23,7 @@ DEFAULT_TREE_WIDTHS = (4, 3, 2)  # the paper's tree: the one default (spec_strea
 DEFAULT_MAX_NGRAM = 2  # prompt lookup matches the last 2 tokens, then 1 (transformers' default)
 LOOKUP = -1  # the "rank" naming a lookup-chain node
 AUTO = "auto"  # a tree request resolved per model, device and batch size (`tree_search.resolve_tree`)
+TREE_NODE_LIMIT = 4096  # a step's mask is nodes x nodes and every node a row: far past any useful tree
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class TreeSpec:
             raise ValueError(f"tree widths {widths}: every width must be at least 1 (top-k per stream).")
         if lookup_length < 0:
             raise ValueError(f"prompt lookup length {lookup_length} is negative; use 0 for no lookup branch.")
+        limit = TREE_NODE_LIMIT  # checked by parts first: widths of 10**9 would build huge products
+        if max((*widths, lookup_length, len(widths))) > limit or tree_size(widths, lookup_length) > limit:
+            raise ValueError(f"a tree of {len(widths)} levels (widest {max(widths, default=1)}) and lookup "
+                             f"{lookup_length} has more than {limit} nodes; pass fewer or narrower widths, e.g. 4,3,2.")
         object.__setattr__(self, "widths", widths)
         object.__setattr__(self, "lookup_length", lookup_length)
 

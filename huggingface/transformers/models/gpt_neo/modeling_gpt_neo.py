@@ -525,7 +525,7 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         length = labels.shape[1]
         anchors = torch.zeros(length, dtype=torch.bool, device=labels.device)
         for shift in range(2, 2 + self.config.num_spec_streams):  # stream j at t predicts t + 1 + j
-            anchors[: length - shift] |= has_target[shift:]
+            anchors[: max(length - shift, 0)] |= has_target[shift:]  # a sequence shorter than the shift: none
         return anchors.nonzero().flatten()
 
     def _loss(self, out: GPTNeoModelOutput, labels: torch.Tensor, anchors, distill_streams: bool) -> torch.Tensor:
