@@ -40,6 +40,7 @@ from spec_stream.benchmark.machine import machine_info
 from spec_stream.benchmark.recipe import default_checkpoint, prepared_checkpoint
 from spec_stream.benchmark.settings import REPORT_SCHEMA_VERSION, BenchmarkSettings
 from spec_stream.benchmark.task import benchmark_task
+from spec_stream.cli_help import PlainDefaultsHelpFormatter, per_device
 from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
 from spec_stream.data import is_preset, resolve_dataset
 from spec_stream.errors import UserError, exit_on_user_error
@@ -52,8 +53,7 @@ QUALITY_WIDTH = 30  # the default table's quality column (a skipped row's reason
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=PlainDefaultsHelpFormatter)
     add = parser.add_argument
     add("--model_type", "--model-type", default="spec_stream",
         help=f"one of {', '.join(ENGINE_NAMES)}, a comma-separated list, or all (naive always runs)")
@@ -71,12 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="local JSON-lines copies laid out like shared/datasets (default: the hub)")
     add("--split", "--test-split", default=None, help="benchmark split (default: test; validation for spider; "
         "a single file of your own is split 80/10/10 into train, validation and test by a fixed-seed hold-out)")
-    add("--num-samples", type=int, default=None, help=f"prompts per dataset (default {defaults.NUM_SAMPLES})")
-    add("--max-new-tokens", type=int, default=None, help=f"default {defaults.MAX_NEW_TOKENS}")
+    add("--num-samples", type=int, default=None, help=f"prompts per dataset (default: {per_device(defaults.NUM_SAMPLES)})")
+    add("--max-new-tokens", type=int, default=None,
+        help=f"new tokens per prompt at most (default: {per_device(defaults.MAX_NEW_TOKENS)})")
     add("--repeats", type=int, default=defaults.REPEATS, help="timed passes over the prompts per engine")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add("--output", default=defaults.REPORT_PATH, help="JSON file for every figure")
-    add("--half-dtype", choices=("fp16", "bf16"), default=defaults.HALF_DTYPE)
+    add("--half-dtype", choices=("fp16", "bf16"), default=defaults.HALF_DTYPE,
+        help="the dtype of the half-precision engine (half)")
     add("--draft-model", default=None, help="small GPT-Neo draft model for the assisted engine")
     add("--tree-widths", default=defaults.BENCHMARK_TREE_WIDTHS,
         help="spec_stream tree: top-k per stream, one width per level (e.g. 4,3,2), or auto: the tree with "
