@@ -137,6 +137,7 @@ def reference(tmp_path_factory, data_dir):
     return Reference(root / "straight", summary, root / "copies")
 
 
+@pytest.mark.trains
 def test_training_lowers_loss_and_streams_beat_unigram(finetuned_checkpoint):
     _, summary = finetuned_checkpoint
     assert summary["final_loss"] < summary["first_loss"] - 2.0

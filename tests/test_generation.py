@@ -57,6 +57,7 @@ def test_identical_to_greedy_through_the_few_row_kernel(monkeypatch):
             assert torch.equal(speculative(model, ids, tree_widths=widths).sequences, expected)
 
 
+@pytest.mark.trains
 def test_fine_tuned_model_identical_and_gains_tokens_per_call(trained_model):
     calls = tokens = 0
     generator = torch.Generator().manual_seed(3)
