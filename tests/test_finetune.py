@@ -543,6 +543,7 @@ def test_bucketed_padded_batches_give_the_loss_of_unpadded_examples():
             torch.testing.assert_close(model(**padded, loss_only=True).loss, total / sum(counts), atol=1e-5, rtol=0)
 
 
+@pytest.mark.trains
 def test_frozen_base_streams_learn_with_adapters_and_decode_like_the_original(finetuned_checkpoint, tmp_path,
                                                                               data_dir):
     """--freeze-base trains the streams' adapters (and embeddings): the base stays bit for
