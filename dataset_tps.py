@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -39,15 +40,20 @@ from spec_stream.benchmark.recipe import default_checkpoint, default_context, pr
 from spec_stream.benchmark.settings import REPORT_SCHEMA_VERSION, BenchmarkSettings
 from spec_stream.benchmark.task import benchmark_task
 from spec_stream.checkpoints import check_path_text, check_result_file
+from spec_stream.cli_help import PlainDefaultsHelpFormatter, per_device
 from spec_stream.engines import ENGINE_NAMES, ENGINES, engines_for
 from spec_stream.data import is_preset, resolve_dataset
 from spec_stream.errors import UserError, exit_on_user_error
 from spec_stream.timing import resolve_device
 
 
+TERMINAL_WIDTH = 120  # the default table fits a terminal this wide; --wide prints every column
+WIDE_WIDTH = 300
+QUALITY_WIDTH = 30  # the default table's quality column (a skipped row's reason) wraps beyond this
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=PlainDefaultsHelpFormatter)
     add = parser.add_argument
     add("--model_type", "--model-type", default="spec_stream",
         help=f"one of {', '.join(ENGINE_NAMES)}, a comma-separated list, or all (naive always runs)")
@@ -65,13 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="local JSON-lines copies laid out like shared/datasets (default: the hub)")
     add("--split", "--test-split", default=None, help="benchmark split (default: test; validation for spider; "
         "a single file of your own is split 80/10/10 into train, validation and test by a fixed-seed hold-out)")
-    add("--num-samples", type=int, default=None, help=f"prompts per dataset (default {defaults.NUM_SAMPLES})")
-    add("--max-new-tokens", type=int, default=None, help=f"default {defaults.MAX_NEW_TOKENS}")
+    add("--num-samples", type=int, default=None, help=f"prompts per dataset (default: {per_device(defaults.NUM_SAMPLES)})")
+    add("--max-new-tokens", type=int, default=None,
+        help=f"new tokens per prompt at most (default: {per_device(defaults.MAX_NEW_TOKENS)})")
     add("--repeats", type=int, default=defaults.REPEATS, help="timed passes over the prompts per engine")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add("--output", default=defaults.REPORT_PATH, help="JSON file for every figure (an existing one: --overwrite)")
     add("--overwrite", action="store_true", help="replace an existing --output file")
-    add("--half-dtype", choices=("fp16", "bf16"), default=defaults.HALF_DTYPE)
+    add("--half-dtype", choices=("fp16", "bf16"), default=defaults.HALF_DTYPE,
+        help="the dtype of the half-precision engine (half)")
     add("--draft-model", default=None, help="small GPT-Neo draft model for the assisted engine")
     add("--tree-widths", default=defaults.BENCHMARK_TREE_WIDTHS,
         help="spec_stream tree: top-k per stream, one width per level (e.g. 4,3,2), or auto: the tree with "
@@ -91,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--top-p", type=float, default=None, help=f"with --do-sample, 1 for off; default {defaults.SAMPLE_TOP_P}")
     add("--seed", type=int, default=None, help=f"with --do-sample: prompt i samples with seed SEED + i; default "
         f"{defaults.SAMPLE_SEED}")
+    add("--wide", action="store_true", help=f"print every column of the tables (about {WIDE_WIDTH} characters "
+        f"wide); without it they fit {TERMINAL_WIDTH} (the JSON report holds every figure either way)")
     return parser
 
 
@@ -233,7 +243,7 @@ def parse_settings(argv=None) -> BenchmarkSettings:
         output=Path(args.output), overwrite=args.overwrite, model=args.model, checkpoint_dir=Path(args.checkpoint_dir),
         data_dir=args.data_dir, split=args.split, draft_model=args.draft_model, cuda_graphs=args.cuda_graphs,
         reference_model=args.reference_model, batch_sizes=parse_batch_sizes(args.batch_size), **parse_sampling(args),
-        lookup_branch=lookup_branch,
+        lookup_branch=lookup_branch, wide_table=args.wide,
     )
 
 
@@ -334,19 +344,67 @@ def skipped_cells(s: dict) -> list[str]:
     return [s["dataset"], s["engine"], str(s["batch_size"]), "-", reason] + ["-"] * (len(COLUMNS) - 5)
 
 
-def print_table(rows: list[dict], skipped: list[dict], console: Console, settings: BenchmarkSettings) -> None:
+def compact_quality(quality: dict) -> str:
+    return " ".join(f"{name} {value:.3g}" for name, value in quality.items())
+
+
+def compact_cells(r: dict) -> list[str]:
+    """The default table's cells: what tells engines apart, each kept short."""
+    spread = r["tokens_per_second_spread"]
+    identical = exactness_cell(r).split(",")[0]  # with sampling: pass/FAIL and z, tokens outside in --wide
+    return [r["dataset"], r["engine"], str(r["batch_size"]), str(r["truncated_prompts"]),
+            f"{r['tokens_per_second']:.0f} ({spread['min']:.0f}-{spread['max']:.0f})",
+            f"{r['speedup_vs_naive']:.2f}x", f"{r['tokens_per_call']:.2f}", identical, compact_quality(r["quality"])]
+
+
+COMPACT_COLUMNS = ("dataset", "engine", "batch", "cut", "tok/s (min-max)", "speedup", "tok/call", "identical",
+                   "quality")
+
+
+def compact_skipped_cells(s: dict) -> list[str]:
+    return [s["dataset"], s["engine"], str(s["batch_size"]), "-", "not run", "-", "-", "-", s["reason"]]
+
+
+def table_title(settings: BenchmarkSettings, wide: bool) -> str:
+    if not wide:
+        mode = f"sampling T {settings.temperature}" if settings.do_sample else "greedy"
+        return (f"tok/s: median of {settings.repeats} passes (min-max); {mode}; cut: prompts cut to fit; "
+                "--wide: every column")
     mode = (f"sampling (T {settings.temperature}, top-k {settings.top_k}, top-p {settings.top_p}, seed "
             f"{settings.seed}; identical = distribution check)" if settings.do_sample else "greedy")
-    table = Table(title=f"dataset_tps: batch {','.join(map(str, settings.batch_sizes))}, {mode}; tok/s = median of "
-                        f"{settings.repeats} timed passes, spread = min-max (IQR); cut = prompts cut to fit the "
-                        "context")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column in ("dataset", "engine", "backend") else "right")
+    return (f"dataset_tps: batch {','.join(map(str, settings.batch_sizes))}, {mode}; tok/s = median of "
+            f"{settings.repeats} timed passes, spread = min-max (IQR); cut = prompts cut to fit the context")
+
+
+def build_table(rows: list[dict], skipped: list[dict], settings: BenchmarkSettings) -> Table:
+    """Every measured and skipped row, by dataset and batch size. The default (compact)
+    table fits `TERMINAL_WIDTH` columns, showing the dataset and batch columns only where
+    they vary; ``settings.wide_table``: every column of `COLUMNS`."""
+    wide = settings.wide_table
+    columns, cells, skipped_row = ((COLUMNS, table_cells, skipped_cells) if wide
+                                   else (COMPACT_COLUMNS, compact_cells, compact_skipped_cells))
     datasets = list(dict.fromkeys(r["dataset"] for r in rows + skipped))
-    entries = [(r, table_cells) for r in rows] + [(s, skipped_cells) for s in skipped]
-    for entry, cells in sorted(entries, key=lambda item: (datasets.index(item[0]["dataset"]), item[0]["batch_size"])):
-        table.add_row(*cells(entry))
-    console.print(table)
+    entries = [cells(r) for r in rows] + [skipped_row(s) for s in skipped]
+    order = sorted(range(len(entries)), key=lambda i: (datasets.index(entries[i][0]), int(entries[i][2])))
+    shown = [i for i, name in enumerate(columns) if wide or name not in ("dataset", "batch", "cut")
+             or len({entries[row][i] for row in order}) > 1
+             or (name == "cut" and any(entries[row][i] not in ("0", "-") for row in order))]
+    title = table_title(settings, wide)
+    if not wide and len(datasets) == 1:
+        title = f"{datasets[0]}: {title}"
+    table = Table(title=title, box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD, show_edge=wide, pad_edge=wide,
+                  collapse_padding=not wide)
+    for i in shown:
+        folded = not wide and columns[i] == "quality"  # a long quality (or a skipped row's reason) wraps
+        table.add_column(columns[i], justify="left" if columns[i] in ("dataset", "engine", "backend", "quality")
+                         else "right", no_wrap=not wide and not folded, max_width=QUALITY_WIDTH if folded else None)
+    for row in order:
+        table.add_row(*(entries[row][i] for i in shown))
+    return table
+
+
+def print_table(rows: list[dict], skipped: list[dict], console: Console, settings: BenchmarkSettings) -> None:
+    console.print(build_table(rows, skipped, settings))
 
 
 @exit_on_user_error
@@ -364,7 +422,7 @@ def main(argv=None) -> int:
                "read_gb_per_second": probe.read_bytes_per_second / 1e9,
                "matmul_gflops_per_second": probe.matmul_flops_per_second / 1e9}
     console = Console()
-    console = console if console.is_terminal else Console(width=300)  # logs: full table
+    console = console if console.is_terminal else Console(width=WIDE_WIDTH if settings.wide_table else TERMINAL_WIDTH)
     rows, skipped = [], []
     for task_inputs in itertools.chain([first], tasks):
         task_rows, task_skipped = benchmark_task(task_inputs, settings, probe)

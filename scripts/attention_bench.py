@@ -51,6 +51,7 @@ from spec_stream.defaults import (ATTENTION_BATCHES, ATTENTION_EMBEDDING, ATTENT
                                   ATTENTION_SWEEP_TOKENS, ATTENTION_TOKENS)
 from spec_stream.checkpoints import check_output_path  # noqa: E402
 from spec_stream.errors import UserError, exit_on_user_error  # noqa: E402
+from spec_stream.cli_help import PlainDefaultsHelpFormatter, plain  # noqa: E402
 from spec_stream.timing import resolve_device, synchronize  # noqa: E402
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter: blocks above it get their own mapping
@@ -303,17 +304,17 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"a tiny sweep in seconds: {QUICK}")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=PlainDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tiny sweep in seconds: " + " ".join(
+        f"--{name.replace('_', '-')} {plain(value).replace(' ', '')}" for name, value in QUICK.items()))
     parser.add_argument("--tokens", type=int_list, default=ATTENTION_TOKENS, help="token counts of the token sweep")
     parser.add_argument("--embedding", type=int, default=ATTENTION_EMBEDDING, help="width of Q, K and V")
     parser.add_argument("--batch-sizes", type=int_list, default=ATTENTION_BATCHES, help="batch sizes of the batch sweep")
     parser.add_argument("--sweep-tokens", type=int, default=ATTENTION_SWEEP_TOKENS, help="tokens in the batch sweep")
     parser.add_argument("--sweep-batch", type=int, default=ATTENTION_SWEEP_BATCH, help="batch size in the token sweep")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of Q, K and V")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--repeats", type=int, default=ATTENTION_REPEATS, help=f"timed calls per point (>= {MIN_REPEATS})")
     parser.add_argument("--max-seconds", type=float, default=ATTENTION_SECONDS,
@@ -322,6 +323,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run a point only if its predicted memory fits this share of the memory free at the start")
     parser.add_argument("--output", type=Path, default=Path("results/attention"), help="folder for the JSON and plots")
     parser.add_argument("--overwrite", action="store_true", help="replace the results an earlier run left in --output")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         parser.set_defaults(**QUICK)  # flags given beside --quick still win

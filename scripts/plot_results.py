@@ -26,6 +26,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from spec_stream.cli_help import PlainDefaultsHelpFormatter  # noqa: E402
+
 
 def machine_label(report: dict) -> str:
     machine = report["machine"]
@@ -142,11 +144,15 @@ def plot_throughput_vs_batch(rows, label, path):
     return True
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=PlainDefaultsHelpFormatter)
     parser.add_argument("report", help="JSON written by dataset_tps.py")
     parser.add_argument("--out", default="images", help="folder for the PNG files")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         report = json.loads(Path(args.report).read_text())
         rows, repeats = report["results"], report["settings"]["repeats"]

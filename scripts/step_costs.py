@@ -36,6 +36,7 @@ from spec_stream.arithmetic import (ModelShape, forward_bytes, forward_flops, lo
                                     roofline_seconds)
 from spec_stream.benchmark.machine import machine_info
 from spec_stream.checkpoints import check_result_file
+from spec_stream.cli_help import PlainDefaultsHelpFormatter
 from spec_stream.errors import UserError, exit_on_user_error
 
 TREES = ((), (1,), (1, 1, 1), (2, 2), (2, 2, 2), (4, 3, 2), (8, 4, 2))
@@ -128,12 +129,12 @@ def print_table(rows: list[dict], trees) -> None:
           "step (); the roofline row: each step's bound (upstream's in brackets)")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", action="append", help="checkpoint folder or built-in size (repeatable); "
-                        "default: tiny, small, 125M")
-    parser.add_argument("--trees", default=",".join(str(t) for t in TREES), help="trees to time")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=PlainDefaultsHelpFormatter)
+    parser.add_argument("--model", action="append", help="checkpoint folder or built-in size (repeatable) "
+                        "(default: tiny, small and 125M)")
+    parser.add_argument("--trees", default=",".join(str(t) for t in TREES), help="trees to time, as Python "
+                        "tuples of widths separated by commas")
     parser.add_argument("--runners", default=",".join(RUNNERS), help="ways to run the step: eager, compiled")
     parser.add_argument("--streams", type=int, default=3, help="streams of a built-in size")
     parser.add_argument("--prompt", default="64,400", help="prompt tokens before the timed steps: one length or "
@@ -142,7 +143,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per cell")
     parser.add_argument("--output", default="results/step_costs.json", help="JSON file for every figure")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     for name in ("streams", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")

@@ -22,20 +22,25 @@ import torch
 from huggingface.transformers.generation.speculative_tree import AUTO, TreeSpec, parse_tree
 from spec_stream.acceptance import greedy_texts, replayed_accepted_lengths
 from spec_stream.checkpoints import check_path_text, load_for_inference
+from spec_stream.cli_help import PlainDefaultsHelpFormatter
 from spec_stream.data import default_split, load_examples, resolve_tasks
 from spec_stream.errors import UserError, exit_on_user_error
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=PlainDefaultsHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoints fine-tuned from --original")
     parser.add_argument("--original", required=True, help="the checkpoint whose greedy outputs are the texts")
     parser.add_argument("--dataset", required=True, help="a preset: spider, dialogsum or e2e_nlg")
     parser.add_argument("--data-dir", default=None, help="local JSON-lines copies (default: the hub)")
     parser.add_argument("--num-samples", type=int, default=200, help="test prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="new tokens of each greedy text at most")
     parser.add_argument("--tree-widths", default=str(TreeSpec()), help="top-k per stream, e.g. 4,3,2")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def tree_argument(text: str) -> TreeSpec:

@@ -60,6 +60,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from spec_stream import defaults
 from spec_stream.errors import UserError
+from spec_stream.hub import hub_address, hub_reachable, offline_mode
 
 DATA_DIR_ENV = "SPEC_STREAM_DATA_DIR"
 SPIDER_TABLES_ENV = "SPEC_STREAM_SPIDER_TABLES"
@@ -314,6 +315,9 @@ def _hub_rows(task: Task, split: str) -> Iterator[Row]:
         raise UserError(
             f"cannot load {task.hub_id!r} from the Hugging Face hub: the `datasets` package is not installed; {hint}"
         ) from None
+    if not offline_mode() and not hub_reachable():
+        raise UserError(f"cannot load {task.hub_id!r} from the Hugging Face hub: {hub_address()[0]} is not reachable "
+                        f"(offline?); {hint} (or set HF_HUB_OFFLINE=1 to use the hub's local cache)")
     try:
         dataset = datasets.load_dataset(task.hub_id, split=split)
     except Exception as error:  # noqa: BLE001  (network, offline mode, unknown split, ...)

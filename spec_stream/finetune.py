@@ -41,6 +41,7 @@ from accelerate import Accelerator
 
 from spec_stream import defaults
 from spec_stream.checkpoints import MODEL_SIZES, remove_stale_temporaries
+from spec_stream.cli_help import PlainDefaultsHelpFormatter
 from spec_stream.errors import UserError, exit_on_user_error
 from spec_stream.training.config import PRECISIONS, STREAM_TARGETS, FinetuneConfig, check_config
 from spec_stream.training.evaluation import final_evaluation, save_final
@@ -51,17 +52,10 @@ from spec_stream.training.run import build_run
 # ---------------------------------------------------------------------- the command line
 
 
-class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" after every option that has a default of its own."""
-
-    def _get_help_string(self, action):
-        return action.help if action.required or action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of :class:`FinetuneConfig`: one flag per field, defaults taken from it."""
     parser = argparse.ArgumentParser(prog="python -m spec_stream.finetune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=_HelpWithDefaults)
+                                     formatter_class=PlainDefaultsHelpFormatter)
     add = _flag_adder(parser)
     for add_flags in (_add_data_flags, _add_schedule_flags, _add_stream_flags, _add_run_flags):
         add_flags(add)

@@ -13,10 +13,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 from pathlib import Path
 
 import pytest
-import torch
 
 from spec_stream import defaults
-from tests.helpers import phrase_text, tiny_model
+from tests.helpers import tiny_model, train_phrase_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,17 +30,11 @@ def eager_steps_in_engines():
 
 @pytest.fixture(scope="session")
 def trained_model():
-    """A tiny model briefly fine-tuned with the Speculative Streaming loss, so its streams
-    are right often on its domain."""
-    model = tiny_model(num_spec_streams=3, num_stream_layers=2, hidden_size=64, attn_implementation="sdpa").train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(2)
-    for _ in range(240):  # 160 left the loss at 1.37 on one machine (stream-1 acceptance 0.29), 240 at 0.74 (0.84)
-        ids = phrase_text(16, 48, generator)
-        loss = model(ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    """A tiny model fine-tuned with the Speculative Streaming loss until its first two streams are right on held-out phrase
+    text at least 80% and 60% of the time (tests/helpers.py: `train_phrase_model`), so
+    its streams are right often on its domain whatever the CPU's kernels and threads."""
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2, hidden_size=64, attn_implementation="sdpa")
+    train_phrase_model(model)
     return model.eval()
 
 
@@ -55,19 +48,36 @@ def data_dir() -> Path:
     pytest.skip("local datasets not found: set SPEC_STREAM_DATA_DIR to a folder laid out like shared/datasets")
 
 
+FINETUNE_EPOCHS = (5.0, 10.0)  # the fixture's runs, each from scratch, until one has learned
+LEARNED_MARGIN = 0.03  # stream 1 and the main stream beat the unigram draft's accuracy by this
+
+
+def learned(summary: dict) -> bool:
+    floor = summary["unigram_accuracy"] + LEARNED_MARGIN
+    return summary["stream_accuracy"][0] > floor and summary["main_accuracy"] > floor
+
+
 @pytest.fixture(scope="session")
 def finetuned_checkpoint(tmp_path_factory, data_dir):
-    """One tiny model fine-tuned from scratch on 500 E2E-NLG rows for 5 epochs, shared by every test that needs a trained checkpoint:
-    ``(output folder, summary)``."""
+    """One tiny model fine-tuned from scratch on 500 E2E-NLG rows, shared by every test that needs a trained checkpoint: ``(output folder, summary)``. It
+    trains for 5 epochs, and again for 10 if its first stream has not learned by then (how
+    far 5 epochs get depends on the CPU's kernels and threads: stream 1 beat the unigram draft
+    by 0.039 on one setting); failing both, the session stops with the accuracies reached."""
     from spec_stream.finetune import finetune
     from spec_stream.training.config import FinetuneConfig
 
-    output = tmp_path_factory.mktemp("finetuned") / "e2e_nlg-tiny"
-    summary = finetune(FinetuneConfig(
-        dataset="e2e_nlg", output=str(output), data_dir=str(data_dir), from_scratch="tiny", max_train_samples=500,
-        max_eval_samples=30, epochs=5.0, batch_size=8, max_length=128, lr=2e-3, seed=3,
-    ))
-    return output, summary
+    reached = []
+    for epochs in FINETUNE_EPOCHS:
+        output = tmp_path_factory.mktemp("finetuned") / "e2e_nlg-tiny"
+        summary = finetune(FinetuneConfig(
+            dataset="e2e_nlg", output=str(output), data_dir=str(data_dir), from_scratch="tiny", max_train_samples=500,
+            max_eval_samples=30, epochs=epochs, batch_size=8, max_length=128, lr=2e-3, seed=3,
+        ))
+        if learned(summary):
+            return output, summary
+        reached.append((epochs, summary["stream_accuracy"][0], summary["main_accuracy"], summary["unigram_accuracy"]))
+    pytest.fail(f"the fine-tuned checkpoint did not learn (stream 1 and main accuracy above the unigram draft's "
+                f"+ {LEARNED_MARGIN}); (epochs, stream 1, main, unigram) of each run: {reached}")
 
 
 @pytest.fixture

@@ -101,6 +101,7 @@ def test_trained_model_every_row_equals_its_greedy_alone(trained_model, tree_wid
     check_batches(trained_model, trained_model, phrase_rows, tree_widths, seed=2, batches=(2, 4, 6, 8))
 
 
+@pytest.mark.trains
 def test_trained_model_batches_still_gain_several_tokens_per_call(trained_model):
     generator = torch.Generator().manual_seed(3)
     rows = phrase_rows(6, generator)

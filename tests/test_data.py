@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import spec_stream.data as data_module
+from spec_stream import hub
 from spec_stream.data import (
     TASKS,
     Example,
@@ -205,6 +206,39 @@ def test_hub_without_network_fails_fast(monkeypatch):
     assert time.monotonic() - start < 15
 
 
+def test_unreachable_hub_is_refused_at_once_without_retries(monkeypatch):
+    """No offline flag, no network: one probe says so, and the hub client never starts (its
+    retries took 29 s before its own error)."""
+    datasets = pytest.importorskip("datasets")
+    for flag in hub.OFFLINE_FLAGS + ("SPEC_STREAM_DATA_DIR",):
+        monkeypatch.delenv(flag, raising=False)
+    monkeypatch.setattr(data_module, "hub_reachable", lambda: False)
+
+    def retrying(*args, **kwargs):
+        raise AssertionError("the hub client ran although the hub was known to be unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", retrying)
+    with pytest.raises(UserError, match=r"knkarthick/dialogsum.*not reachable.*--data-dir DIR.*HF_HUB_OFFLINE=1"):
+        load_examples("dialogsum", "test")
+
+
+def test_the_hub_probe_is_one_short_connection(monkeypatch):
+    attempts = []
+
+    def refuse(address, timeout):
+        attempts.append((address, timeout))
+        raise ConnectionRefusedError(address)
+
+    monkeypatch.setattr(hub.socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    hub.hub_reachable.cache_clear()
+    try:
+        assert not hub.hub_reachable() and not hub.hub_reachable()  # asked once per process
+    finally:
+        hub.hub_reachable.cache_clear()
+    assert attempts == [(("hub.example", 8443), hub.PROBE_SECONDS)] and hub.PROBE_SECONDS <= 3
+
+
 def test_spider_from_the_hub_without_tables_json_falls_back_to_schema_free_prompts(monkeypatch, data_dir):
     """The hub's Spider rows come without schemas: prompts hold the question alone, one
     warning says how to get schema prompts, and the benchmark scores no SQL validity."""
@@ -288,6 +322,7 @@ def test_hub_rows_are_used_and_dialogsum_test_rows_merged(monkeypatch):
         for n in range(2) for k in (1, 2, 3)
     ]
     calls = []
+    monkeypatch.setattr(data_module, "hub_reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, split: calls.append((hub_id, split)) or rows)
     examples = load_examples("dialogsum", "test", limit=1)
     assert calls == [("knkarthick/dialogsum", "test")]

@@ -110,7 +110,7 @@ def test_spider_rows_report_sql_validity(report):
 def test_table_shows_median_spread_quality_and_repetition(report, capsys):
     from rich.console import Console
 
-    settings = dataset_tps.parse_settings(["--dataset", "e2e_nlg", "--device", "cpu"])
+    settings = dataset_tps.parse_settings(["--dataset", "e2e_nlg", "--device", "cpu", "--wide"])
     dataset_tps.print_table(report["results"], [], Console(width=400), settings)
     table = capsys.readouterr().out
     row = report["results"][0]

@@ -85,7 +85,7 @@ def test_a_sampler_at_the_wrong_temperature_fails_it(sampled):
 def test_table_shows_the_check(sampled, capsys):
     from rich.console import Console
 
-    settings = dataset_tps.parse_settings(["--dataset", "e2e_nlg", "--device", "cpu", "--do-sample"])
+    settings = dataset_tps.parse_settings(["--dataset", "e2e_nlg", "--device", "cpu", "--do-sample", "--wide"])
     dataset_tps.print_table(sampled["results"], [], Console(width=400), settings)
     table = capsys.readouterr().out
     assert "FAIL z=+" in table and "pass z=" in table and "distribution check" in table

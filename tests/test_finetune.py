@@ -137,6 +137,7 @@ def reference(tmp_path_factory, data_dir):
     return Reference(root / "straight", summary, root / "copies")
 
 
+@pytest.mark.trains
 def test_training_lowers_loss_and_streams_beat_unigram(finetuned_checkpoint):
     _, summary = finetuned_checkpoint
     assert summary["final_loss"] < summary["first_loss"] - 2.0
@@ -193,8 +194,8 @@ def test_help_shows_every_option_with_its_default():
     for name, value in asdict(FinetuneConfig("e2e_nlg", "o")).items():
         flag = name.replace("_", "-")
         assert flag in blocks, flag
-        if name in ("dataset", "output"):
-            continue  # required
+        if name in ("dataset", "output") or isinstance(value, bool):
+            continue  # required, or a switch (off unless given)
         shown = f"(default: {value})" if value is not None else "default:"
         assert shown in blocks[flag], (flag, blocks[flag])
 
@@ -542,6 +543,7 @@ def test_bucketed_padded_batches_give_the_loss_of_unpadded_examples():
             torch.testing.assert_close(model(**padded, loss_only=True).loss, total / sum(counts), atol=1e-5, rtol=0)
 
 
+@pytest.mark.trains
 def test_frozen_base_streams_learn_with_adapters_and_decode_like_the_original(finetuned_checkpoint, tmp_path,
                                                                               data_dir):
     """--freeze-base trains the streams' adapters (and embeddings): the base stays bit for

@@ -39,6 +39,7 @@ def test_random_weights_identical_to_greedy_ours_and_upstream(implementation):
         assert out.sequences.shape[1] - ids.shape[1] == NEW <= 1 + sum(out.accepted_lengths)
 
 
+@pytest.mark.trains
 def test_fine_tuned_model_identical_and_gains_tokens_per_call(trained_model):
     calls = tokens = 0
     generator = torch.Generator().manual_seed(3)

@@ -82,6 +82,7 @@ def test_hybrid_tree_identical_to_greedy_random_weights(tree_widths):
     assert from_lookup > 0 or tree_widths  # the branch really was accepted (deterministic seeds)
 
 
+@pytest.mark.trains
 def test_hybrid_tree_on_a_trained_model_uses_both_sources(trained_model):
     generator = torch.Generator().manual_seed(22)
     from_lookup = from_streams = calls = 0

@@ -103,6 +103,7 @@ def test_targets_from_the_base_need_a_frozen_base(targets):
         check_config(FinetuneConfig("e2e_nlg", "out", base="x/y", freeze_base=True, num_spec_streams=0))
 
 
+@pytest.mark.trains
 def test_a_distilled_stream_stage_beats_the_unigram_and_says_so(finetuned_checkpoint, tmp_path, data_dir, capsys):
     """A stage on a base without streams: the base stays bit for bit, and fine-tuning ends
     with each stream's top-1 acceptance on the model's own greedy text beside the unigram

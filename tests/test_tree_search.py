@@ -95,6 +95,7 @@ def test_candidates_are_bounded_and_non_increasing():
     assert all(list(t) == sorted(t, reverse=True) and len(t) <= 3 for t in trees)
 
 
+@pytest.mark.trains
 def test_acceptance_of_a_trained_model(trained_model):
     generator = torch.Generator().manual_seed(31)
     acceptance = measure_acceptance(trained_model, [phrase_text(1, 10 + i, generator) for i in range(6)], 24)
@@ -104,6 +105,7 @@ def test_acceptance_of_a_trained_model(trained_model):
     assert acceptance[0][0] > 0.4  # the phrase domain is easy for the first stream
 
 
+@pytest.mark.trains
 def test_lookup_acceptance_of_a_repetitive_domain(trained_model):
     """The phrase domain repeats 10 fixed phrases: the text's last tokens have occurred
     before, so a lookup chain is often right; rates are chances, falling with depth no

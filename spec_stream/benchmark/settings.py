@@ -44,6 +44,7 @@ class BenchmarkSettings:
     top_p: float | None = None
     seed: int | None = None
     lookup_branch: int | None = None  # spec_stream's prompt-lookup nodes; None: the task's (LOOKUP_BRANCH)
+    wide_table: bool = False  # print every column (the default table fits 120 columns)
 
     def lookup_branch_for(self, task: str) -> int:
         """``lookup_branch`` as given, else the preset's default (your own data: "custom")."""
