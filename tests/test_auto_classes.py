@@ -129,6 +129,7 @@ def test_the_pipeline_decodes_with_the_streams_exactly_as_greedy(checkpoint, pro
     assert any(STREAMS_NOTE in m for m in notes())
 
 
+@pytest.mark.trains
 def test_a_pipeline_batch_decodes_with_the_streams_exactly_as_greedy(checkpoint, prompts, notes, flat_step_costs):
     generator = pipeline("text-generation", model=str(checkpoint), batch_size=4)
     generator.tokenizer.padding_side = "left"
@@ -144,6 +145,7 @@ def test_a_pipeline_batch_decodes_with_the_streams_exactly_as_greedy(checkpoint,
     assert any(STREAMS_NOTE in m for m in notes()) and not any(FALLBACK_NOTE in m for m in notes())
 
 
+@pytest.mark.trains
 def test_sampling_decodes_with_the_streams(checkpoint, prompts, notes, flat_step_costs):
     """Sampling keeps the streams: fewer calls than tokens, one seed one text (that each
     token is drawn from plain sampling's distribution: tests/test_sampling.py)."""

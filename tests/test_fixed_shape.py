@@ -49,6 +49,7 @@ def test_fixed_shape_cache_masks_stale_slots_and_follows_the_tree():
     assert int(cache.length) == 23
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("tree_widths", [(4, 3, 2), (2, 2), ()])
 def test_generate_identical_to_greedy(trained_model, tree_widths):
     generator = torch.Generator().manual_seed(5)
@@ -71,6 +72,7 @@ def test_random_prompts_and_weights():
         assert torch.equal(speculative(model, ids).sequences, greedy(model, ids))
 
 
+@pytest.mark.trains
 def test_eos_and_max_new_tokens_in_the_middle_of_a_tree(trained_model):
     """A well-trained model accepts long paths, so EOS and the token budget fall mid-path."""
     generator = torch.Generator().manual_seed(7)

@@ -54,6 +54,7 @@ def test_fine_tuned_model_identical_and_gains_tokens_per_call(trained_model):
     assert per_call > 1.5
 
 
+@pytest.mark.trains
 def test_a_shallow_tree_drafts_what_all_streams_would(trained_model, monkeypatch):
     """Trees of depth 1 and 2 run only the first 1 and 2 of the 3 streams: they draft, so
     accept, exactly what they would with all three running."""
