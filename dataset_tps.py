@@ -352,24 +352,22 @@ def compact_cells(r: dict) -> list[str]:
     """The default table's cells: what tells engines apart, each kept short."""
     spread = r["tokens_per_second_spread"]
     identical = exactness_cell(r).split(",")[0]  # with sampling: pass/FAIL and z, tokens outside in --wide
-    return [r["dataset"], r["engine"], str(r["batch_size"]), str(r["truncated_prompts"]),
+    return [r["dataset"], r["engine"], str(r["batch_size"]),
             f"{r['tokens_per_second']:.0f} ({spread['min']:.0f}-{spread['max']:.0f})",
             f"{r['speedup_vs_naive']:.2f}x", f"{r['tokens_per_call']:.2f}", identical, compact_quality(r["quality"])]
 
 
-COMPACT_COLUMNS = ("dataset", "engine", "batch", "cut", "tok/s (min-max)", "speedup", "tok/call", "identical",
-                   "quality")
+COMPACT_COLUMNS = ("dataset", "engine", "batch", "tok/s (min-max)", "speedup", "tok/call", "identical", "quality")
 
 
 def compact_skipped_cells(s: dict) -> list[str]:
-    return [s["dataset"], s["engine"], str(s["batch_size"]), "-", "not run", "-", "-", "-", s["reason"]]
+    return [s["dataset"], s["engine"], str(s["batch_size"]), "not run", "-", "-", "-", s["reason"]]
 
 
 def table_title(settings: BenchmarkSettings, wide: bool) -> str:
     if not wide:
         mode = f"sampling T {settings.temperature}" if settings.do_sample else "greedy"
-        return (f"tok/s: median of {settings.repeats} passes (min-max); {mode}; cut: prompts cut to fit; "
-                "--wide: every column")
+        return f"tok/s: median of {settings.repeats} passes (min-max); {mode}; --wide: every column"
     mode = (f"sampling (T {settings.temperature}, top-k {settings.top_k}, top-p {settings.top_p}, seed "
             f"{settings.seed}; identical = distribution check)" if settings.do_sample else "greedy")
     return (f"dataset_tps: batch {','.join(map(str, settings.batch_sizes))}, {mode}; tok/s = median of "
@@ -386,9 +384,8 @@ def build_table(rows: list[dict], skipped: list[dict], settings: BenchmarkSettin
     datasets = list(dict.fromkeys(r["dataset"] for r in rows + skipped))
     entries = [cells(r) for r in rows] + [skipped_row(s) for s in skipped]
     order = sorted(range(len(entries)), key=lambda i: (datasets.index(entries[i][0]), int(entries[i][2])))
-    shown = [i for i, name in enumerate(columns) if wide or name not in ("dataset", "batch", "cut")
-             or len({entries[row][i] for row in order}) > 1
-             or (name == "cut" and any(entries[row][i] not in ("0", "-") for row in order))]
+    shown = [i for i, name in enumerate(columns) if wide or name not in ("dataset", "batch")
+             or len({entries[row][i] for row in order}) > 1]
     title = table_title(settings, wide)
     if not wide and len(datasets) == 1:
         title = f"{datasets[0]}: {title}"
@@ -404,7 +401,11 @@ def build_table(rows: list[dict], skipped: list[dict], settings: BenchmarkSettin
 
 
 def print_table(rows: list[dict], skipped: list[dict], console: Console, settings: BenchmarkSettings) -> None:
+    """The table, then a line for each dataset whose prompts were cut to fit the context."""
     console.print(build_table(rows, skipped, settings))
+    for dataset, cut in {r["dataset"]: r["truncated_prompts"] for r in rows if r["truncated_prompts"]}.items():
+        console.print(f"{dataset}: {cut} prompt(s) longer than the context minus --max-new-tokens kept their last "
+                      "tokens")
 
 
 @exit_on_user_error

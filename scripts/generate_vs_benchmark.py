@@ -28,6 +28,7 @@ from transformers import CompileConfig
 from spec_stream.arithmetic import measure_machine
 from spec_stream.benchmark.machine import machine_info
 from spec_stream.checkpoints import load_for_inference
+from spec_stream.cli_help import PlainDefaultsHelpFormatter
 from spec_stream.data import load_examples
 from spec_stream.engines import build_engine
 from spec_stream.errors import UserError, exit_on_user_error
@@ -35,16 +36,19 @@ from spec_stream.errors import UserError, exit_on_user_error
 TOLERANCE = 0.10  # the user's call within 10% of the benchmark's row
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=PlainDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="a fine-tuned checkpoint folder (with streams)")
     parser.add_argument("--dataset", default="e2e_nlg", help="a preset: spider, dialogsum or e2e_nlg")
     parser.add_argument("--data-dir", default=None, help="local JSON-lines copies (default: the hub)")
     parser.add_argument("--num-samples", type=int, default=50, help="test prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt at most")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per row")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     for name in ("num_samples", "max_new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
