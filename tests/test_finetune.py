@@ -554,12 +554,13 @@ def test_frozen_base_streams_learn_with_adapters_and_decode_like_the_original(fi
     for rank in (0, 16):
         runs[rank] = finetune(FinetuneConfig(
             dataset="e2e_nlg", output=str(tmp_path / f"rank{rank}"), data_dir=str(data_dir), base=str(base),
-            freeze_base=True, stream_adapter_rank=rank, max_train_samples=300, max_eval_samples=40, epochs=2,
-            batch_size=16, max_length=128, lr=3e-3, stream_loss_weight=1.0))
+            freeze_base=True, stream_adapter_rank=rank, max_train_samples=300, max_eval_samples=40, epochs=4,
+            batch_size=16, max_length=128, lr=1e-2, stream_loss_weight=1.0))
     before, after = model_weights(base), model_weights(tmp_path / "rank16")
     assert all(torch.equal(before[k], after[k]) for k in before if "transformer.streams." not in k)
     assert any(".adapters." in k for k in after)
-    # same validation rows: adapters lower the (stream-weighted) loss and raise stream-1 accuracy
+    # same validation rows: adapters lower the (stream-weighted) loss and raise stream-1 accuracy (4 epochs at
+    # 1e-2: at 2 epochs and 3e-3 the adapters on a base trained without the old pruning adapter gained 0.08 of loss)
     assert runs[16]["eval_loss"] < runs[0]["eval_loss"] - 0.1
     assert runs[16]["stream_accuracy"][0] > runs[0]["stream_accuracy"][0] + 0.03
     frozen = GPTNeoForCausalLM.from_pretrained(tmp_path / "rank16")
