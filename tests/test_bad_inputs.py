@@ -362,3 +362,24 @@ def test_max_new_tokens_past_the_default_checkpoints_context_is_refused_before_p
     argv = ["--device", "cpu", "--dataset", "e2e_nlg", "--data-dir", data_dir, "--max-new-tokens", "100000",
             "--checkpoint-dir", tmp_path / "checkpoints", "--output", tmp_path / "r.json"]
     assert "--max-new-tokens 100000 leaves no room for a prompt" in refused(dataset_tps.main, argv, capsys)
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    (torch.zeros((1, 0), dtype=torch.long), ValueError, r"shape \(1, 0\)"),  # an empty prompt
+    (torch.zeros((0, 4), dtype=torch.long), ValueError, r"shape \(0, 4\)"),  # no prompt at all
+    (torch.tensor([3, 4, 5]), ValueError, r"shape \(3,\)"),  # one prompt without its batch dimension
+    (torch.tensor([[3.0, 4.0]]), TypeError, "integer token ids"),
+    ([[3, 4]], TypeError, "got list"),
+    (torch.tensor([[3, -1]]), ValueError, "token id -1"),
+    (torch.tensor([[3, 10_000]]), ValueError, "token id 10000"),
+])
+def test_generate_refuses_empty_and_malformed_ids_before_any_work(ids, error, message, monkeypatch):
+    """`generate(speculative_streaming=True)`'s prompts are checked first: the empty prompt
+    ended in an IndexError deep inside the first token's argmax."""
+    from huggingface.transformers.generation import utils
+    from tests.helpers import tiny_model
+
+    model = tiny_model(num_spec_streams=2, num_stream_layers=2)
+    monkeypatch.setattr(utils, "runner_for", lambda *args: pytest.fail("a runner was made"))
+    with pytest.raises(error, match=message):
+        model.generate(ids, speculative_streaming=True, tree_widths=(2,), max_new_tokens=4)

@@ -140,8 +140,7 @@ def prepare_request(model, inputs, generation_config, kwargs: dict) -> Speculati
     """Upstream's own preparation (config defaults, special tokens, lengths, processors,
     stopping criteria) for a prompt or a batch, and a ValueError for anything not honoured."""
     input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-    if input_ids is None:
-        raise ValueError("speculative_streaming=True needs input_ids (a batch of prompts, (B, P)).")
+    check_input_ids(input_ids, model.config.vocab_size)
     default_max_length = (kwargs.get("max_length") is None and getattr(generation_config, "max_length", None) is None
                           and model.generation_config.max_length is None)
     default_min_length = (kwargs.get("min_length") is None and getattr(generation_config, "min_length", None) is None
@@ -176,6 +175,22 @@ def prepare_request(model, inputs, generation_config, kwargs: dict) -> Speculati
                             pad_token_id(config))
     return SpeculativeRequest(input_ids, mask, config, config.max_length - length, eos_token_ids(config), scorer,
                               options, extra)
+
+
+def check_input_ids(input_ids, vocab_size: int) -> None:
+    """A TypeError or ValueError, before any work, for prompts no decoding can take: they must
+    be a (B, P) tensor of token ids, P >= 1, each id in [0, vocab_size)."""
+    fix = "pass tokenizer(text, return_tensors='pt').input_ids"
+    if not torch.is_tensor(input_ids) or input_ids.is_floating_point() or input_ids.dtype in (torch.bool, torch.complex64):
+        raise TypeError(f"input_ids must be a tensor of integer token ids, got {type(input_ids).__name__}"
+                        f"{'' if not torch.is_tensor(input_ids) else f' of {input_ids.dtype}'}; {fix}.")
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids of shape {tuple(input_ids.shape)}: speculative streaming needs (batch, prompt "
+                         f"length) with at least one prompt of at least one token; {fix}.")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids hold token id {low if low < 0 else high}, outside the model's vocabulary of "
+                         f"{vocab_size} ids; encode the text with this model's own tokenizer.")
 
 
 def prompt_mask(model, config: GenerationConfig, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
