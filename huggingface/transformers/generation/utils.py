@@ -1,28 +1,15 @@
 """Speculative Streaming decoding: the host loop and ``generate(speculative_streaming=True)``.
 
 `decode` is the one host loop (request checks, prompt lookup, sampling's draws, streaming,
-EOS and length limits, the output); the step it runs is `tree_step.TreeStep` (draft,
-forward, verify, compact) through the one runner, `fixed_shape.FixedShapeDecoder` (eager,
-compiled or CUDA graphs: `fixed_shape.step_mode`). `generate` turns its arguments into a
-checked request (`request.prepare_request`) and its ``tree_widths`` into one concrete tree
-(`tree_search.resolve_tree`, probed on the same runner) before any decoding. Reachable as
-``model.generate(input_ids, speculative_streaming=True, tree_widths=(4, 3, 2))``;
-everything else goes to upstream `GenerationMixin.generate`. Every step emits the accepted
-drafts plus one token chosen as plain decoding chooses it, so output is plain decoding's,
-token for token, whatever the streams draft.
-
-A batch (B, P) of left-padded prompts decodes as B independent sequences in one forward
-per step: each row's prompt sits in the cache from slot 0 (positions from 0 at its first
-real token, as upstream computes them from the attention mask), each row drafts its own
-tree from its own stream states, accepts its own path and compacts it after its own
-length; finished rows run on and their tokens are ignored, and the output is right-padded
-with ``pad_token_id`` (docs/method.md, section 7).
-
-With logits processors (``repetition_penalty``, ``min_new_tokens``, ...) each node's
-prediction is the argmax after them, each node seeing its own prefix (`request.NodeScorer`);
-with ``do_sample=True`` verification samples instead (`speculative_tree.sample_path`):
-either way every token is chosen exactly as plain `generate` chooses it after the same
-tokens (docs/method.md, sections 5 and 6).
+EOS and length limits, the output); it runs `tree_step.TreeStep` (draft, forward, verify,
+compact) through the one runner, `fixed_shape.FixedShapeDecoder`. `generate` turns its
+arguments into a checked request (`request.prepare_request`) and its ``tree_widths`` into
+one concrete tree (`tree_search.resolve_tree`) before any decoding; everything else goes to
+upstream `GenerationMixin.generate`. Every step emits the accepted drafts plus one token
+chosen as plain decoding chooses it (the argmax, or a sample, after the same processors,
+each node seeing its own prefix), so output is plain decoding's, token for token. A batch
+(B, P) of left-padded prompts decodes as B independent sequences, one forward per step; the
+output is right-padded with ``pad_token_id`` (docs/method.md, sections 5-7).
 """
 from __future__ import annotations
 
@@ -141,8 +128,8 @@ def draw_uniforms(shape: tuple | None, generator: torch.Generator | None, device
 
 
 class RowOutputs:
-    """Each request row's `TokenSink` (its text: the row as given, left padding included,
-    then its new tokens) and step statistics, and the output they make."""
+    """Each row's `TokenSink` (its text: the row as given, left padding included, then its
+    new tokens) and step statistics, and the output they make."""
 
     def __init__(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids, options: DecodeOptions):
         self.max_new_tokens = max_new_tokens
@@ -153,23 +140,22 @@ class RowOutputs:
         self.lookup_accepted = [0] * len(self.sinks)
         self.steps = 0
 
-    def unfinished(self, rows: list[int]) -> list[int]:
-        """Indices into ``rows`` (request rows) of those still wanting tokens."""
-        return [i for i, row in enumerate(rows) if not self.sinks[row].stopped]
+    def unfinished(self) -> bool:
+        return not all(sink.stopped for sink in self.sinks)
 
-    def remaining(self, rows: list[int]) -> int:
-        """The most tokens an unfinished row among ``rows`` still wants."""
-        return max(self.max_new_tokens - len(self.sinks[row].generated) for row in rows if not self.sinks[row].stopped)
+    def remaining(self) -> int:
+        """The most tokens an unfinished row still wants."""
+        return max(self.max_new_tokens - len(sink.generated) for sink in self.sinks if not sink.stopped)
 
     def add_first(self, tokens: list[int], recorded) -> list[list[int]]:
         return [sink.add([token], recorded) for sink, token in zip(self.sinks, tokens)]
 
-    def add_step(self, rows: list[int], summary: list[list[int]], recorded) -> list[list[int]]:
-        """A step's tokens, ``summary[i]`` for request row ``rows[i]``; finished rows take
-        nothing. Returns the tokens each of ``rows`` emitted."""
+    def add_step(self, summary: list[list[int]], recorded) -> list[list[int]]:
+        """A step's tokens, ``summary[row]`` per row; finished rows take nothing. Returns the
+        tokens each row emitted."""
         self.steps += 1
         emitted = []
-        for row, row_summary in zip(rows, summary):
+        for row, row_summary in enumerate(summary):
             if self.sinks[row].stopped:
                 emitted.append([])
                 continue
@@ -226,12 +212,11 @@ def decode(steps: FixedShapeDecoder, config, input_ids: torch.Tensor, max_new_to
         streamer.put(input_ids.cpu())
         streamer.put(torch.tensor(emitted[0]))
     context = prompts[0].tolist() + emitted[0] if steps.lookup_length else None
-    rows = list(range(len(prompts)))
-    while outputs.unfinished(rows):
+    while outputs.unfinished():
         lookup = propose_lookup(context, steps.lookup_length, max_ngram) if context is not None else []
         uniforms = draw_uniforms(steps.draw_shape, options.generator, input_ids.device)
-        summary = steps.step(outputs.remaining(rows), timer, lookup, text=text(), uniforms=uniforms)
-        emitted = outputs.add_step(rows, summary.tolist(), steps.recorded)
+        summary = steps.step(outputs.remaining(), timer, lookup, text=text(), uniforms=uniforms)
+        emitted = outputs.add_step(summary.tolist(), steps.recorded)
         if context is not None:
             context += emitted[0]
         if streamer is not None:
