@@ -35,7 +35,7 @@ from spec_stream import defaults
 from spec_stream.arithmetic import measure_machine
 from huggingface.transformers.generation.speculative_tree import AUTO, TreeSpec, parse_tree
 from spec_stream.benchmark.inputs import check_draft_model, check_room, check_tree_depth, prepare_task, uses_streams
-from spec_stream.benchmark.machine import machine_info
+from spec_stream.benchmark.machine import cpu_l3, cpu_name, machine_info
 from spec_stream.benchmark.recipe import default_checkpoint, default_context, prepared_checkpoint
 from spec_stream.benchmark.settings import REPORT_SCHEMA_VERSION, BenchmarkSettings
 from spec_stream.benchmark.task import benchmark_task
@@ -417,7 +417,8 @@ def main(argv=None) -> int:
     if "assisted" in settings.engines:
         check_draft_model(settings.draft_model)
     probe = measure_machine(settings.device)
-    print(f"{settings.device}: copy {probe.copy_bytes_per_second / 1e9:.1f} GB/s (read + write), read "
+    print(f"{settings.device} ({cpu_name()}, L3 {cpu_l3()}): copy {probe.copy_bytes_per_second / 1e9:.1f} GB/s "
+          f"(read + write), read "
           f"{probe.read_bytes_per_second / 1e9:.1f} GB/s, fp32 matmul {probe.matmul_flops_per_second / 1e9:.0f} GFLOP/s")
     machine = {**machine_info(settings.device), "copy_gb_per_second": probe.copy_bytes_per_second / 1e9,
                "read_gb_per_second": probe.read_bytes_per_second / 1e9,

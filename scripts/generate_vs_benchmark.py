@@ -110,9 +110,9 @@ def main(argv=None) -> int:
     eos = model.generation_config.eos_token_id
     calls = {**user_calls(model, args.max_new_tokens), **benchmark_calls(args.model, args.max_new_tokens, eos)}
     rates, outputs = measure(calls, prompts, args.repeats)
-    probe, cpu = measure_machine("cpu"), machine_info(torch.device("cpu"))["cpu"]
+    probe, machine = measure_machine("cpu"), machine_info(torch.device("cpu"))
     print(f"{args.model}, {len(prompts)} {args.dataset} prompts x {args.max_new_tokens} tokens, {args.repeats} passes; "
-          f"{cpu}, {probe.threads} threads, matmul {probe.matmul_flops_per_second / 1e9:.0f} GFLOP/s, memory read "
+          f"{machine['cpu']} (L3 {machine['l3_cache']}), {probe.threads} threads, matmul {probe.matmul_flops_per_second / 1e9:.0f} GFLOP/s, memory read "
           f"{probe.read_bytes_per_second / 1e9:.1f} GB/s")
     for name, values in rates.items():
         same = sum(until_eos(a, eos) == until_eos(b, eos) for a, b in zip(outputs[name], outputs["plain"]))
