@@ -28,6 +28,7 @@ import types
 import torch
 from transformers.utils import logging
 
+from ..models.gpt_neo import packed_linear
 from .speculative_tree import TreeSpec, parse_tree, uniforms_shape
 from .tree_step import DecodeState, TreeStep, lookup_tensor, no_timer
 
@@ -77,6 +78,7 @@ class FixedShapeDecoder:
         self.tree = self.spec.buffers(self.device)
         self.lookup_length = lookup_length
         self.one_step = TreeStep(model, len(self.spec.widths))
+        packed_linear.prepare(model)
         self.use_scorer(None)
         self.context = config.max_position_embeddings
         self.buckets = sorted({min(b, self.context) for b in prefill_buckets} | {self.context})
@@ -145,12 +147,13 @@ class FixedShapeDecoder:
             self.graphs[key] = self._capture(self._step)  # before the prefill that resets its warm-up
         self.state.prompt[:, :width].copy_(input_ids)
         self.state.prompt_length.copy_(torch.full((batch,), width) if prompt_lengths is None else prompt_lengths)
-        if self.mode == EAGER or (self.mode == COMPILED and self.compiled_prefill is None):
-            return self._prefill(width if self.mode == EAGER else padded, text)
-        if self.mode == CUDA_GRAPHS:
-            return self._run(("prefill", batch, padded), lambda: self._prefill(padded))
-        return self._compiled(("prefill", batch, padded, self.state.cache.max_length),
-                              lambda: self.compiled_prefill(padded), lambda: self._prefill(padded))
+        with packed_linear.packed_products(self.device):
+            if self.mode == EAGER or (self.mode == COMPILED and self.compiled_prefill is None):
+                return self._prefill(width if self.mode == EAGER else padded, text)
+            if self.mode == CUDA_GRAPHS:
+                return self._run(("prefill", batch, padded), lambda: self._prefill(padded))
+            return self._compiled(("prefill", batch, padded, self.state.cache.max_length),
+                                  lambda: self.compiled_prefill(padded), lambda: self._prefill(padded))
 
     def step(self, remaining: int, timer=no_timer, lookup: list[int] = (), text=None, uniforms=None) -> torch.Tensor:
         """The full tree whatever ``remaining`` is: surplus drafts are computed and ignored."""
@@ -159,13 +162,14 @@ class FixedShapeDecoder:
             self.lookup_count.fill_(len(lookup))
         if uniforms is not None:
             self.uniforms.copy_(uniforms)
-        if self.mode == EAGER:
-            return self._step(text, timer)
-        with timer("step"):
-            key = ("step", len(self.state.root), self.state.cache.max_length)
-            if self.mode == CUDA_GRAPHS:
-                return self._run(key, self._step)
-            return self._compiled(key, self.compiled_step, self._step)
+        with packed_linear.packed_products(self.device):
+            if self.mode == EAGER:
+                return self._step(text, timer)
+            with timer("step"):
+                key = ("step", len(self.state.root), self.state.cache.max_length)
+                if self.mode == CUDA_GRAPHS:
+                    return self._run(key, self._step)
+                return self._compiled(key, self.compiled_step, self._step)
 
     def _compiled(self, key, compiled, eager) -> torch.Tensor:
         """``compiled()``, the compiled step or prefill of shape ``key``; the first call per

@@ -29,6 +29,7 @@ from huggingface_hub.dataclasses import strict
 from ...cache_utils import KeyLayout, as_model_cache, select_per_row
 from ...generation.utils import SpeculativeStreamingGenerationMixin
 from ...internals import CACHE_FIELD, upstream_changed
+from .packed_linear import linear
 
 logger = logging.get_logger(__name__)
 
@@ -215,10 +216,10 @@ def flash_attention(q, k, v, window, dropout_p=0.0):
     return out.transpose(1, 2)
 
 
-def project(linear: nn.Linear, x: torch.Tensor, low_rank: nn.Module | None, num_main: int) -> torch.Tensor:
-    """``linear(x)``, plus ``low_rank`` on the rows after the first ``num_main`` (the
+def project(module: nn.Linear, x: torch.Tensor, low_rank: nn.Module | None, num_main: int) -> torch.Tensor:
+    """``module(x)`` (`packed_linear.linear`), plus ``low_rank`` on the rows after the first ``num_main`` (the
     streams' rows); the main rows never see it, so the main stream stays the base model."""
-    y = linear(x)
+    y = linear(module, x)
     if low_rank is None or x.shape[1] == num_main:
         return y
     return torch.cat([y[:, :num_main], y[:, num_main:] + low_rank(x[:, num_main:])], dim=1)
@@ -605,11 +606,11 @@ class GPTNeoForCausalLM(GPTNeoPreTrainedModel, SpeculativeStreamingGenerationMix
         out = self.transformer(input_ids=tokens, cache=cache, position_ids=position_ids, tree_mask=tree_mask,
                                stream_positions=anchors, num_streams=num_streams)
         hidden = out.hidden_states if logit_positions is None else select_per_row(out.hidden_states, logit_positions, 1)
-        return TreeStepOutput(self.lm_head(hidden), out.stream_hidden_states)
+        return TreeStepOutput(linear(self.lm_head, hidden), out.stream_hidden_states)
 
     def draft_logits(self, stream_states: torch.Tensor) -> torch.Tensor:
         """Stream logits from `run_tree`'s stream states (any leading shape, hidden last)."""
-        return self.lm_head(stream_states)
+        return linear(self.lm_head, stream_states)
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod

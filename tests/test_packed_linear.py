@@ -1,0 +1,59 @@
+"""The packed products tree steps use on a CPU: the same numbers as `F.linear`, never stale."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from huggingface.transformers.models.gpt_neo import packed_linear
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="this torch build has no oneDNN")
+
+
+def layer(outputs: int, inputs: int, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(outputs + inputs)
+    module = nn.Linear(inputs, outputs, bias=bias).requires_grad_(False)
+    packed_linear.prepare(module)
+    return module
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 41])
+@pytest.mark.parametrize("shape", [(256, 64), (1024, 64, False)])
+def test_packed_product_equals_linear(rows, shape):
+    module = layer(*shape)
+    x = torch.randn(1, rows, module.in_features)
+    with packed_linear.packed_products(CPU):
+        out = packed_linear.linear(module, x)
+    assert module._packed_handle in packed_linear._packed  # the packed path ran
+    torch.testing.assert_close(out, F.linear(x, module.weight, module.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_changed_weights_are_packed_again():
+    module = layer(128, 32)
+    x = torch.randn(4, 32)
+    with packed_linear.packed_products(CPU):
+        before = packed_linear.linear(module, x)
+        module.weight.mul_(-2.0)  # as an optimizer step would: the version counter moves
+        after = packed_linear.linear(module, x)
+    torch.testing.assert_close(after - module.bias, -2.0 * (before - module.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_layer_never_meets_an_old_packing():
+    first = layer(128, 32)
+    handle = first._packed_handle
+    with packed_linear.packed_products(CPU):
+        packed_linear.linear(first, torch.randn(4, 32))
+    del first
+    assert handle not in packed_linear._packed
+    second = layer(128, 32)
+    assert second._packed_handle != handle
+
+
+def test_off_outside_decoding_and_under_autograd():
+    module = layer(128, 32).requires_grad_(True)
+    x = torch.randn(4, 32)
+    assert packed_linear.linear(module, x).grad_fn is not None  # not enabled: module(x)
+    with packed_linear.packed_products(CPU):
+        out = packed_linear.linear(module, x)  # weights that train: never a packed copy
+    out.sum().backward()
+    assert module.weight.grad is not None
