@@ -109,7 +109,8 @@ RENAMED_ENGINES = {"batched": "naive at batch B is upstream batched greedy: pass
 
 def resolve_engines(model_type: str, draft_model: str | None, device: torch.device) -> tuple[str, ...]:
     """The engines to run, `naive` first. `all` means every engine that runs on ``device``
-    (`assisted` only with a draft model, `compiled` only where torch.compile can compile)."""
+    (`assisted` only with a draft model, `compiled` only where torch.compile can compile);
+    `spec_stream` brings `static`, the same decoder with the one-token step."""
     requested = engines_for(device) if model_type == "all" else tuple(t.strip() for t in model_type.split(","))
     renamed = [t for t in requested if t in RENAMED_ENGINES]
     if renamed:
@@ -131,6 +132,8 @@ def resolve_engines(model_type: str, draft_model: str | None, device: torch.devi
             raise UserError(f"{reason}; drop {name} from --model_type")
         print(f"--model_type all: leaving out {name}: {reason}")
     requested = tuple(t for t in requested if t not in unavailable)
+    if "spec_stream" in requested and "static" not in requested:  # its one-token step, so a tree that
+        requested = ("static",) + requested  # does not pay shows in the same run
     return ("naive",) + tuple(t for t in dict.fromkeys(requested) if t != "naive")
 
 
@@ -403,9 +406,27 @@ def build_table(rows: list[dict], skipped: list[dict], settings: BenchmarkSettin
 def print_table(rows: list[dict], skipped: list[dict], console: Console, settings: BenchmarkSettings) -> None:
     """The table, then a line for each dataset whose prompts were cut to fit the context."""
     console.print(build_table(rows, skipped, settings))
+    for line in tree_lines(rows):
+        console.print(line)
     for dataset, cut in {r["dataset"]: r["truncated_prompts"] for r in rows if r["truncated_prompts"]}.items():
         console.print(f"{dataset}: {cut} prompt(s) longer than the context minus --max-new-tokens kept their last "
                       "tokens")
+
+
+def tree_lines(rows: list[dict]) -> list[str]:
+    """Per dataset and batch size, spec_stream's tokens/s over static's (its one-token step,
+    measured in the same run) and the trees its calls decoded with: a tree that does not pay
+    shows here."""
+    static = {(r["dataset"], r["batch_size"]): r for r in rows if r["engine"] == "static"}
+    lines = []
+    for r in rows:
+        base = static.get((r["dataset"], r["batch_size"]))
+        if r["engine"] == "spec_stream" and base:
+            trees = ", ".join(f"{tree} {n / sum(r['trees_used'].values()):.0%}" for tree, n in
+                              sorted(r["trees_used"].items(), key=lambda item: -item[1]))
+            lines.append(f"{r['dataset']}: spec_stream {r['tokens_per_second'] / base['tokens_per_second']:.2f}x "
+                         f"static (its one-token step, this run); trees of its calls: {trees}")
+    return lines
 
 
 @exit_on_user_error

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from huggingface.transformers.generation.fixed_shape import DEFAULT_PREFILL_BUCKETS  # prompt-length graphs
 from huggingface.transformers.generation.speculative_tree import DEFAULT_TREE_WIDTHS  # (4, 3, 2): the paper's tree
-from huggingface.transformers.generation.tree_search import COMPILED_PROBE_TREES  # "auto" on compiled steps: 6 trees
 from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoConfig
 
 # -- the method --------------------------------------------------------------------------

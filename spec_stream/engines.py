@@ -81,6 +81,7 @@ import functools
 import importlib.util
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -88,9 +89,8 @@ import transformers
 from transformers import CompileConfig
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
-from huggingface.transformers.generation.fixed_shape import (COMPILED, CUDA_GRAPHS, DEFAULT_CACHE_BUCKETS,
-                                                              DEFAULT_PREFILL_BUCKETS, EAGER)
-from huggingface.transformers.generation.tree_search import resolve_tree
+from huggingface.transformers.generation.fixed_shape import COMPILED, CUDA_GRAPHS, DEFAULT_CACHE_BUCKETS, EAGER
+from huggingface.transformers.generation.tree_search import PROBE_CONTEXTS, resolve_tree
 from spec_stream import GPTNeoForCausalLM
 from spec_stream.arithmetic import ModelShape, dtype_name, step_weight_bytes
 from spec_stream import defaults
@@ -650,27 +650,36 @@ class SpecStreamEngine(Engine):
             self.mode = CUDA_GRAPHS if cuda_graphs else EAGER
         else:
             self.mode = COMPILED if compile_step and compile_unavailable("cpu") is None else EAGER
-        # "auto": the tree the checkpoint's measured acceptance and this device's probed step
-        # latencies favour at the batch size in use, chosen before any timed call
-        self.tree_request = tree_widths  # a TreeSpec, widths or "auto" (resolved per batch size by `_tree_for`)
+        # "auto": generate chooses per request, from the checkpoint's measured acceptance and this
+        # device's probed step latencies at the request's batch size, prompt length and new tokens
+        self.tree_request = tree_widths  # a TreeSpec, widths or "auto", passed to every generate call
         self.lookup_branch = lookup_branch  # prompt-lookup nodes beside the streams' (0: none)
-        self.warmed: set[tuple] = set()  # (batch, prompt bucket, cache bucket) already compiled
+        self.warmed: set[tuple] = set()  # (batch, cache bucket, tree) already compiled
+        self.trees_used: Counter = Counter()  # the tree of each timed call since `use_batch_size`
         self.tree_widths = self._tree_for(1)
         self._describe()
 
     def _forward_counter(self) -> ForwardCounter:
         return LoopCallCounter(self.device)
 
-    def _tree_for(self, batch_size: int) -> tuple:
-        """The tree ``generate`` resolves for this request at ``batch_size`` (probed on its runner)."""
-        return resolve_tree(self.model, self.tree_request, self.lookup_branch, batch_size, mode=self.mode).widths
+    def _tree_for(self, batch_size: int, prompt_length: int = PROBE_CONTEXTS[0], new_tokens: int | None = None) -> tuple:
+        """The tree ``generate`` resolves for a request of this shape (probed on its runner)."""
+        return resolve_tree(self.model, self.tree_request, self.lookup_branch, batch_size, self.mode, prompt_length,
+                            new_tokens).widths
 
     def use_batch_size(self, batch_size: int) -> None:
         """The tree for batches of ``batch_size`` (with "auto": probed at that size; a batch
-        this engine refuses keeps the tree it has)."""
+        this engine refuses keeps the tree it has); the count of trees used starts afresh."""
         if batch_size == 1 or self._batch_refusal(batch_size) is None:
             self.tree_widths = self._tree_for(batch_size)
+            self.trees_used.clear()
             self._describe(batch_size)
+
+    def _count_tree(self, widths: tuple) -> None:
+        """One more timed call decoded with ``widths``; the engine's tree: the most used."""
+        self.trees_used[tuple(widths)] += 1
+        self.tree_widths = self.trees_used.most_common(1)[0][0]
+        self._describe()
 
     def _batch_refusal(self, batch_size: int) -> str | None:
         """Why this engine cannot decode a batch of ``batch_size`` > 1, or None."""
@@ -683,7 +692,12 @@ class SpecStreamEngine(Engine):
         return None
 
     def _describe(self, batch_size: int = 1) -> None:
-        tree = f", tree {','.join(map(str, self.tree_widths))}" if self.tree_widths else ", no speculation"
+        if len(self.trees_used) > 1:  # "auto" chose per request: each tree with its share of the calls
+            total = sum(self.trees_used.values())
+            tree = ", trees " + ", ".join(f"{','.join(map(str, w)) or 'none'} {n / total:.0%}"
+                                          for w, n in self.trees_used.most_common())
+        else:
+            tree = f", tree {','.join(map(str, self.tree_widths))}" if self.tree_widths else ", no speculation"
         lookup = f" + lookup {self.lookup_branch}" if self.lookup_branch else ""
         self.backend = f"{self.user_call()}: {self.mode} steps{tree}{lookup}{self.weights_note}"
 
@@ -704,9 +718,8 @@ class SpecStreamEngine(Engine):
         if self.mode != COMPILED:
             return
         batch, width = shape
-        bucket = next(b for b in (*DEFAULT_PREFILL_BUCKETS, width) if b >= width)
-        key = (batch, bucket, next((b for b in DEFAULT_CACHE_BUCKETS if b >= max(width + max_new_tokens, bucket)),
-                                   None))
+        key = (batch, next((b for b in DEFAULT_CACHE_BUCKETS if b >= width + max_new_tokens), None),
+               self._tree_for(batch, width, max_new_tokens))
         if key not in self.warmed:
             self._speculative_generate(torch.ones(shape, dtype=torch.long, device=self.device), max_new_tokens,
                                        eos_token_id)
@@ -722,7 +735,8 @@ class SpecStreamEngine(Engine):
 
     def _generate(self, prompt_ids, max_new_tokens, eos_token_id):
         out = self._speculative_generate(prompt_ids, max_new_tokens, eos_token_id, step_timer=self.counter)
-        extra = dict(self.draft_figures(out.accepted_lengths), step_seconds=dict(self.counter.timer.seconds),
+        self._count_tree(out.tree_widths)
+        extra = dict(self.draft_figures(out.accepted_lengths, out.tree_widths), step_seconds=dict(self.counter.timer.seconds),
                      forward_calls=out.num_forward_calls, accepted_from_lookup=out.lookup_accepted or 0)
         return out.sequences, extra
 
@@ -731,21 +745,22 @@ class SpecStreamEngine(Engine):
             raise Unsupported(refusal)
         self.warm_up(ids.shape, max_new_tokens, eos_token_id)
         out = self._speculative_generate(ids, max_new_tokens, eos_token_id, attention_mask=mask, pad_token_id=pad)
-        return out.sequences, [dict(self.draft_figures(steps), forward_calls=out.num_forward_calls)  # the batch's
+        self._count_tree(out.tree_widths)
+        return out.sequences, [dict(self.draft_figures(steps, out.tree_widths), forward_calls=out.num_forward_calls)  # the batch's
                                for steps in accepted_lengths_per_row(out, ids.shape[0])]
 
     def _speculative_generate(self, ids, max_new_tokens, eos_token_id, **kwargs):
         lookup = {"prompt_lookup_num_tokens": self.lookup_branch} if self.lookup_branch else {}
         step = {COMPILED: {"compile_config": CompileConfig()}, EAGER: {"disable_compile": True}, CUDA_GRAPHS: {}}
-        return self.model.generate(ids, speculative_streaming=True, tree_widths=self.tree_widths,
+        return self.model.generate(ids, speculative_streaming=True, tree_widths=self.tree_request,
                                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                    return_dict_in_generate=True, **step[self.mode], **lookup, **self.sampling_kwargs(),
                                    **kwargs)
 
-    def draft_figures(self, accepted_lengths: list[int]) -> dict:
-        """Draft positions offered (the tree's depth, streams' or lookup's, per step) and
-        drafts accepted, from the tokens each step gained (accepted drafts + 1)."""
-        depth = max(len(self.tree_widths), self.lookup_branch)
+    def draft_figures(self, accepted_lengths: list[int], tree_widths: tuple) -> dict:
+        """Draft positions offered (the depth of the call's tree, streams' or lookup's, per
+        step) and drafts accepted, from the tokens each step gained (accepted drafts + 1)."""
+        depth = max(len(tree_widths), self.lookup_branch)
         return dict(drafted=depth * len(accepted_lengths), accepted=sum(n - 1 for n in accepted_lengths))
 
 

@@ -214,7 +214,10 @@ def test_fine_tuning_stores_the_acceptance_auto_trees_read(finetuned_checkpoint,
     flat = {widths: 1.0 for widths in [(), (1,), (8, 4, 2)]}
     monkeypatch.setattr(tree_search_module, "probe_step_seconds", lambda model, **kwargs: flat)
     share = stream_share(model.config)
-    assert resolve_tree(model, "auto").widths == choose_tree(stored, by_rows(flat, share), model.config.num_spec_streams, share)
+    mean_new_tokens = model.generation_config.mean_new_tokens  # the greedy outputs' length, planned for
+    assert mean_new_tokens == summary["mean_new_tokens"] and 1 <= mean_new_tokens <= 48
+    assert resolve_tree(model, "auto").widths == choose_tree(stored, by_rows(flat, share), model.config.num_spec_streams,
+                                                             share, new_tokens=round(mean_new_tokens))
 
 
 def test_replayed_steps_on_a_models_own_text_are_its_decoding_steps(trained_model):
@@ -267,9 +270,10 @@ def test_tokens_per_call_on_the_originals_texts_is_its_decodings(finetuned_check
 
 
 def test_auto_probes_the_steps_of_the_mode_it_decodes_in(monkeypatch):
-    """"auto" times the runner ``generate`` will decode with: eager steps on the nine probe
-    trees, compiled ones on the six compiled probe trees, each probed once per model, device,
-    batch size and mode."""
+    """"auto" times the runner ``generate`` will decode with, after a short and a long prompt:
+    eager steps on the nine probe trees; for compiled steps the same eager probes plus the
+    compiled one-token step once (one compile), each probed once per model, device, batch
+    size and mode."""
     import huggingface.transformers.generation.tree_search as tree_search_module
     from tests.helpers import tiny_model
 
@@ -288,7 +292,64 @@ def test_auto_probes_the_steps_of_the_mode_it_decodes_in(monkeypatch):
     assert expected != () and resolve_tree(model, "auto").widths == expected
     assert resolve_tree(model, "auto", mode="eager").widths == expected
     assert resolve_tree(model, "auto", mode="compiled").widths == expected
-    assert calls == [dict(batch_size=1, trees=tree_search_module.PROBE_TREES, mode="eager"),
-                     dict(batch_size=1, trees=tree_search_module.COMPILED_PROBE_TREES, mode="compiled")]
+    short, long = tree_search_module.PROBE_CONTEXTS
+    eager = [dict(prompt_length=length, batch_size=1, trees=tree_search_module.PROBE_TREES, mode="eager")
+             for length in (short, long)]
+    assert calls == eager + eager[:1] + [dict(prompt_length=short, batch_size=1, trees=((),), mode="compiled"),
+                                         eager[1]]
     resolve_tree(model, "auto", batch_size=2)
-    assert calls[-1] == dict(batch_size=2, trees=tree_search_module.PROBE_TREES, mode="eager")
+    assert calls[-1] == dict(prompt_length=long, batch_size=2, trees=tree_search_module.PROBE_TREES, mode="eager")
+
+
+def test_short_outputs_and_small_gains_keep_the_one_token_step():
+    """A step of (1, 1) gains 2.62 tokens at 1.2x the one-token step's cost: 2.18x faster on a
+    long output. For 2 new tokens every tree needs its one step (the prefill gives the first
+    token): nothing to gain, () is kept. For 4: () needs 3 steps (3 s), (1, 1) ceil(3 / 2.62) =
+    2 (2.4 s), (1,) ceil(3 / 1.9) = 2 (2.2 s): (1,) is 1.36x faster, so it is taken. A tree
+    expected less than `MIN_GAIN` faster is not taken."""
+    from huggingface.transformers.generation.tree_search import MIN_GAIN
+
+    assert choose_tree(ACCEPTANCE, LINEAR, num_streams=3, stream_share=0.0) == (1, 1)
+    assert choose_tree(ACCEPTANCE, LINEAR, num_streams=3, stream_share=0.0, new_tokens=2) == ()
+    assert choose_tree(ACCEPTANCE, LINEAR, num_streams=3, stream_share=0.0, new_tokens=4) == (1,)
+    barely = padded([[(MIN_GAIN - 1) * 0.99, 0.0]])  # (1,) at ()'s cost: just short of MIN_GAIN
+    assert choose_tree(barely, {1: 1.0, 2: 1.0}, num_streams=1, stream_share=0.0) == ()
+    enough = padded([[(MIN_GAIN - 1) * 1.01, 0.0]])
+    assert choose_tree(enough, {1: 1.0, 2: 1.0}, num_streams=1, stream_share=0.0) == (1,)
+
+
+def test_step_costs_follow_the_requests_context():
+    """Costs by rows probed after 64 and 512 tokens: a request at 288 tokens of context is
+    charged halfway between, one past 512 beyond it, one before 64 the short context's."""
+    from huggingface.transformers.generation.tree_search import seconds_at_context
+
+    costs = {64: {1.0: 1.0, 5.0: 2.0}, 512: {1.0: 2.0, 5.0: 6.0}}
+    assert seconds_at_context(costs, 288) == {1.0: 1.5, 5.0: 4.0}
+    assert seconds_at_context(costs, 960) == {1.0: 3.0, 5.0: 10.0}
+    assert seconds_at_context(costs, 10) == {1.0: 1.0, 5.0: 2.0}
+
+
+def test_a_long_context_can_turn_a_tree_off(monkeypatch):
+    """A tree that pays after a short prompt but whose cost grows with the context: "auto"
+    takes it for a short prompt and the one-token step for a long one (the request's own)."""
+    import huggingface.transformers.generation.tree_search as tree_search_module
+    from tests.helpers import tiny_model
+
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    model.generation_config.stream_acceptance = padded([[0.5, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    monkeypatch.setattr(tree_search_module, "probe_step_seconds",
+                        lambda model, prompt_length, **kwargs: {(): 1.0, (1,): 1.2 if prompt_length < 100 else 2.0})
+    assert resolve_tree(model, "auto", prompt_length=30, max_new_tokens=64).widths == (1,)
+    assert resolve_tree(model, "auto", prompt_length=480, max_new_tokens=64).widths == ()
+
+
+def test_compiled_steps_are_the_eager_ones_less_the_host_time(monkeypatch):
+    """Eager () 3 ms, compiled () 1 ms: 2 ms of host time, taken off every eager step; a step
+    never estimated below the compiled one-token step."""
+    import huggingface.transformers.generation.tree_search as tree_search_module
+    from tests.helpers import tiny_model
+
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    monkeypatch.setattr(tree_search_module, "probe_step_seconds", lambda model, **kwargs: {(): 1.0})
+    estimate = tree_search_module.compiled_step_seconds(model, {(): 3.0, (1,): 3.5, (4, 3, 2): 9.0}, 1)
+    assert estimate == {(): 1.0, (1,): 1.5, (4, 3, 2): 7.0}

@@ -84,6 +84,8 @@ def summarize(engine: Engine, inputs: TaskInputs, passes: list[list[GenerationRe
         "accepted_from_streams": sum(r.accepted - r.accepted_from_lookup for r in first),
         "lookup_branch": getattr(engine, "lookup_branch", None),
         "tree_widths": list(engine.tree_widths) if hasattr(engine, "tree_widths") else None,
+        "trees_used": {",".join(map(str, w)) or "none": n for w, n in engine.trees_used.items()}
+        if hasattr(engine, "trees_used") else None,  # calls per tree over every pass: "auto" chooses per request
         "quality": quality(inputs.task, predictions, references, databases),
         "repetition": repetition_rate(predictions, references),
         "step_seconds": step_seconds_per_pass(passes),

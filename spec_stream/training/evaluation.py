@@ -92,10 +92,13 @@ def acceptance_rates(model, features: list[dict], device, unigram_token: int) ->
     (`measure_acceptance`), and ``lookup_acceptance``, a prompt-lookup chain's by depth
     (`measure_lookup_acceptance`), on the prompts of up to ``ACCEPTANCE_PROMPTS``
     validation examples: what ``tree_widths="auto"`` sizes the tree from, saved with the
-    checkpoint; and ``unigram_acceptance``, the share of the greedy tokens that always
-    drafting ``unigram_token`` would get right. All None for a model without streams."""
+    checkpoint, with ``mean_new_tokens``, how many tokens the greedy outputs ran (the
+    expected output "auto" plans for); and ``unigram_acceptance``, the share of the greedy
+    tokens that always drafting ``unigram_token`` would get right. All None for a model
+    without streams."""
     if not getattr(model.config, "num_spec_streams", 0):
-        return {"stream_acceptance": None, "lookup_acceptance": None, "unigram_acceptance": None}
+        return {"stream_acceptance": None, "lookup_acceptance": None, "unigram_acceptance": None,
+                "mean_new_tokens": None}
     room = model.config.max_position_embeddings - defaults.ACCEPTANCE_NEW_TOKENS - model.config.num_spec_streams
     prompts = [[t for t, label in zip(f["input_ids"], f["labels"]) if label == -100][-room:]
                for f in features[:defaults.ACCEPTANCE_PROMPTS]]
@@ -105,7 +108,8 @@ def acceptance_rates(model, features: list[dict], device, unigram_token: int) ->
     texts = greedy_texts(model, prompts, defaults.ACCEPTANCE_NEW_TOKENS)  # both measures read the same texts
     rates = {"stream_acceptance": measure_acceptance(model, prompts, texts=texts),
              "lookup_acceptance": measure_lookup_acceptance(model, prompts, texts=texts),
-             "unigram_acceptance": unigram_share(prompts, texts, unigram_token)}
+             "unigram_acceptance": unigram_share(prompts, texts, unigram_token),
+             "mean_new_tokens": sum(t.shape[1] - p.shape[1] for p, t in zip(prompts, texts)) / max(1, len(texts))}
     model.train(was_training)
     return rates
 
@@ -131,6 +135,7 @@ def save_final(run: Run, summary: dict) -> None:
     if summary.get("stream_acceptance"):  # tree_widths="auto" reads them at generate time
         model.generation_config.stream_acceptance = summary["stream_acceptance"]
         model.generation_config.lookup_acceptance = summary["lookup_acceptance"]
+        model.generation_config.mean_new_tokens = summary["mean_new_tokens"]
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)

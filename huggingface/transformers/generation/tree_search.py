@@ -13,23 +13,33 @@ Two measurements decide it (Sequoia / EAGLE-2 in spirit, for product trees):
   after the ones above it; a step reaches depth ``d`` by either branch, taken as
   independent: ``1 - (1 - prod a_j) (1 - prod l_j)``.
 - *step latency* on the device at hand (`probe_step_seconds`: real decoding steps, the trees
-  taking turns, cached per model, device and batch size), as a function of the step's rows
-  (`tree_rows`: every node through every layer, plus its stream rows, one per tree level,
-  through the stream layers), linear in between.
-`choose_tree` takes the candidate with the most expected tokens per second. A batch of B
-prompts runs B trees per step, so its latencies are probed at B: where a batch's own rows
-already keep the machine busy, the choice shrinks, down to ``()`` (no drafts) where
-speculation no longer pays.
+  taking turns, after a short and a long prompt, `PROBE_CONTEXTS`, cached per model, device,
+  batch size and mode), as a function of the step's rows (`tree_rows`: every node through
+  every layer, plus its stream rows, one per tree level, through the stream layers), linear
+  in between, and of the context, linear between the two prompts. Compiled steps are
+  estimated from the eager ones less the host time that compiling removes, measured on the
+  one-token step alone (`compiled_step_seconds`): probing every tree compiled cost minutes.
+`resolve_tree` takes, for the request at hand, the candidate that decodes its expected output
+in the least time: ``ceil((new - 1) / tokens per step)`` steps (the prefill gives the first
+token) at the step's cost at the request's mean context (prompt + half the new tokens). The
+expected output is ``max_new_tokens``, or fewer where fine-tuning measured the model's
+greedy outputs ending sooner (``generation_config.mean_new_tokens``). The prefill is the same
+forward whatever the tree, so it cannot change the choice; it is left out. A tree is taken
+only if it is expected to be `MIN_GAIN` times faster than the one-token step ``()``; else
+``()``: speculation must never make decoding slower. A batch of B prompts runs B trees per
+step, so its latencies are probed at B: where a batch's own rows already keep the machine
+busy, the choice shrinks, down to ``()``.
 """
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
 
 import torch
 
-from .fixed_shape import COMPILED, EAGER, FixedShapeDecoder
+from .fixed_shape import COMPILED, CUDA_GRAPHS, EAGER, FixedShapeDecoder
 from .speculative_tree import AUTO, DEFAULT_TREE_WIDTHS, TreeSpec, parse_tree, tree_size
 from .tree_step import no_timer
 
@@ -37,8 +47,11 @@ MAX_WIDTH = 8  # candidates' widths; acceptance is measured for ranks below it
 MAX_LOOKUP = 8  # lookup-chain depths whose acceptance is measured (the benchmark's chains are shorter)
 MAX_TREE_NODES = 128  # beyond this a step costs more than any measured acceptance repays on our devices
 PROBE_TREES = ((), (1,), (2,), (3,), (2, 2), (4, 2), (4, 3, 2), (6, 4, 2), (8, 4, 2))  # sizes 1 .. 105
-COMPILED_PROBE_TREES = ((), (1,), (2,), (2, 2), (4, 2), (4, 3, 2))  # each compiles (15-37 s cold, a few s from
-# inductor's cache), so six trees span sizes 1 .. 41 instead of the eager probe's nine
+GRAPH_PROBE_TREES = ((), (1,), (2,), (2, 2), (4, 2), (4, 3, 2))  # CUDA graphs: each captured, so six trees
+PROBE_CONTEXTS = (64, 512)  # prompt lengths the probe times steps after: short (E2E-NLG's 20-35, Spider's 70-146)
+# and long (DialogSum's run 73-480); a request's step cost is interpolated at its own context
+MIN_GAIN = 1.1  # a tree must be expected this much faster than the one-token step: the estimate's error
+# (acceptance measured on validation text, a probe's noise) must not make decoding slower than without drafts
 PROBE_BURST = 3  # timed steps of one tree per turn of `probe_step_seconds`
 PROBE_SETTLE = 6  # untimed steps before them: after a big tree's step the next small ones run slow for a while
 # (2-core Xeon, compiled: () 2.1, 1.8, then 1.5 ms after a (4,3,2) step, 1.4 in a run of its own). With 2 the
@@ -91,17 +104,20 @@ def interpolate(step_seconds: dict[float, float], rows: float) -> float:
 
 
 def choose_tree(acceptance, step_seconds: dict[float, float], num_streams: int, stream_share: float,
-                lookup_length: int = 0, lookup_acceptance=()) -> tuple:
-    """The candidate tree with the most expected tokens per second (ties: the smaller);
-    ``step_seconds``: seconds per step by rows (`by_rows` of `probe_step_seconds`). A
+                lookup_length: int = 0, lookup_acceptance=(), new_tokens: int | None = None) -> tuple:
+    """The candidate tree that decodes ``new_tokens`` (None: a long output) in the least
+    expected time, if that is `MIN_GAIN` times faster than the one-token step ``()``, else
+    ``()`` (ties: the smaller); ``step_seconds``: seconds per step by rows (`by_rows`). A
     lookup chain of ``lookup_length`` nodes rides along: its nodes count in every
     candidate's cost, its tokens by ``lookup_acceptance`` (none when not measured)."""
     levels = min(num_streams, len(acceptance))
-    def speed(widths):
+    def speed(widths):  # expected new tokens per second of decoding after the prefill
         rows = tree_rows(widths, stream_share, lookup_length)
         tokens = expected_tokens_per_step(widths, acceptance, lookup_acceptance, lookup_length)
-        return tokens / interpolate(step_seconds, rows)
-    return max(candidate_trees(levels), key=lambda widths: (speed(widths), -tree_size(widths)))
+        steps = 1 / tokens if new_tokens is None else math.ceil(max(new_tokens - 1, 1) / tokens)
+        return 1.0 / (steps * interpolate(step_seconds, rows))
+    best = max(candidate_trees(levels), key=lambda widths: (speed(widths), -tree_size(widths)))
+    return best if speed(best) >= MIN_GAIN * speed(()) else ()  # () keeps a lookup chain, if any
 
 
 @torch.inference_mode()  # as `utils.decode` runs its steps
@@ -140,32 +156,78 @@ def timed_step(decoder, remaining: int, device) -> float:
     return time.perf_counter() - start
 
 
-def resolve_tree(model, request, lookup_length: int = 0, batch_size: int = 1, mode: str = EAGER) -> TreeSpec:
+def resolve_tree(model, request, lookup_length: int = 0, batch_size: int = 1, mode: str = EAGER,
+                 prompt_length: int = PROBE_CONTEXTS[0], max_new_tokens: int | None = None) -> TreeSpec:
     """A tree request (`parse_tree`: "auto", widths, a `TreeSpec`) as the concrete tree to
     decode with, its lookup chain ``lookup_length`` nodes, checked against the model's
-    streams. "auto": the candidate with the most expected tokens per second from the
-    acceptance rates stored with the checkpoint (``generation_config.stream_acceptance``,
-    and ``lookup_acceptance`` for the chain) and the latencies of the steps ``generate``
-    runs in ``mode`` on this device at ``batch_size`` prompts, probed once per model,
-    device, batch size and mode; without stored stream rates, the default tree cut to the
-    model's streams."""
+    streams. "auto": for a request of ``batch_size`` prompts of ``prompt_length`` tokens and
+    ``max_new_tokens`` (None: a long output), the candidate expected to decode it fastest
+    (module docstring) from the acceptance rates stored with the checkpoint
+    (``generation_config.stream_acceptance``, ``lookup_acceptance`` for the chain) and the
+    latencies of the steps ``generate`` runs in ``mode`` on this device (`step_costs`);
+    without stored stream rates, the default tree cut to the model's streams."""
     spec = parse_tree(request, lookup_length)
     num_streams = model.config.num_spec_streams
     if spec != AUTO:
         return spec.check_streams(num_streams)
-    acceptance = getattr(model.generation_config, "stream_acceptance", None)
+    config = model.generation_config
+    acceptance = getattr(config, "stream_acceptance", None)
     if not acceptance or not num_streams:
         return TreeSpec(DEFAULT_TREE_WIDTHS[:num_streams], lookup_length)
+    new_tokens = max_new_tokens
+    if getattr(config, "mean_new_tokens", None):  # the model's greedy outputs end sooner on its task
+        new_tokens = min(new_tokens or math.inf, max(1, round(config.mean_new_tokens)))
+    context = prompt_length + (new_tokens or 0) // 2
+    seconds = seconds_at_context(step_costs(model, batch_size, mode), context)
+    widths = choose_tree(acceptance, seconds, num_streams, stream_share(model.config), lookup_length,
+                         getattr(config, "lookup_acceptance", None) or (), new_tokens)
+    return TreeSpec(widths, lookup_length)
+
+
+def step_costs(model, batch_size: int, mode: str) -> dict[int, dict[float, float]]:
+    """Seconds per step by probe context and rows (`by_rows`) of the steps ``generate`` runs
+    in ``mode`` at ``batch_size``, probed once per model, device, batch size and mode."""
     probes = model.__dict__.setdefault("_step_seconds_by_device", {})
-    share = stream_share(model.config)
     key = (str(model.device), batch_size, mode)
     if key not in probes:
-        trees = COMPILED_PROBE_TREES if mode == COMPILED else PROBE_TREES
-        seconds = probe_step_seconds(model, batch_size=batch_size, trees=trees, mode=mode)
-        probes[key] = by_rows(seconds, share)
-    lookup_acceptance = getattr(model.generation_config, "lookup_acceptance", None) or ()
-    widths = choose_tree(acceptance, probes[key], num_streams, share, lookup_length, lookup_acceptance)
-    return TreeSpec(widths, lookup_length)
+        share = stream_share(model.config)
+        probes[key] = {context: by_rows(probed_seconds(model, context, batch_size, mode), share)
+                       for context in PROBE_CONTEXTS}
+    return probes[key]
+
+
+def probed_seconds(model, prompt_length: int, batch_size: int, mode: str) -> dict[tuple, float]:
+    """Each probe tree's seconds per step after ``prompt_length`` tokens in ``mode``: probed
+    as such when eager or CUDA graphs; compiled, `compiled_step_seconds`."""
+    if mode == CUDA_GRAPHS:
+        return probe_step_seconds(model, prompt_length=prompt_length, batch_size=batch_size, trees=GRAPH_PROBE_TREES,
+                                  mode=mode)
+    eager = probe_step_seconds(model, prompt_length=prompt_length, batch_size=batch_size, trees=PROBE_TREES, mode=EAGER)
+    return eager if mode == EAGER else compiled_step_seconds(model, eager, batch_size)
+
+
+def compiled_step_seconds(model, eager: dict[tuple, float], batch_size: int) -> dict[tuple, float]:
+    """Compiled steps estimated from ``eager`` ones (`probe_step_seconds`): each less the host
+    time compiling removes, measured once on the one-token step (one compile, at the short
+    context; the host's share does not grow with the context) and taken as the same for
+    every tree (a step runs the same ops whatever its rows). Never below the one-token step."""
+    key = (str(model.device), batch_size)
+    compiled = model.__dict__.setdefault("_compiled_one_token_seconds", {})
+    if key not in compiled:
+        compiled[key] = probe_step_seconds(model, prompt_length=PROBE_CONTEXTS[0], batch_size=batch_size, trees=((),),
+                                           mode=COMPILED)[()]
+    host = max(0.0, eager[()] - compiled[key])
+    return {widths: max(compiled[key], seconds - host) for widths, seconds in eager.items()}
+
+
+def seconds_at_context(costs: dict[int, dict[float, float]], context: int) -> dict[float, float]:
+    """Seconds per step by rows at ``context`` tokens: linear between the probe contexts
+    (and on beyond them, never below the short context's)."""
+    (short, at_short), (long, at_long) = sorted(costs.items())[0], sorted(costs.items())[-1]
+    if long == short:
+        return at_short
+    share = (context - short) / (long - short)
+    return {rows: max(at_short[rows], at_short[rows] + share * (at_long[rows] - at_short[rows])) for rows in at_short}
 
 
 def by_rows(step_seconds: dict[tuple, float], stream_share: float) -> dict[float, float]:

@@ -37,7 +37,8 @@ class SpeculativeStreamingOutput(ModelOutput):
     accepted_lengths: tokens gained by each tree step (accepted drafts + correction); the
     prefill's single token is not in it, so ``1 + sum(accepted_lengths) >= new tokens``
     (equal unless EOS or max_new_tokens cut the last step). tree_sizes: tree nodes that
-    went through the model in each step.
+    went through the model in each step. tree_widths: the tree the call decoded with (what
+    ``tree_widths="auto"`` chose for it).
     lookup_accepted: accepted drafts that came from the prompt-lookup branch (the rest of
     ``sum(accepted_lengths) - len(accepted_lengths)`` came from the streams).
     With B > 1, ``accepted_lengths``, ``tree_sizes`` and ``lookup_accepted`` hold one entry
@@ -53,6 +54,7 @@ class SpeculativeStreamingOutput(ModelOutput):
     lookup_accepted: int | list | None = None
     scores: tuple | None = None
     logits: tuple | None = None
+    tree_widths: tuple | None = None
 
 
 def read_step_summary(summary: list[int]) -> tuple[list[int], int, int]:
@@ -269,11 +271,13 @@ class SpeculativeStreamingGenerationMixin(GenerationMixin):
         mode = step_mode(self, config, request.scorer)
         # () is a tree of the root alone: one token per call; a generation config may hold the tree
         requested = extra.get("tree_widths", getattr(config, "tree_widths", AUTO))
-        tree = resolve_tree(self, requested, lookup_length, batch_size=request.input_ids.shape[0], mode=mode)
+        batch, prompt_length = request.input_ids.shape
+        tree = resolve_tree(self, requested, lookup_length, batch, mode, prompt_length, request.max_new_tokens)
         output = decode(runner_for(self, tree, mode, request.scorer), self.config, request.input_ids,
                         request.max_new_tokens, request.eos_token_ids, streamer=extra.get("streamer"),
                         timer=extra.get("step_timer"), max_ngram=int(config.max_matching_ngram_size or DEFAULT_MAX_NGRAM),
                         options=request.options, attention_mask=request.attention_mask)
+        output.tree_widths = tree.widths
         output.scores = output.scores if config.output_scores else None
         output.logits = output.logits if config.output_logits else None
         return output if config.return_dict_in_generate else output.sequences
