@@ -62,3 +62,22 @@ def test_wide_table_shows_every_column():
     for column in dataset_tps.COLUMNS:
         assert column in table
     assert "609.3" in table and "599.1-612.7 (3.2)" in table and "int8 linear layers" in table
+
+
+def test_spec_stream_is_set_beside_its_one_token_step():
+    """Under each dataset's table: spec_stream over static from the same run, and the trees
+    "auto" chose for its calls, so a tree that does not pay shows."""
+    rows = [{"dataset": "dialogsum", "engine": "static", "batch_size": 1, "tokens_per_second": 400.0},
+            {"dataset": "dialogsum", "engine": "spec_stream", "batch_size": 1, "tokens_per_second": 300.0,
+             "trees_used": {"none": 30, "3,1": 120}},
+            {"dataset": "e2e_nlg", "engine": "spec_stream", "batch_size": 1, "tokens_per_second": 500.0,
+             "trees_used": {"2,2": 150}}]  # no static row: no line
+    assert dataset_tps.tree_lines(rows) == [
+        "dialogsum: spec_stream 0.75x static (its one-token step, this run); trees of its calls: 3,1 80%, none 20%"]
+
+
+def test_spec_stream_brings_static():
+    from torch import device
+
+    assert dataset_tps.resolve_engines("spec_stream", None, device("cpu")) == ("naive", "static", "spec_stream")
+    assert dataset_tps.resolve_engines("spec_stream,static", None, device("cpu")) == ("naive", "spec_stream", "static")
