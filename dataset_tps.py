@@ -1,6 +1,6 @@
 """Tokens/sec and acceptance of spec-stream against baseline engines and peers.
 
-    python dataset_tps.py --model_type spec_stream            # spec_stream vs naive, all datasets
+    python dataset_tps.py --model_type spec_stream            # spec_stream vs naive and static, all datasets
     python dataset_tps.py --model_type all --dataset e2e_nlg --data-dir ../shared/datasets
     python dataset_tps.py --model_type naive,static,spec_stream --batch-size 1,2,4,8     # a batch sweep
     python dataset_tps.py --do-sample --temperature 0.7 --top-k 50 --seed 0             # sampling mode
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=PlainDefaultsHelpFormatter)
     add = parser.add_argument
     add("--model_type", "--model-type", default="spec_stream",
-        help=f"one of {', '.join(ENGINE_NAMES)}, a comma-separated list, or all (naive always runs)")
+        help=f"one of {', '.join(ENGINE_NAMES)}, a comma-separated list, or all (naive always runs; "
+        "spec_stream brings static, its one-token step)")
     add("--dataset", default="all", help=f"a preset ({', '.join(defaults.DATASETS)}), all, or your own data: a .jsonl, "
         ".json, .csv or .parquet file, a folder of them, or a hub dataset id (with --prompt-template and "
         "--response-field); quality is then ROUGE-L and BLEU against the response")
@@ -424,7 +425,8 @@ def tree_lines(rows: list[dict]) -> list[str]:
         if r["engine"] == "spec_stream" and base:
             trees = ", ".join(f"{tree} {n / sum(r['trees_used'].values()):.0%}" for tree, n in
                               sorted(r["trees_used"].items(), key=lambda item: -item[1]))
-            lines.append(f"{r['dataset']}: spec_stream {r['tokens_per_second'] / base['tokens_per_second']:.2f}x "
+            batch = f" at batch {r['batch_size']}" if r["batch_size"] > 1 else ""
+            lines.append(f"{r['dataset']}{batch}: spec_stream {r['tokens_per_second'] / base['tokens_per_second']:.2f}x "
                          f"static (its one-token step, this run); trees of its calls: {trees}")
     return lines
 

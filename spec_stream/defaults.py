@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from huggingface.transformers.generation.fixed_shape import DEFAULT_PREFILL_BUCKETS  # prompt-length graphs
 from huggingface.transformers.generation.speculative_tree import DEFAULT_TREE_WIDTHS  # (4, 3, 2): the paper's tree
+from huggingface.transformers.generation.tree_search import MIN_GAIN, PROBE_CONTEXTS, PROBE_TREES  # "auto": a tree
+# only if expected 1.1x faster than the one-token step; step costs probed after 64 and 512 tokens, on nine trees
 from huggingface.transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoConfig
 
 # -- the method --------------------------------------------------------------------------

@@ -50,7 +50,8 @@ work, refuse; a compile that fails anyway makes the engine `Unsupported` (its ro
 with the arguments a user would pass (`SpecStreamEngine.user_call`): on a GPU its runner
 replays each step as a CUDA graph; on a CPU it runs compiled (``compile_config=
 CompileConfig()``, `defaults.COMPILE_STEP_ON_CPU`), each new shape compiled by an untimed
-call before the timed one, and "auto" probes the same compiled steps. Settings an engine
+call before the timed one, and "auto" chooses per call, for the steps that call runs
+(`tree_search.resolve_tree`); `static` is the same call with the one-token step. Settings an engine
 takes (tree widths, draft model, ...) are named in its ``settings``; `build_engine` passes
 each engine its own.
 
@@ -89,7 +90,8 @@ import transformers
 from transformers import CompileConfig
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
-from huggingface.transformers.generation.fixed_shape import COMPILED, CUDA_GRAPHS, DEFAULT_CACHE_BUCKETS, EAGER
+from huggingface.transformers.generation.fixed_shape import (COMPILED, CUDA_GRAPHS, DEFAULT_CACHE_BUCKETS,
+                                                              DEFAULT_PREFILL_BUCKETS, EAGER)
 from huggingface.transformers.generation.tree_search import PROBE_CONTEXTS, resolve_tree
 from spec_stream import GPTNeoForCausalLM
 from spec_stream.arithmetic import ModelShape, dtype_name, step_weight_bytes
@@ -656,7 +658,9 @@ class SpecStreamEngine(Engine):
         self.lookup_branch = lookup_branch  # prompt-lookup nodes beside the streams' (0: none)
         self.warmed: set[tuple] = set()  # (batch, cache bucket, tree) already compiled
         self.trees_used: Counter = Counter()  # the tree of each timed call since `use_batch_size`
-        self.tree_widths = self._tree_for(1)
+        start = time.perf_counter()
+        self.tree_widths = self._tree_for(1)  # with "auto", the step probe runs here
+        self.setup_seconds = time.perf_counter() - start  # untimed: the probe, then every warm-up call
         self._describe()
 
     def _forward_counter(self) -> ForwardCounter:
@@ -699,7 +703,9 @@ class SpecStreamEngine(Engine):
         else:
             tree = f", tree {','.join(map(str, self.tree_widths))}" if self.tree_widths else ", no speculation"
         lookup = f" + lookup {self.lookup_branch}" if self.lookup_branch else ""
-        self.backend = f"{self.user_call()}: {self.mode} steps{tree}{lookup}{self.weights_note}"
+        work = {COMPILED: "probe and compiles", CUDA_GRAPHS: "probe and graph captures", EAGER: "probe"}[self.mode]
+        setup = f"; {work} {self.setup_seconds:.1f} s, untimed" if self.setup_seconds >= 0.05 else ""
+        self.backend = f"{self.user_call()}: {self.mode} steps{tree}{lookup}{self.weights_note}{setup}"
 
     def user_call(self) -> str:
         """The call a user makes to decode as this engine does."""
@@ -712,17 +718,29 @@ class SpecStreamEngine(Engine):
         self.warm_up(prompt_ids.shape, max_new_tokens, eos_token_id)
         return super().run(prompt_ids, max_new_tokens, eos_token_id, index)
 
+    @torch.no_grad()
+    def run_batch(self, prompts, max_new_tokens, eos_token_id, index=0):
+        if (refusal := self._batch_refusal(len(prompts))) is not None:
+            raise Unsupported(refusal)
+        self.warm_up((len(prompts), max(p.shape[1] for p in prompts)), max_new_tokens, eos_token_id)
+        return super().run_batch(prompts, max_new_tokens, eos_token_id, index)
+
     def warm_up(self, shape, max_new_tokens, eos_token_id) -> None:
-        """Compiled steps: one untimed call for a batch size, prompt bucket and cache bucket not
-        compiled yet, so that no compile happens inside a timed call."""
-        if self.mode != COMPILED:
+        """Compiled steps and CUDA graphs: one untimed call for a batch size, (graphs: prompt
+        bucket,) cache bucket and tree not compiled or captured yet, so that none happens
+        inside a timed call (its seconds added to ``setup_seconds``)."""
+        if self.mode == EAGER:
             return
         batch, width = shape
-        key = (batch, next((b for b in DEFAULT_CACHE_BUCKETS if b >= width + max_new_tokens), None),
+        prompt_bucket = next(b for b in (*DEFAULT_PREFILL_BUCKETS, width) if b >= width)
+        key = (batch, prompt_bucket if self.mode == CUDA_GRAPHS else None,
+               next((b for b in DEFAULT_CACHE_BUCKETS if b >= width + max_new_tokens), None),
                self._tree_for(batch, width, max_new_tokens))
         if key not in self.warmed:
+            start = time.perf_counter()
             self._speculative_generate(torch.ones(shape, dtype=torch.long, device=self.device), max_new_tokens,
                                        eos_token_id)
+            self.setup_seconds += time.perf_counter() - start
             self.warmed.add(key)
             self._describe(batch)
 
@@ -741,9 +759,6 @@ class SpecStreamEngine(Engine):
         return out.sequences, extra
 
     def _generate_batch(self, ids, mask, pad, max_new_tokens, eos_token_id):
-        if (refusal := self._batch_refusal(ids.shape[0])) is not None:
-            raise Unsupported(refusal)
-        self.warm_up(ids.shape, max_new_tokens, eos_token_id)
         out = self._speculative_generate(ids, max_new_tokens, eos_token_id, attention_mask=mask, pad_token_id=pad)
         self._count_tree(out.tree_widths)
         return out.sequences, [dict(self.draft_figures(steps, out.tree_widths), forward_calls=out.num_forward_calls)  # the batch's

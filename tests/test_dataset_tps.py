@@ -285,7 +285,7 @@ def matches(value, kind: str) -> bool:
 
 
 def test_report_follows_its_documented_schema(report):
-    assert report["schema_version"] == 3
+    assert report["schema_version"] == 4
     check_documented(report)
 
 

@@ -220,7 +220,7 @@ def test_spec_stream_on_compiled_steps_equals_naive_and_compiles_untimed(checkpo
     monkeypatch.setattr(tree_search, "probe_step_seconds",
                         lambda model, **kwargs: probed.append((kwargs["mode"], kwargs["trees"])) or original(model, **kwargs))
     engine = build_engine("spec_stream", str(tmp_path / "tiny"), CPU, compile_step=True)
-    assert probed == [("eager", ((), (2,))), ("compiled", ((),)), ("eager", ((), (2,)))]  # one probe compile
+    assert probed[-1] == ("compiled", ((),)) and set(probed[:-1]) == {("eager", ((), (2,)))}  # one probe compile
     assert "generate(speculative_streaming=True, compile_config=CompileConfig()): compiled steps" in engine.description
     results = engine.run_many(prompts, NEW_TOKENS, EOS)  # the first run compiles its cache bucket, untimed
     assert [r.new_tokens for r in results] == naive_outputs

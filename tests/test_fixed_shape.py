@@ -180,11 +180,11 @@ def test_compiled_runner_one_compile_per_bucket(trained_model):
         ids = phrase_text(1, length, generator)
         assert torch.equal(decode(decoder, trained_model.config, ids, 20).sequences,
                            greedy(trained_model, ids, max_new_tokens=20))
-    assert list(decoder.compile_seconds) == [("prefill", 1, 16, 55), ("step", 1, 55)]  # cache 48 + 7 tree nodes
+    assert list(decoder.compile_seconds) == [("prefill", 1, 16, 55, False), ("step", 1, 55, False)]  # cache 48 + 7 nodes
     ids = phrase_text(1, 40, generator)  # prompt bucket 96 (the context), so cache bucket 96
     assert torch.equal(decode(decoder, trained_model.config, ids, 20).sequences,
                        greedy(trained_model, ids, max_new_tokens=20))
-    assert list(decoder.compile_seconds)[2:] == [("prefill", 1, 96, 103), ("step", 1, 103)]
+    assert list(decoder.compile_seconds)[2:] == [("prefill", 1, 96, 103, False), ("step", 1, 103, False)]
 
 
 def test_each_runner_keeps_its_own_compiled_steps(trained_model):

@@ -33,20 +33,29 @@ def test_changed_weights_are_packed_again():
     x = torch.randn(4, 32)
     with packed_linear.packed_products(CPU):
         before = packed_linear.linear(module, x)
+        first = packed_linear._packed[module._packed_handle]
         module.weight.mul_(-2.0)  # as an optimizer step would: the version counter moves
         after = packed_linear.linear(module, x)
+    assert packed_linear._packed[module._packed_handle][1] > first[1]  # packed again, from the new weight
     torch.testing.assert_close(after - module.bias, -2.0 * (before - module.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_a_new_layer_never_meets_an_old_packing():
+def test_a_layer_never_meets_another_layers_packing():
     first = layer(128, 32)
     handle = first._packed_handle
     with packed_linear.packed_products(CPU):
         packed_linear.linear(first, torch.randn(4, 32))
     del first
-    assert handle not in packed_linear._packed
-    second = layer(128, 32)
-    assert second._packed_handle != handle
+    assert handle not in packed_linear._packed  # its packed weight went with it
+    original = layer(64, 32)
+    copy = __import__("copy").deepcopy(original)  # the copy carries the attribute, not the handle
+    packed_linear.prepare(copy)
+    assert copy._packed_handle != original._packed_handle
+    x = torch.randn(4, 32)
+    copy.weight.mul_(0.5)
+    with packed_linear.packed_products(CPU):
+        torch.testing.assert_close(packed_linear.linear(original, x), F.linear(x, original.weight, original.bias))
+        torch.testing.assert_close(packed_linear.linear(copy, x), F.linear(x, copy.weight, copy.bias))
 
 
 def test_off_outside_decoding_and_under_autograd():

@@ -13,7 +13,7 @@ from spec_stream.defaults import LOOKUP_BRANCH
 from spec_stream.engines import Sampling
 
 
-REPORT_SCHEMA_VERSION = 3  # the report's layout, documented field by field in docs/report.md
+REPORT_SCHEMA_VERSION = 4  # the report's layout, documented field by field in docs/report.md
 
 
 @dataclass(frozen=True)

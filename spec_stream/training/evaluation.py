@@ -109,9 +109,16 @@ def acceptance_rates(model, features: list[dict], device, unigram_token: int) ->
     rates = {"stream_acceptance": measure_acceptance(model, prompts, texts=texts),
              "lookup_acceptance": measure_lookup_acceptance(model, prompts, texts=texts),
              "unigram_acceptance": unigram_share(prompts, texts, unigram_token),
-             "mean_new_tokens": sum(t.shape[1] - p.shape[1] for p, t in zip(prompts, texts)) / max(1, len(texts))}
+             "mean_new_tokens": mean_new_tokens(prompts, texts, defaults.ACCEPTANCE_NEW_TOKENS)}
     model.train(was_training)
     return rates
+
+
+def mean_new_tokens(prompts: list[torch.Tensor], texts: list[torch.Tensor], cap: int) -> float | None:
+    """The greedy outputs' mean length, where they end before the ``cap`` they were made to
+    (at 0.9 of it or more, outputs run to the cap and their length says nothing: None)."""
+    mean = sum(text.shape[1] - ids.shape[1] for ids, text in zip(prompts, texts)) / max(1, len(texts))
+    return mean if mean < 0.9 * cap else None
 
 
 def unigram_share(prompts: list[torch.Tensor], texts: list[torch.Tensor], token: int) -> float:

@@ -156,7 +156,7 @@ class FixedShapeDecoder:
                 return self._prefill(width, text)
             if self.mode == CUDA_GRAPHS:
                 return self._run(("prefill", batch, padded), lambda: self._prefill(padded))
-            return self._compiled(("prefill", batch, padded, self.state.cache.max_length),
+            return self._compiled(("prefill", batch, padded, self.state.cache.max_length, self.model.training),
                                   lambda: self.compiled_prefill(padded), lambda: self._prefill(padded))
 
     def step(self, remaining: int, timer=no_timer, lookup: list[int] = (), text=None, uniforms=None) -> torch.Tensor:
@@ -170,7 +170,7 @@ class FixedShapeDecoder:
             if self.mode == EAGER:
                 return self._step(text, timer)
             with timer("step"):
-                key = ("step", len(self.state.root), self.state.cache.max_length)
+                key = ("step", len(self.state.root), self.state.cache.max_length, self.model.training)
                 if self.mode == CUDA_GRAPHS:
                     return self._run(key, self._step)
                 return self._compiled(key, self.compiled_step, self._step)
@@ -178,9 +178,10 @@ class FixedShapeDecoder:
     def _compiled(self, key, compiled, eager) -> torch.Tensor:
         """``compiled()``, the compiled step or prefill of shape ``key``; the first call per
         shape compiles it (timed in ``compile_seconds``, the first one logged). Later calls
-        skip dynamo's guards but those that tell this runner's shapes apart: everything else
-        they check (the model, the runner, its scorer) is fixed for the runner's life, and
-        checking it took 0.2-0.4 ms a step (2-core AMD EPYC, small model, alternating:
+        check only dynamo's guards on tensors (shapes, dtypes), which tell this runner's
+        shapes apart: the rest (the model, the runner, its scorer, the packed-products flag)
+        is fixed for the runner's life, and ``model.training``, which is not, is in ``key``;
+        checking it all took 0.2-0.4 ms a step (2-core AMD EPYC, small model, alternating:
         one-token step 2.46 -> 2.03 ms, (2,2) 3.75 -> 3.62). If compiling
         fails (no C++ compiler for inductor, an unsupported op), ``eager()`` runs instead and
         this runner stays eager, with one warning: same tokens, the eager speed."""
@@ -251,8 +252,7 @@ def with_own_code(method):
     from one code object in one list and checks their guards in turn on every call, so the
     steps of every runner in the process, all compiled from `FixedShapeDecoder._step`, would
     slow each other down (2-core Xeon, small model: a compiled () step went from 1.32 to 1.75
-    ms once six other trees had been compiled, as the "auto" probe does) and outlive their
-    runners. With a copy per runner, its graphs go when it goes."""
+    ms once six other trees had been compiled) and outlive their runners. With a copy per runner, its graphs go when it goes."""
     function = method.__func__
     copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
                               function.__defaults__, function.__closure__)

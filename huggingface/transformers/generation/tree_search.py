@@ -32,6 +32,7 @@ busy, the choice shrinks, down to ``()``.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import statistics
@@ -69,7 +70,8 @@ def expected_tokens_per_step(tree_widths, acceptance, lookup_acceptance=(), look
     return expected
 
 
-def candidate_trees(num_streams: int, max_width: int = MAX_WIDTH, max_nodes: int = MAX_TREE_NODES):
+@functools.lru_cache(maxsize=None)
+def candidate_trees(num_streams: int, max_width: int = MAX_WIDTH, max_nodes: int = MAX_TREE_NODES) -> tuple:
     """Every product tree with at most ``num_streams`` levels, widths non-increasing with
     depth (deeper drafts are less likely: a wider deep level never pays for itself) and at
     most ``max_nodes`` nodes; the root alone, ``()``, included."""
@@ -78,7 +80,7 @@ def candidate_trees(num_streams: int, max_width: int = MAX_WIDTH, max_nodes: int
         for widths in itertools.product(range(max_width, 0, -1), repeat=depth):
             if list(widths) == sorted(widths, reverse=True) and tree_size(widths) <= max_nodes:
                 trees.append(widths)
-    return trees
+    return tuple(trees)
 
 
 def tree_rows(tree_widths, stream_share: float, lookup_length: int = 0) -> float:
@@ -178,55 +180,59 @@ def resolve_tree(model, request, lookup_length: int = 0, batch_size: int = 1, mo
     if getattr(config, "mean_new_tokens", None):  # the model's greedy outputs end sooner on its task
         new_tokens = min(new_tokens or math.inf, max(1, round(config.mean_new_tokens)))
     context = prompt_length + (new_tokens or 0) // 2
-    seconds = seconds_at_context(step_costs(model, batch_size, mode), context)
-    widths = choose_tree(acceptance, seconds, num_streams, stream_share(model.config), lookup_length,
-                         getattr(config, "lookup_acceptance", None) or (), new_tokens)
-    return TreeSpec(widths, lookup_length)
+    lookup_acceptance = getattr(config, "lookup_acceptance", None) or ()
+    probed = step_costs(model, batch_size, mode)
+    choice = (context, new_tokens, lookup_length, repr(acceptance), repr(lookup_acceptance))
+    if choice not in probed["choices"]:  # made once per kind of request: the search walks ~150 trees
+        probed["choices"][choice] = choose_tree(acceptance, seconds_at_context(probed["by_context"], context),
+                                                num_streams, stream_share(model.config), lookup_length,
+                                                lookup_acceptance, new_tokens)
+    return TreeSpec(probed["choices"][choice], lookup_length)
 
 
-def step_costs(model, batch_size: int, mode: str) -> dict[int, dict[float, float]]:
-    """Seconds per step by probe context and rows (`by_rows`) of the steps ``generate`` runs
-    in ``mode`` at ``batch_size``, probed once per model, device, batch size and mode."""
+def step_costs(model, batch_size: int, mode: str) -> dict:
+    """The steps ``generate`` runs in ``mode`` at ``batch_size``, probed once per model,
+    device, batch size and mode: ``by_context``, seconds per step by probe context and rows
+    (`by_rows`), and ``choices``, the trees chosen from them so far."""
     probes = model.__dict__.setdefault("_step_seconds_by_device", {})
     key = (str(model.device), batch_size, mode)
     if key not in probes:
         share = stream_share(model.config)
-        probes[key] = {context: by_rows(probed_seconds(model, context, batch_size, mode), share)
-                       for context in PROBE_CONTEXTS}
+        contexts = sorted({min(c, model.config.max_position_embeddings // 2) for c in PROBE_CONTEXTS})
+        seconds = {c: probed_seconds(model, c, batch_size, mode) for c in contexts}
+        if mode == COMPILED:
+            seconds = compiled_step_seconds(model, seconds, batch_size)
+        probes[key] = {"by_context": {c: by_rows(s, share) for c, s in seconds.items()}, "choices": {}}
     return probes[key]
 
 
 def probed_seconds(model, prompt_length: int, batch_size: int, mode: str) -> dict[tuple, float]:
-    """Each probe tree's seconds per step after ``prompt_length`` tokens in ``mode``: probed
-    as such when eager or CUDA graphs; compiled, `compiled_step_seconds`."""
+    """Each probe tree's seconds per step after ``prompt_length`` tokens: on CUDA graphs as
+    such; otherwise eager (compiled steps are estimated from them, `compiled_step_seconds`)."""
     if mode == CUDA_GRAPHS:
         return probe_step_seconds(model, prompt_length=prompt_length, batch_size=batch_size, trees=GRAPH_PROBE_TREES,
                                   mode=mode)
-    eager = probe_step_seconds(model, prompt_length=prompt_length, batch_size=batch_size, trees=PROBE_TREES, mode=EAGER)
-    return eager if mode == EAGER else compiled_step_seconds(model, eager, batch_size)
+    return probe_step_seconds(model, prompt_length=prompt_length, batch_size=batch_size, trees=PROBE_TREES, mode=EAGER)
 
 
-def compiled_step_seconds(model, eager: dict[tuple, float], batch_size: int) -> dict[tuple, float]:
-    """Compiled steps estimated from ``eager`` ones (`probe_step_seconds`): each less the host
-    time compiling removes, measured once on the one-token step (one compile, at the short
-    context; the host's share does not grow with the context) and taken as the same for
-    every tree (a step runs the same ops whatever its rows). Never below the one-token step."""
-    key = (str(model.device), batch_size)
-    compiled = model.__dict__.setdefault("_compiled_one_token_seconds", {})
-    if key not in compiled:
-        compiled[key] = probe_step_seconds(model, prompt_length=PROBE_CONTEXTS[0], batch_size=batch_size, trees=((),),
-                                           mode=COMPILED)[()]
-    host = max(0.0, eager[()] - compiled[key])
-    return {widths: max(compiled[key], seconds - host) for widths, seconds in eager.items()}
+def compiled_step_seconds(model, eager: dict[int, dict[tuple, float]], batch_size: int) -> dict[int, dict[tuple, float]]:
+    """Compiled steps estimated from ``eager`` ones (by context, then tree): each less the
+    host time compiling removes, measured once, on the one-token step at the shortest
+    context (one compile), and taken as the same for every tree and context (a step runs
+    the same ops whatever its rows and its context). Never below that compiled step."""
+    short = min(eager)
+    one_token = probe_step_seconds(model, prompt_length=short, batch_size=batch_size, trees=((),), mode=COMPILED)[()]
+    host = max(0.0, eager[short][()] - one_token)
+    return {c: {widths: max(one_token, s - host) for widths, s in seconds.items()} for c, seconds in eager.items()}
 
 
 def seconds_at_context(costs: dict[int, dict[float, float]], context: int) -> dict[float, float]:
-    """Seconds per step by rows at ``context`` tokens: linear between the probe contexts
-    (and on beyond them, never below the short context's)."""
+    """Seconds per step by rows at ``context`` tokens: linear between the shortest and the
+    longest probe context, on beyond the longest, the shortest's below it."""
     (short, at_short), (long, at_long) = sorted(costs.items())[0], sorted(costs.items())[-1]
     if long == short:
         return at_short
-    share = (context - short) / (long - short)
+    share = max(0.0, (context - short) / (long - short))
     return {rows: max(at_short[rows], at_short[rows] + share * (at_long[rows] - at_short[rows])) for rows in at_short}
 
 

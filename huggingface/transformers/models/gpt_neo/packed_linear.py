@@ -14,8 +14,10 @@ tree 6.51, 4.96, 4.51). So while decoding every fp32 product is packed.
 
 Decoding turns it on with `packed_products` (`fixed_shape.FixedShapeDecoder` on a CPU);
 training and plain forwards never see it. Each weight is packed once, on first use, and again
-after it changes (its version counter moves, e.g. an optimizer step): a packed copy is a
-cache, never the source of truth. The product is a custom op, so ``torch.compile`` calls it
+after it changes (its version counter moves: an optimizer step, an in-place op on the
+parameter): a packed copy is a cache, never the source of truth. An edit through
+``weight.data`` bypasses the version counter; after one, call `clear` (the project's own code
+makes none). Packed copies take as much memory again as the fp32 weights they mirror. The product is a custom op, so ``torch.compile`` calls it
 as one opaque kernel (inductor cannot take oneDNN's packed tensors as graph inputs).
 """
 from __future__ import annotations
@@ -30,9 +32,10 @@ from torch import nn
 PACK_ROWS_HINT = 16  # oneDNN packs for this many rows; measured as fast as an exact hint for 1-64 rows,
 # while a 1-row hint made 16-row products 2.6x slower (LM head, EPYC)
 
-_enabled = False
+_enabled = False  # decoding runs on one thread: the flag is the process's
 _handles = itertools.count()
 _packed: dict[int, tuple[int, int, torch.Tensor]] = {}  # handle -> (data_ptr, version, packed weight)
+_owners: dict[int, weakref.ref] = {}  # handle -> its layer (a deep copy of a layer gets a handle of its own)
 
 
 def available() -> bool:
@@ -43,9 +46,21 @@ def prepare(model: nn.Module) -> None:
     """Give each of ``model``'s linear layers its packing handle (never reused, so a new
     layer never meets an old packing; its packed weight goes when the layer goes)."""
     for module in model.modules():
-        if isinstance(module, nn.Linear) and not hasattr(module, "_packed_handle"):
-            module._packed_handle = next(_handles)
-            weakref.finalize(module, _packed.pop, module._packed_handle, None)
+        owner = _owners.get(getattr(module, "_packed_handle", -1))
+        if isinstance(module, nn.Linear) and (owner is None or owner() is not module):
+            module._packed_handle = handle = next(_handles)
+            _owners[handle] = weakref.ref(module)
+            weakref.finalize(module, forget, handle)
+
+
+def forget(handle: int) -> None:
+    _packed.pop(handle, None)
+    _owners.pop(handle, None)
+
+
+def clear() -> None:
+    """Drop every packed copy (each is packed again on its next use)."""
+    _packed.clear()
 
 
 @contextlib.contextmanager
@@ -64,7 +79,7 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``, as a packed product while `packed_products` is on."""
     weight = module.weight
     if not _enabled or not hasattr(module, "_packed_handle") or weight.dtype != torch.float32 \
-            or weight.requires_grad and torch.is_grad_enabled():
+            or x.device.type != "cpu" or weight.requires_grad and torch.is_grad_enabled():
         return module(x)
     return torch.ops.spec_stream.packed_linear(x, weight, module.bias, module._packed_handle)
 
@@ -72,8 +87,10 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("spec_stream::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handle: int) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` by oneDNN on ``weight`` packed (cached under ``handle``)."""
+    if weight.is_inference():  # made under inference mode: no version counter to tell a change by
+        return torch.nn.functional.linear(x, weight, bias)
     entry = _packed.get(handle)
-    version = weight._version if not weight.is_inference() else -1  # (inference tensors keep no count)
+    version = weight._version
     if entry is None or entry[0] != weight.data_ptr() or entry[1] != version:
         entry = _packed[handle] = (weight.data_ptr(), version,
                                    torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT))
