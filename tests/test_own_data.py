@@ -226,7 +226,7 @@ def benchmark_argv(dataset: Path, output: Path, *extra) -> list[str]:
 
 def check_report(report: dict, dataset: Path) -> None:
     rows = {row["engine"]: row for row in report["results"]}
-    assert set(rows) == {"naive", "spec_stream"}
+    assert set(rows) == {"naive", "static", "spec_stream"}  # spec_stream brings its one-token step
     for row in rows.values():
         assert row["dataset"] == str(dataset) and row["split"] == "test" and row["samples"] == 3
         assert set(row["quality"]) == {"rougeL", "bleu"} and all(0 <= v <= 100 for v in row["quality"].values())
