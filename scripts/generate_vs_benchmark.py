@@ -31,7 +31,7 @@ from spec_stream.checkpoints import load_for_inference
 from spec_stream.cli_help import PlainDefaultsHelpFormatter
 from spec_stream.data import load_examples
 from spec_stream.engines import build_engine
-from spec_stream.errors import UserError, exit_on_user_error
+from spec_stream.errors import exit_on_user_error, require_at_least_one
 
 TOLERANCE = 0.10  # the user's call within 10% of the benchmark's row
 
@@ -49,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    for name in ("num_samples", "max_new_tokens", "repeats"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_at_least_one(args, ("num_samples", "max_new_tokens", "repeats"))
     return args
 
 

@@ -37,7 +37,7 @@ from spec_stream.arithmetic import (ModelShape, forward_bytes, forward_flops, lo
 from spec_stream.benchmark.machine import machine_info
 from spec_stream.checkpoints import check_result_file
 from spec_stream.cli_help import PlainDefaultsHelpFormatter
-from spec_stream.errors import UserError, exit_on_user_error
+from spec_stream.errors import UserError, exit_on_user_error, require_at_least_one
 
 TREES = ((), (1,), (1, 1, 1), (2, 2), (2, 2, 2), (4, 3, 2), (8, 4, 2))
 RUNNERS = ("eager", "compiled")  # `fixed_shape` modes of a CPU
@@ -148,9 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    for name in ("streams", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    require_at_least_one(args, ("streams", "steps", "repeats"))
     try:
         args.prompt = tuple(int(n) for n in args.prompt.split(","))
     except ValueError:

@@ -38,3 +38,11 @@ def exit_on_user_error(main: F) -> F:
             raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def require_at_least_one(args, names) -> None:
+    """A `UserError` for the first of the command-line values ``names`` (attributes of
+    ``args``) that is below 1: ``--num-samples must be at least 1, got 0``."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

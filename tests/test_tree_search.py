@@ -359,3 +359,17 @@ def test_compiled_steps_are_the_eager_ones_less_the_host_time(monkeypatch):
     estimate = tree_search_module.compiled_step_seconds(model, eager, 1)
     assert estimate == {64: {(): 1.0, (1,): 1.0, (4, 3, 2): 7.0}, 512: {(): 2.0, (1,): 3.0, (4, 3, 2): 10.0}}
     assert probed == [64]  # one compiled probe, at the short context
+
+
+@pytest.mark.parametrize("mean", ["eleven", -3, 0, float("nan"), True])
+def test_a_bad_stored_output_length_is_named(mean):
+    """A hand-edited ``mean_new_tokens`` that is no positive number: a ValueError naming the
+    field and the fix, before any probe or decoding."""
+    from tests.helpers import tiny_model
+
+    model = tiny_model(num_spec_streams=3, num_stream_layers=2)
+    model.generation_config.stream_acceptance = ACCEPTANCE
+    model.generation_config.mean_new_tokens = mean
+    with pytest.raises(ValueError, match="mean_new_tokens.*positive number"):
+        resolve_tree(model, "auto", max_new_tokens=20)
+    assert "_step_seconds_by_device" not in model.__dict__  # nothing probed

@@ -146,7 +146,7 @@ class FixedShapeDecoder:
         exact = self.mode == EAGER or (self.mode == COMPILED and self.compiled_prefill is None)
         padded = width if exact else self._bucket(width)
         self.state = self._state(batch, self._cache_slots(max(width + max_new_tokens, padded)))
-        key = ("step", batch, self.state.cache.max_length)
+        key = self._step_key()
         if self.mode == CUDA_GRAPHS and key not in self.graphs:
             self.graphs[key] = self._capture(self._step)  # before the prefill that resets its warm-up
         self.state.prompt[:, :width].copy_(input_ids)
@@ -170,10 +170,14 @@ class FixedShapeDecoder:
             if self.mode == EAGER:
                 return self._step(text, timer)
             with timer("step"):
-                key = ("step", len(self.state.root), self.state.cache.max_length, self.model.training)
+                key = self._step_key()
                 if self.mode == CUDA_GRAPHS:
                     return self._run(key, self._step)
                 return self._compiled(key, self.compiled_step, self._step)
+
+    def _step_key(self) -> tuple:
+        """The shape of the current batch's step: one compiled variant or graph each."""
+        return "step", len(self.state.root), self.state.cache.max_length, self.model.training
 
     def _compiled(self, key, compiled, eager) -> torch.Tensor:
         """``compiled()``, the compiled step or prefill of shape ``key``; the first call per

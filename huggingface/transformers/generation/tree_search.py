@@ -177,8 +177,12 @@ def resolve_tree(model, request, lookup_length: int = 0, batch_size: int = 1, mo
     if not acceptance or not num_streams:
         return TreeSpec(DEFAULT_TREE_WIDTHS[:num_streams], lookup_length)
     new_tokens = max_new_tokens
-    if getattr(config, "mean_new_tokens", None):  # the model's greedy outputs end sooner on its task
-        new_tokens = min(new_tokens or math.inf, max(1, round(config.mean_new_tokens)))
+    mean = getattr(config, "mean_new_tokens", None)
+    if mean is not None:  # the model's greedy outputs end sooner on its task
+        if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not 0 < mean < math.inf:
+            raise ValueError(f"generation_config.mean_new_tokens={mean!r}: it must be a positive number of tokens "
+                             "(what fine-tuning stores); fix it or remove it from generation_config.json.")
+        new_tokens = min(new_tokens or math.inf, max(1, round(mean)))
     context = prompt_length + (new_tokens or 0) // 2
     lookup_acceptance = getattr(config, "lookup_acceptance", None) or ()
     probed = step_costs(model, batch_size, mode)

@@ -23,6 +23,7 @@ as one opaque kernel (inductor cannot take oneDNN's packed tensors as graph inpu
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import weakref
 
@@ -38,6 +39,7 @@ _packed: dict[int, tuple[int, int, torch.Tensor]] = {}  # handle -> (data_ptr, v
 _owners: dict[int, weakref.ref] = {}  # handle -> its layer (a deep copy of a layer gets a handle of its own)
 
 
+@functools.cache  # asked on every step
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
