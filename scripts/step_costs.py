@@ -170,8 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     probe = measure_machine("cpu")
-    print(f"matmul {probe.matmul_flops_per_second / 1e9:.0f} GFLOP/s, memory read "
-          f"{probe.read_bytes_per_second / 1e9:.1f} GB/s, {probe.threads} threads")
+    machine = machine_info(torch.device("cpu"))
+    print(f"{machine['cpu']} (L3 {machine['l3_cache']}): matmul {probe.matmul_flops_per_second / 1e9:.0f} GFLOP/s, "
+          f"memory read {probe.read_bytes_per_second / 1e9:.1f} GB/s, {probe.threads} threads")
     rows = [measure(name, length, args.trees, args, probe) for name in args.model for length in args.prompt]
     print_table(rows, args.trees)
     output = Path(args.output)
